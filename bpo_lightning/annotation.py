@@ -1,0 +1,138 @@
+"""Annotators: score (prompt, response) pairs; the higher-scored response of a pair becomes the chosen one.
+
+An annotator returns one float per response; ``nan`` marks a response it could not score (the pair is then
+dropped and counted, never silently labelled). ``identity`` names the annotator and its settings; it is saved
+with every pair as provenance and keys reuse on resume.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+
+import torch
+
+from bpo_lightning.hookspecs import hookimpl
+
+
+class Annotator:
+    """Base class of annotators."""
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """One score per (prompt, response); ``nan`` where no score could be given."""
+        raise NotImplementedError
+
+    @property
+    def identity(self) -> str:
+        return type(self).__name__
+
+
+def import_callable(path: str, key: str) -> Callable:
+    """Import ``package.module:function`` (or ``package.module.function``); ``key`` names the config entry."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{key}: cannot import {path!r} ({type(err).__name__}: {err})") from err
+    if not callable(fn):
+        raise ValueError(f"{key}: {path!r} is not callable")
+    return fn
+
+
+class RuleAnnotator(Annotator):
+    """Scores with any importable Python function ``fn(prompt, response) -> float``.
+
+    Args:
+        function: import path, ``"package.module:function"``.
+        kwargs: extra keyword arguments passed to every call.
+    """
+
+    def __init__(self, function: str, kwargs: dict | None = None) -> None:
+        self.function = function
+        self.kwargs = dict(kwargs or {})
+        self._fn = import_callable(function, "annotator.init_args.function")
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        scores = []
+        for prompt, response in zip(prompts, responses, strict=True):
+            value = self._fn(prompt, response, **self.kwargs)
+            scores.append(float(value) if value is not None else math.nan)
+        return scores
+
+    @property
+    def identity(self) -> str:
+        extra = f"({self.kwargs})" if self.kwargs else ""
+        return f"RuleAnnotator:{self.function}{extra}"
+
+
+class RewardModelAnnotator(Annotator):
+    """A sequence-classification reward model with its own tokenizer, batched, no grad.
+
+    The default input is the (question, answer) pair encoding of e.g. ``OpenAssistant/reward-model-deberta-v3-
+    large-v2``; with ``pair_encoding=False`` prompt and response are concatenated into one text.
+
+    Args:
+        name_or_path: hub id or local directory of an ``AutoModelForSequenceClassification`` model.
+        tokenizer: tokenizer id or path, if different from ``name_or_path``.
+        batch_size: responses per forward pass.
+        max_length: truncation length of the encoded input.
+        pair_encoding: encode as (prompt, response) text pair.
+        label_index: which output logit is the reward (0 for single-output reward models).
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda:N"``.
+        trust_remote_code: allow custom model code from the hub.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        tokenizer: str | None = None,
+        batch_size: int = 16,
+        max_length: int = 512,
+        pair_encoding: bool = True,
+        label_index: int = 0,
+        device: str = "auto",
+        trust_remote_code: bool = False,
+    ) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.name_or_path = name_or_path
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.pair_encoding = pair_encoding
+        self.label_index = label_index
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or name_or_path, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code
+        )
+        self.model.requires_grad_(False).eval().to(self.device)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        scores: list[float] = []
+        for start in range(0, len(prompts), self.batch_size):
+            p, r = prompts[start : start + self.batch_size], responses[start : start + self.batch_size]
+            texts = (p, r) if self.pair_encoding else ([a + b for a, b in zip(p, r, strict=True)],)
+            enc = self.tokenizer(*texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+            logits = self.model(**enc.to(self.device)).logits  # (b, num_labels)
+            scores.extend(logits[:, self.label_index].float().tolist())
+        return scores
+
+    @property
+    def identity(self) -> str:
+        return f"RewardModelAnnotator:{self.name_or_path}:max_length={self.max_length}:pair={self.pair_encoding}"
+
+
+@hookimpl
+def register_annotators(register):
+    register(RuleAnnotator)
+    register(RewardModelAnnotator)

@@ -1,0 +1,114 @@
+"""How the behavior LLM π_β follows the policy between collection phases.
+
+π_β samples a phase's responses and, in BPO, is the reference of the loss (bpo_spec §1.2). It is frozen within a
+phase, so its log-probabilities are computed once, when the phase's data is built. What differs between the
+regimes is only how π_β is updated at a phase start:
+
+- ``HardSync``: π_β ← current policy (BPO; with one phase this is offline DPO). No copy is kept at all: the policy
+  itself samples and scores at the phase start, before it trains on the phase.
+- ``Frozen``: π_β stays the initial model (offline DPO with fresh prompts every phase).
+- ``EMA``: π_β ← decay·π_β + (1 − decay)·policy, in weight space (the official code's ``ema`` option applies it
+  at phase starts; bpo_spec §3.2 item 4).
+
+Copies are *snapshots*: dicts of the trainable tensors only (the full weights in full fine-tuning, the adapter
+weights with LoRA), swapped into the policy when needed, so no second model object ever exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+Snapshot = dict[str, torch.Tensor]
+
+
+def trainable_state(model: nn.Module, device: str | torch.device | None = "cpu") -> Snapshot:
+    """A detached copy of the trainable parameters, keyed by name."""
+    return {
+        name: p.detach().to(device if device is not None else p.device, copy=True)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+@contextmanager
+def swapped_weights(model: nn.Module, snapshot: Snapshot | None) -> Iterator[None]:
+    """Temporarily load ``snapshot`` into ``model``'s parameters; restore the originals on exit.
+
+    ``None`` means "the model as it is" (nothing is copied).
+    """
+    if snapshot is None:
+        yield
+        return
+    params = dict(model.named_parameters())
+    missing = sorted(set(snapshot) - set(params))
+    if missing:
+        raise KeyError(f"snapshot has parameters the model lacks: {missing[:5]}")
+    backup = {name: params[name].detach().to("cpu", copy=True) for name in snapshot}
+    with torch.no_grad():
+        for name, value in snapshot.items():
+            params[name].copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in backup.items():
+                params[name].copy_(value)
+
+
+class BehaviorUpdate:
+    """Base class: the rule that updates π_β at each phase start.
+
+    ``update(policy_state, snapshot)`` receives the policy's current trainable weights (lazily, as a callable)
+    and the current behavior snapshot (``None`` = the live policy) and returns the new snapshot.
+    """
+
+    keeps_snapshot: bool = True
+
+    def initial_snapshot(self, initial: Snapshot) -> Snapshot | None:
+        return initial if self.keeps_snapshot else None
+
+    def update(self, policy_state, snapshot: Snapshot | None) -> Snapshot | None:
+        raise NotImplementedError
+
+
+class HardSync(BehaviorUpdate):
+    """π_β ← policy at every phase start (BPO). Keeps no copy: the live policy is the behavior at that moment."""
+
+    keeps_snapshot = False
+
+    def update(self, policy_state, snapshot: Snapshot | None) -> Snapshot | None:
+        return None
+
+
+class Frozen(BehaviorUpdate):
+    """π_β = the initial model for the whole run (offline DPO)."""
+
+    def update(self, policy_state, snapshot: Snapshot | None) -> Snapshot | None:
+        return snapshot
+
+
+class EMA(BehaviorUpdate):
+    """π_β ← decay·π_β + (1 − decay)·policy at every phase start, starting from the initial model.
+
+    Args:
+        decay: weight of the old behavior, in [0, 1). 0 is a hard sync; 0.995 is the official code's α = 5e-3.
+    """
+
+    def __init__(self, decay: float = 0.5) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"model.behavior.init_args.decay must be in [0, 1), got {decay}")
+        self.decay = decay
+
+    def initial_snapshot(self, initial: Snapshot) -> Snapshot | None:
+        return {name: value.clone() for name, value in initial.items()}  # updated in place, unlike `initial`
+
+    def update(self, policy_state, snapshot: Snapshot | None) -> Snapshot | None:
+        current = policy_state()
+        with torch.no_grad():
+            for name, value in snapshot.items():
+                value.mul_(self.decay).add_(current[name].to(value.device, value.dtype), alpha=1 - self.decay)
+        return snapshot

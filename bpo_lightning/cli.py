@@ -1,0 +1,69 @@
+"""The ``bpo`` command: LightningCLI over ``BPOModule`` and ``OnlineDataModule``, plus ``bpo plugins``.
+
+    bpo fit --config configs/quickstart.yaml          # train
+    bpo fit --config configs/quickstart.yaml --print_config
+    bpo plugins                                       # list installed plugins and what they register
+
+Plugins load before the command line is parsed, so registered class names work as config shorthands.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from bpo_lightning.plugins import PluginError, format_plugins, get_plugins
+
+
+class BPOCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        from bpo_lightning.evaluation import PhaseReport
+
+        parser.add_lightning_class_args(PhaseReport, "report")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": -1,  # keep the end of every phase
+                "checkpoint.filename": "phase{epoch}",
+                "trainer.reload_dataloaders_every_n_epochs": 1,  # one epoch = one collection phase
+                "trainer.gradient_clip_val": 1.0,
+                "trainer.num_sanity_val_steps": 0,
+                "trainer.default_root_dir": "runs/bpo",
+            }
+        )
+        parser.link_arguments("data.num_phases", "trainer.max_epochs")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.logger in (None, True):  # default: CSV metrics in the run directory
+            config.trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.CSVLogger",
+                init_args=Namespace(save_dir=config.trainer.default_root_dir, name="", version=""),
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = None if argv is None else list(argv)  # None: LightningCLI reads sys.argv itself
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        plugins = get_plugins()
+    except PluginError as err:
+        print(f"bpo: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if argv[:1] == ["plugins"]:
+        print(format_plugins(plugins))
+        return
+    from bpo_lightning.data import OnlineDataModule
+    from bpo_lightning.module import BPOModule
+
+    BPOCLI(
+        BPOModule,
+        OnlineDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # BPOModule.configure_optimizers owns the paper's AdamW + linear decay
+    )

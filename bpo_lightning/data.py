@@ -1,0 +1,257 @@
+"""The online preference data: one collection phase per Lightning epoch.
+
+``train_dataloader`` (called with ``reload_dataloaders_every_n_epochs=1`` at every epoch start, *before*
+``on_train_epoch_start``) runs the phase's collection top to bottom:
+
+    behavior update → sample → annotate → drop identical / tied / unscored → pairs → behavior log-probs → DataLoader
+
+Each prompt of the fixed annotation budget is used once: the pool is shuffled once with the seed and split into
+``num_phases`` consecutive blocks. Everything is written to ``<run_dir>/data`` as it is produced (see ``store``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from bpo_lightning.annotation import Annotator
+from bpo_lightning.plugins import get_plugins
+from bpo_lightning.prompts import PromptSource
+from bpo_lightning.sampling import GenerateSampler, Sampler, Samples
+from bpo_lightning.store import PhaseStore
+from bpo_lightning.types import PhaseStats, PreferenceRecord
+
+
+class OnlineDataModule(L.LightningDataModule):
+    """Regenerates preference pairs from the behavior LLM at every phase.
+
+    Args:
+        prompts: the prompt pool of the online phases.
+        annotator: labels each prompt's responses (higher score = chosen).
+        eval_prompts: held-out prompts with reference answers for evaluation.
+        evaluator: scores evaluation responses against the references; defaults to ``annotator``.
+        sampler: draws responses from the behavior LLM; defaults to ``GenerateSampler()``.
+        budget: number of prompts annotated over the whole run (default: the whole pool).
+        num_phases: F, the number of collection phases; set ``trainer.max_epochs`` to the same value.
+        batch_size: preference pairs per optimisation step.
+        seed: shuffles the pool once and seeds sampling.
+        run_dir: where phase data is written; defaults to ``trainer.default_root_dir``.
+    """
+
+    def __init__(
+        self,
+        prompts: PromptSource,
+        annotator: Annotator,
+        eval_prompts: PromptSource | None = None,
+        evaluator: Annotator | None = None,
+        sampler: Sampler | None = None,
+        budget: int | None = None,
+        num_phases: int = 2,
+        batch_size: int = 16,
+        seed: int = 0,
+        run_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        problems = [f"data.{k} must be >= 1, got {v}" for k, v in [("num_phases", num_phases),
+                    ("batch_size", batch_size), ("budget", budget or 1)] if v < 1]  # fmt: skip
+        if budget is not None and budget >= 1 and num_phases > budget:
+            problems.append(f"data.num_phases ({num_phases}) exceeds data.budget ({budget}): each phase needs a prompt")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.prompts, self.eval_prompts = prompts, eval_prompts
+        self.annotator = annotator
+        self.evaluator = evaluator or annotator
+        self.sampler = sampler or GenerateSampler()
+        self.budget, self.num_phases, self.batch_size, self.seed = budget, num_phases, batch_size, seed
+        self._run_dir = run_dir
+        self.pool: list[dict] | None = None
+        self.eval_rows: list[dict] = []
+        self.phases_collected = 0  # cursor: phases whose pairs are complete
+        self.stats: dict[int, PhaseStats] = {}
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self._run_dir or self.trainer.default_root_dir)
+
+    def setup(self, stage: str) -> None:
+        if self.pool is not None:
+            return
+        rows = self.prompts.load("data.prompts")
+        budget = self.budget or len(rows)
+        if budget > len(rows):
+            raise ValueError(f"data.budget ({budget}) exceeds the {len(rows)} usable prompts of data.prompts")
+        if self.num_phases > budget:
+            raise ValueError(f"data.num_phases ({self.num_phases}) exceeds the {budget} prompts of the budget")
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed))[:budget]
+        self.pool = [rows[i] for i in order.tolist()]
+        if self.eval_prompts is not None:
+            self.eval_rows = self.eval_prompts.load("data.eval_prompts", require_reference=True)
+
+    def phase_indices(self, phase: int) -> range:
+        """Pool positions of a phase's prompts: ``budget`` split into ``num_phases`` near-equal blocks."""
+        size, extra = divmod(len(self.pool), self.num_phases)
+        start = phase * size + min(phase, extra)
+        return range(start, start + size + (phase < extra))
+
+    def train_dataloader(self) -> DataLoader:
+        phase = self.trainer.current_epoch
+        if phase >= self.num_phases:
+            raise ValueError(
+                f"trainer.max_epochs asks for phase {phase + 1}, but data.num_phases is {self.num_phases}: "
+                "set both to the same value"
+            )
+        records = self.collect(phase)
+        module = self.trainer.lightning_module
+        return DataLoader(
+            records,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.seed * 1000 + phase),  # same order after a resume
+            collate_fn=lambda rows: pair_batch(rows, module.tokenizer.pad_token_id, module.tokenizer.eos_token_id),
+        )
+
+    def collect(self, phase: int) -> list[PreferenceRecord]:
+        """Build (or reload) one phase's preference pairs."""
+        module = self.trainer.lightning_module
+        version = module.start_phase(phase)  # the behavior snapshot happens here, right before sampling
+        provenance = {
+            "phase": phase,
+            "behavior_version": version,
+            "sampler": self.sampler.settings(),
+            "annotator": self.annotator.identity,
+            "seed": self.seed,
+            "reference": module.reference,
+        }
+        store = PhaseStore(self.run_dir / "data", phase)
+        store.check(provenance)
+        hooks = get_plugins().hook
+        if store.complete():
+            records, stats = store.load_pairs()
+        else:
+            hooks.on_phase_start(phase=phase, behavior_version=version)
+            records, stats = self._sample_and_annotate(phase, version, store)
+            module.score_records(records)
+            store.write_pairs(records, stats, provenance)
+        self.stats[phase] = stats
+        self.phases_collected = max(self.phases_collected, phase + 1)
+        module.phase_stats = stats
+        hooks.on_pairs_ready(phase=phase, pairs=tuple(records), stats=stats, run_dir=self.run_dir)
+        return records
+
+    def _sample_and_annotate(self, phase: int, version: int, store: PhaseStore):
+        module = self.trainer.lightning_module
+        done = store.load_samples()
+        todo = [i for i in self.phase_indices(phase) if i not in done]
+        seed = self.seed * 1_000_003 + phase * 10_007
+        with module.behavior_weights():
+            batches = self.sampler.sample_batches(
+                module.policy, module.tokenizer, [self.pool[i]["prompt"] for i in todo], seed=seed
+            )
+            for start, samples in batches:
+                rows = annotate(self.annotator, todo[start:], self.pool, samples)
+                store.append_samples(rows)
+                done.update((row["index"], row) for row in rows)
+        stats = PhaseStats(phase)
+        records = []
+        for index in self.phase_indices(phase):
+            row = done[index]
+            stats.count(row["status"])
+            if row["status"] == "kept":
+                records.append(record_from_row(row, phase, version))
+        return records, stats
+
+    def state_dict(self) -> dict:
+        return {"phases_collected": self.phases_collected}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.phases_collected = state["phases_collected"]
+
+
+def annotate(annotator: Annotator, indices: list[int], pool: list[dict], samples: Samples) -> list[dict]:
+    """Score each prompt's distinct responses in one annotator call; identical responses are not annotated."""
+    rows, queries = [], []
+    blocks = zip(indices, samples.prompt_ids, samples.responses, samples.response_ids, strict=False)
+    for index, prompt_ids, texts, ids in blocks:  # `indices` may run past this block
+        row = {"index": index, "prompt": pool[index]["prompt"], "prompt_ids": prompt_ids, "responses": texts,
+               "response_ids": ids, "scores": [None] * len(texts), "status": "identical"}  # fmt: skip
+        rows.append(row)
+        distinct = _distinct(texts)
+        if len(distinct) >= 2:
+            row["status"] = None  # decided once scored
+            queries.extend((row, i) for i in distinct)
+    prompts = [row["prompt"] for row, _ in queries]
+    scores = annotator.score(prompts, [row["responses"][i] for row, i in queries]) if queries else []
+    if len(scores) != len(queries):
+        raise RuntimeError(f"annotator {annotator.identity} returned {len(scores)} scores for {len(queries)} responses")
+    for (row, i), score in zip(queries, scores, strict=True):
+        row["scores"][i] = None if score is None or math.isnan(score) else float(score)  # NaN -> null in JSON
+    for row in rows:
+        if row["status"] is None:
+            row["status"] = _choose(row)
+    return rows
+
+
+def _distinct(texts: list[str]) -> list[int]:
+    return [i for i, text in enumerate(texts) if text not in texts[:i]]
+
+
+def _choose(row: dict) -> str:
+    """Best vs worst response by score (strict: equal scores carry no preference)."""
+    scored = [(row["scores"][i], i) for i in _distinct(row["responses"])]
+    if any(score is None for score, _ in scored):
+        warnings.warn(f"annotator gave no score (NaN) for prompt #{row['index']}; the prompt is dropped", stacklevel=3)
+        return "annotator_nan"
+    (best, c), (worst, r) = max(scored), min(scored)
+    if best == worst:
+        return "tie"
+    row["chosen"], row["rejected"] = c, r
+    return "kept"
+
+
+def record_from_row(row: dict, phase: int, version: int) -> PreferenceRecord:
+    c, r = row["chosen"], row["rejected"]
+    return PreferenceRecord(
+        phase=phase, index=row["index"], prompt=row["prompt"], chosen=row["responses"][c],
+        rejected=row["responses"][r], chosen_score=row["scores"][c], rejected_score=row["scores"][r],
+        prompt_ids=row["prompt_ids"], chosen_ids=row["response_ids"][c], rejected_ids=row["response_ids"][r],
+        behavior_version=version,
+    )  # fmt: skip
+
+
+def pair_batch(records: list[PreferenceRecord], pad_id: int, eos_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch of 2B sequences, chosen first then rejected: prompt + response + EOS.
+
+    ``loss_mask`` marks the response tokens and EOS; behavior/reference log-probs come along as (2B,) tensors.
+    """
+    seqs, prompt_lens = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for r in records:
+            seqs.append(r.prompt_ids + getattr(r, side) + [eos_id])
+            prompt_lens.append(len(r.prompt_ids))
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (2B, T)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, (seq, n_prompt) in enumerate(zip(seqs, prompt_lens, strict=True)):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        attention_mask[row, : len(seq)] = 1
+        loss_mask[row, n_prompt : len(seq)] = 1
+
+    def both(name: str) -> torch.Tensor:
+        values = [getattr(r, f"{name}_chosen_logps") for r in records] + [
+            getattr(r, f"{name}_rejected_logps") for r in records
+        ]
+        return torch.tensor(values, dtype=torch.float32)
+
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask,
+        "behavior_logps": both("behavior"),  # (2B,)
+        "reference_logps": both("reference"),  # (2B,)
+    }

@@ -1,0 +1,110 @@
+"""Evaluation against reference answers, and the one-line-per-phase report.
+
+The policy answers held-out prompts greedily; the evaluator scores each answer and the prompt's reference
+answer; a win is a strictly higher score (ties are counted apart), as in bpo_spec §5.3.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import Metric
+
+from bpo_lightning.sampling import GenerateSampler
+
+
+class WinRate(Metric):
+    """Wins, ties and losses of policy scores against reference scores; sums reduce across processes."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("wins", "ties", "total", "reward_sum"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, scores: torch.Tensor, reference_scores: torch.Tensor) -> None:
+        scores, reference_scores = scores.double(), reference_scores.double()
+        self.wins += (scores > reference_scores).sum()
+        self.ties += (scores == reference_scores).sum()
+        self.total += scores.numel()
+        self.reward_sum += scores.sum()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        total = self.total.clamp(min=1)
+        return {"win_rate": self.wins / total, "tie_rate": self.ties / total, "reward": self.reward_sum / total}
+
+
+class PhaseReport(L.Callback):
+    """Evaluates the policy before training and after every ``eval_every_n_phases`` phases, and prints a line per
+    phase: pairs kept/dropped, gold win rate vs the references, mean gold reward, KL(policy‖behavior).
+
+    Args:
+        eval_every_n_phases: evaluation frequency in phases (0 disables evaluation).
+        max_eval_prompts: evaluate on at most this many held-out prompts.
+        batch_size: prompts per greedy ``generate`` call.
+    """
+
+    def __init__(self, eval_every_n_phases: int = 1, max_eval_prompts: int | None = None, batch_size: int = 64):
+        self.eval_every_n_phases = eval_every_n_phases
+        self.max_eval_prompts = max_eval_prompts
+        self.batch_size = batch_size
+        self.history: list[dict] = []
+        self._reference_scores: torch.Tensor | None = None
+        self._phase_start = time.perf_counter()
+
+    def evaluate(self, trainer: L.Trainer, module) -> dict[str, float] | None:
+        dm = trainer.datamodule
+        rows = dm.eval_rows[: self.max_eval_prompts] if self.max_eval_prompts else dm.eval_rows
+        if not rows or self.eval_every_n_phases <= 0:
+            return None
+        prompts = [r["prompt"] for r in rows]
+        greedy = GenerateSampler(
+            num_samples=1, temperature=0.0, max_new_tokens=dm.sampler.max_new_tokens, batch_size=self.batch_size,
+            max_prompt_tokens=getattr(dm.sampler, "max_prompt_tokens", 512), progress=False,
+        )  # fmt: skip
+        responses = [r[0] for r in greedy.sample(module.policy, module.tokenizer, prompts, seed=0).responses]
+        if self._reference_scores is None:
+            self._reference_scores = torch.tensor(dm.evaluator.score(prompts, [r["reference"] for r in rows]))
+        metric = WinRate()
+        metric.update(torch.tensor(dm.evaluator.score(prompts, responses)), self._reference_scores)
+        result = {k: v.item() for k, v in metric.compute().items()}
+        result["length"] = sum(len(r.split()) for r in responses) / len(responses)
+        return result
+
+    def on_fit_start(self, trainer: L.Trainer, module) -> None:
+        self._phase_start = time.perf_counter()
+        if trainer.current_epoch > 0:  # resumed: the start was evaluated by the first run
+            return
+        result = self.evaluate(trainer, module)
+        if result is not None:
+            self.history.append({"phase": 0, **result})
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({"eval/win_rate": result["win_rate"], "eval/reward": result["reward"]}, 0)
+            rank_zero_info(
+                f"start     | eval win rate {result['win_rate']:.3f} (ties {result['tie_rate']:.3f}) "
+                f"| gold reward {result['reward']:+.3f} | length {result['length']:.1f} words"
+            )
+        self._phase_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module) -> None:
+        phase = trainer.current_epoch + 1
+        summary = module.phase_summary()
+        stats = module.phase_stats
+        line = f"phase {phase}/{trainer.datamodule.num_phases} | pairs {stats.describe() if stats else '?'}"
+        entry = {"phase": phase, "kl": summary["behavior/kl"], "pairs": stats.kept if stats else None}
+        due = self.eval_every_n_phases > 0 and phase % self.eval_every_n_phases == 0
+        result = self.evaluate(trainer, module) if due else None
+        if result is not None:
+            entry.update(result)
+            module.log("eval/win_rate", result["win_rate"])
+            module.log("eval/reward", result["reward"])
+            module.log("eval/tie_rate", result["tie_rate"])
+            line += f" | eval win rate {result['win_rate']:.3f} | gold reward {result['reward']:+.3f}"
+        line += f" | KL(policy‖behavior) {summary['behavior/kl']:.4f} | {time.perf_counter() - self._phase_start:.1f}s"
+        self.history.append(entry)
+        rank_zero_info(line)
+        self._phase_start = time.perf_counter()  # the next phase's time includes its data collection

@@ -1,0 +1,243 @@
+"""The LightningModule: a policy trained with a DAP loss whose reference is the behavior LLM.
+
+Regimes by configuration alone (bpo_spec §1.2):
+
+| regime            | ``behavior``  | ``reference`` |
+|-------------------|---------------|---------------|
+| BPO               | ``HardSync``  | ``behavior``  |
+| offline DPO       | ``Frozen``    | ``behavior``  |  (≡ BPO with one phase)
+| on-policy DPO     | ``HardSync``  | ``initial``   |
+| BPO, EMA behavior | ``EMA``       | ``behavior``  |
+
+The datamodule calls ``start_phase`` at the top of ``train_dataloader`` — Lightning calls that *before*
+``on_train_epoch_start`` — so the behavior is updated right before it samples. Behavior and reference
+log-probabilities are computed once, when a phase's pairs are built (``score_records``), and arrive with each batch.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from bpo_lightning.behavior import BehaviorUpdate, Frozen, HardSync, Snapshot, swapped_weights, trainable_state
+from bpo_lightning.logprobs import sequence_logps
+from bpo_lightning.losses import DPOLoss, PreferenceLoss
+from bpo_lightning.policy import PolicySource
+from bpo_lightning.types import PhaseStats, PreferenceRecord
+
+STEP_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
+                "logps/rejected", "behavior/kl", "loss")  # fmt: skip
+
+
+class BPOModule(L.LightningModule):
+    """Policy + behavior handling + a pluggable preference loss.
+
+    Args:
+        policy: where the initial policy and its tokenizer come from.
+        loss: the DAP loss (default ``DPOLoss``); any registered ``PreferenceLoss``.
+        behavior: how π_β follows the policy between phases (default ``HardSync``, i.e. BPO).
+        reference: the loss's reference: ``behavior`` (BPO) or ``initial`` (the starting model).
+        lr: AdamW learning rate (paper: 5e-5).
+        betas: AdamW betas.
+        eps: AdamW epsilon (paper: 1e-6).
+        weight_decay: AdamW weight decay (paper: 0).
+        warmup_steps: linear warm-up steps before the schedule.
+        lr_schedule: ``linear`` decay to 0 over the whole run (paper), or ``constant``.
+        disable_dropout: set every dropout probability to 0 (paper), so π_θ and π_β agree at a phase start.
+        logprob_chunk_size: positions per chunk of the log-softmax (memory vs speed).
+        scoring_batch_size: pairs per forward pass when behavior/reference log-probs are computed.
+        offload_snapshots: keep behavior/initial weight snapshots in CPU memory.
+    """
+
+    def __init__(
+        self,
+        policy: PolicySource,
+        loss: PreferenceLoss | None = None,
+        behavior: BehaviorUpdate | None = None,
+        reference: Literal["behavior", "initial"] = "behavior",
+        lr: float = 5e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["linear", "constant"] = "linear",
+        disable_dropout: bool = True,
+        logprob_chunk_size: int = 128,
+        scoring_batch_size: int = 32,
+        offload_snapshots: bool = True,
+    ) -> None:
+        super().__init__()
+        if reference not in ("behavior", "initial"):
+            raise ValueError(f"model.reference must be 'behavior' or 'initial', got {reference!r}")
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        self.save_hyperparameters(ignore=["policy", "loss", "behavior"])
+        self.source = policy
+        self.tokenizer = policy.tokenizer()
+        self.loss = loss if loss is not None else DPOLoss()
+        self.behavior = behavior if behavior is not None else HardSync()
+        self.reference = reference
+        self.policy: nn.Module | None = None
+        self.initial: Snapshot | None = None  # only kept when something needs the initial weights
+        self.behavior_snapshot: Snapshot | None = None  # None = the live policy (hard sync)
+        self.behavior_version = 0
+        self.phases_started = 0
+        self.phase_stats: PhaseStats | None = None
+        self.step_metrics = nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in STEP_METRICS})
+
+    # --- model and behavior -------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        self.policy = self.source.model()
+        if self.hparams.disable_dropout:
+            for module in self.policy.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+        if self.reference == "initial" or self.behavior.keeps_snapshot:
+            self.initial = trainable_state(self.policy, "cpu" if self.hparams.offload_snapshots else None)
+        if self.behavior.keeps_snapshot:
+            self.behavior_snapshot = self.behavior.initial_snapshot(self.initial)
+
+    def start_phase(self, phase: int) -> int:
+        """Update π_β for ``phase`` (once per phase, also across a resume) and return its version."""
+        while self.phases_started <= phase:
+            if self.phases_started > 0:  # at phase 0 every rule gives the initial model
+                live = {n: p.detach() for n, p in self.policy.named_parameters() if p.requires_grad}
+                self.behavior_snapshot = self.behavior.update(lambda live=live: live, self.behavior_snapshot)
+                self.behavior_version += not isinstance(self.behavior, Frozen)
+            self.phases_started += 1
+        return self.behavior_version
+
+    def behavior_weights(self):
+        """Context in which ``self.policy`` computes as π_β."""
+        return swapped_weights(self.policy, self.behavior_snapshot)
+
+    def reference_weights(self):
+        """Context in which ``self.policy`` computes as the loss's reference."""
+        if self.reference == "behavior":
+            return self.behavior_weights()
+        return swapped_weights(self.policy, self.initial) if self.initial is not None else nullcontext()
+
+    @torch.no_grad()
+    def score_records(self, records: list[PreferenceRecord]) -> None:
+        """Fill in the behavior and reference log-probabilities of a phase's pairs (π_β is frozen in a phase)."""
+        with self.behavior_weights():
+            behavior = self._sequence_logps(records)
+        if self.reference == "behavior":
+            reference = behavior
+        else:
+            with self.reference_weights():
+                reference = self._sequence_logps(records)
+        for r, (bc, br), (rc, rr) in zip(records, behavior, reference, strict=True):
+            r.behavior_chosen_logps, r.behavior_rejected_logps = bc, br
+            r.reference_chosen_logps, r.reference_rejected_logps = rc, rr
+
+    def _sequence_logps(self, records: list[PreferenceRecord]) -> list[tuple[float, float]]:
+        from bpo_lightning.data import pair_batch
+
+        was_training = self.policy.training
+        self.policy.eval()
+        out = []
+        for start in range(0, len(records), self.hparams.scoring_batch_size):
+            chunk = records[start : start + self.hparams.scoring_batch_size]
+            batch = pair_batch(chunk, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+            sums = self._policy_logps(batch).sums.tolist()  # (2b,)
+            out.extend(zip(sums[: len(chunk)], sums[len(chunk) :], strict=True))
+        self.policy.train(was_training)
+        return out
+
+    def _policy_logps(self, batch: dict[str, torch.Tensor]):
+        device = next(self.policy.parameters()).device
+        ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
+        return sequence_logps(self.policy, ids, attn, mask, self.hparams.logprob_chunk_size)
+
+    # --- training ---------------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logps = self._policy_logps(batch)  # sums and counts, (2B,)
+        n = logps.sums.shape[0] // 2  # rows [:n] are chosen, [n:] rejected
+        policy, reference = logps.sums, batch["reference_logps"]
+        if self.loss.average_log_prob:  # IPO: per-token means
+            policy, reference = logps.means(), reference / logps.counts.clamp(min=1)
+        out = self.loss(policy[:n], policy[n:], reference[:n], reference[n:])
+        loss = out.losses.mean()
+        delta = (logps.sums.detach() - batch["behavior_logps"]).double().clamp(max=50)  # log π/π_β per response
+        ratio = delta.exp()
+        self._log_step({
+            "loss": loss.detach(),
+            "rewards/chosen": out.chosen_rewards,
+            "rewards/rejected": out.rejected_rewards,
+            "rewards/margin": out.chosen_rewards - out.rejected_rewards,
+            "rewards/accuracy": (out.chosen_rewards > out.rejected_rewards).float(),
+            "logps/chosen": logps.sums[:n].detach(),
+            "logps/rejected": logps.sums[n:].detach(),
+            # KL(π‖π_β) from π_β's samples: E_β[r·log r − r + 1], r = π/π_β; each term ≥ 0, exactly 0 when π = π_β
+            "behavior/kl": (ratio * delta - ratio + 1).float(),
+        })  # fmt: skip
+        return loss
+
+    def _log_step(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            metric = self.step_metrics[name.replace("/", "_")]
+            metric.update(value)
+            self.log(name, value.float().mean(), on_step=True, on_epoch=False, prog_bar=name == "rewards/accuracy")
+
+    def phase_summary(self) -> dict[str, float]:
+        """Means over the current phase's steps (torchmetrics, reduced across processes)."""
+        return {name: self.step_metrics[name.replace("/", "_")].compute().item() for name in STEP_METRICS}
+
+    def on_train_epoch_start(self) -> None:
+        for metric in self.step_metrics.values():
+            metric.reset()
+
+    def on_train_epoch_end(self) -> None:
+        if self.phase_stats is not None:
+            self.log("data/pairs", float(self.phase_stats.kept))
+            self.log("data/dropped", float(self.phase_stats.dropped_total))
+        self.log("behavior/version", float(self.behavior_version))
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay)
+        total = self._planned_steps()
+
+        def factor(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            if hp.lr_schedule == "constant" or total is None:
+                return 1.0
+            return max(0.0, (total - step) / max(1, total - hp.warmup_steps))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _planned_steps(self) -> int | None:
+        """Optimizer steps of the whole run if every prompt gives a pair (drops make the run slightly shorter)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "phase_indices"):
+            return None
+        accumulate = self.trainer.accumulate_grad_batches
+        batches = [math.ceil(len(dm.phase_indices(p)) / dm.batch_size) for p in range(dm.num_phases)]
+        return sum(math.ceil(b / accumulate) for b in batches)
+
+    # --- checkpoints ------------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = {"behavior_version": self.behavior_version, "phases_started": self.phases_started}
+        if self.behavior_snapshot is not None and self.behavior_snapshot is not self.initial:
+            state["behavior_snapshot"] = {k: v.cpu() for k, v in self.behavior_snapshot.items()}  # e.g. EMA
+        checkpoint["bpo"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("bpo", {})
+        self.behavior_version = state.get("behavior_version", 0)
+        self.phases_started = state.get("phases_started", 0)
+        if "behavior_snapshot" in state:
+            device = "cpu" if self.hparams.offload_snapshots else self.device
+            self.behavior_snapshot = {k: v.to(device) for k, v in state["behavior_snapshot"].items()}

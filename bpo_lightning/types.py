@@ -1,0 +1,63 @@
+"""Records that flow from a phase's collection into training, and what is saved of them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class PreferenceRecord:
+    """One preference pair, as saved in the run directory and trained on.
+
+    Token ids are exactly what the behavior model saw and sampled: ``prompt_ids`` include BOS, response ids stop
+    before EOS (EOS is appended when scoring). Log-probabilities are sums over the response tokens plus EOS.
+    """
+
+    phase: int
+    index: int  # position of the prompt in the run's shuffled prompt pool
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_score: float
+    rejected_score: float
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    behavior_version: int
+    behavior_chosen_logps: float = float("nan")
+    behavior_rejected_logps: float = float("nan")
+    reference_chosen_logps: float = float("nan")  # = behavior_* when the reference is the behavior LLM
+    reference_rejected_logps: float = float("nan")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, row: dict) -> PreferenceRecord:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in row.items() if k in names})
+
+
+@dataclass
+class PhaseStats:
+    """What happened to a phase's prompts: kept as pairs, or dropped (and why)."""
+
+    phase: int
+    prompts: int = 0
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count: identical, tie, annotator_nan
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    def count(self, status: str) -> None:
+        self.prompts += 1
+        if status == "kept":
+            self.kept += 1
+        else:
+            self.dropped[status] = self.dropped.get(status, 0) + 1
+
+    def describe(self) -> str:
+        reasons = ", ".join(f"{n} {k}" for k, n in sorted(self.dropped.items()))
+        return f"{self.kept} kept, {self.dropped_total} dropped" + (f" ({reasons})" if reasons else "")
