@@ -110,8 +110,7 @@ class OnlineDataModule(L.LightningDataModule):
         return DataLoader(
             records,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed * 1000 + phase),  # same order after a resume
+            sampler=SeededShuffle(len(records), self.seed * 1000 + phase),
             collate_fn=lambda rows: pair_batch(rows, module.tokenizer.pad_token_id, module.tokenizer.eos_token_id),
         )
 
@@ -170,6 +169,20 @@ class OnlineDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self.phases_collected = state["phases_collected"]
+
+
+class SeededShuffle(torch.utils.data.Sampler[int]):
+    """A permutation fixed by its seed, the same on every iteration: a resumed run sees the order of the
+    uninterrupted one, however often Lightning iterates the loader."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def annotate(annotator: Annotator, indices: list[int], pool: list[dict], samples: Samples) -> list[dict]:

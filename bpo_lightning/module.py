@@ -95,7 +95,7 @@ class BPOModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        self.policy = self.source.model()
+        self.policy = self.source.model().train()  # from_pretrained returns eval mode
         if self.hparams.disable_dropout:
             for module in self.policy.modules():
                 if isinstance(module, nn.Dropout):

@@ -83,8 +83,13 @@ def get_plugins() -> Plugins:
     return _PLUGINS
 
 
-def load_plugins(autoload: bool | None = None) -> Plugins:
+def load_plugins(autoload: bool | None = None, extra: tuple = ()) -> Plugins:
     """Load built-in and (unless disabled) entry-point plugins, then run the discovery hooks once.
+
+    Args:
+        autoload: load entry-point plugins; default: unless ``BPO_DISABLE_PLUGIN_AUTOLOAD=1``.
+        extra: further plugin objects (modules, classes or instances with hook implementations) to register,
+            e.g. from a script or a test.
 
     Raises:
         PluginError: a plugin failed to import, implements an unknown hook, registers a class that is not of
@@ -111,6 +116,9 @@ def load_plugins(autoload: bool | None = None) -> Plugins:
                     f"plugin from {info.describe()} failed to import: {type(err).__name__}: {err}"
                 ) from err
             _register(manager, infos, plugin, info)
+    for plugin in extra:
+        module = getattr(plugin, "__module__", None) or getattr(plugin, "__name__", repr(plugin))
+        _register(manager, infos, plugin, PluginInfo("(in-process)", "-", f"{module}@{id(plugin):x}"))
     registries = {kind: {} for kind in KINDS}
     for kind, (hook_name, base_path) in KINDS.items():
         base = _import_object(base_path)

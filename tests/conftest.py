@@ -4,3 +4,76 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning as L
+import pytest
+
+from bpo_lightning.annotation import Annotator
+from bpo_lightning.data import OnlineDataModule
+from bpo_lightning.module import BPOModule
+from bpo_lightning.policy import Pretrained
+from bpo_lightning.prompts import ReviewPrompts
+from bpo_lightning.sampling import GenerateSampler
+from bpo_lightning.tasks import reviews
+
+
+@pytest.fixture(scope="session")
+def sft_dir(tmp_path_factory):
+    """A briefly fine-tuned tiny policy for the review task (a few seconds to build)."""
+    return reviews.ensure_sft(tmp_path_factory.mktemp("sft"), steps=40, seed=0)
+
+
+class CountingAnnotator(Annotator):
+    """The review task's gold reward, counting every (prompt, response) it is asked to score."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def score(self, prompts, responses):
+        self.calls.extend(prompts)
+        return [reviews.gold_reward(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+    @property
+    def identity(self) -> str:
+        return "CountingAnnotator:gold"
+
+
+def make_run(root, sft_dir, *, budget=32, num_phases=2, max_epochs=None, callbacks=(), annotator=None, **module_args):
+    """A tiny BPO run on CPU: module, datamodule, trainer (no logger, no progress bars)."""
+    module = BPOModule(policy=Pretrained(str(sft_dir)), lr=module_args.pop("lr", 1e-3), **module_args)
+    data = OnlineDataModule(
+        prompts=ReviewPrompts("prompts"),
+        annotator=annotator or CountingAnnotator(),
+        eval_prompts=ReviewPrompts("eval", limit=16),
+        sampler=GenerateSampler(max_new_tokens=16, batch_size=16, progress=False),
+        budget=budget,
+        num_phases=num_phases,
+        batch_size=8,
+        seed=0,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs or num_phases,
+        reload_dataloaders_every_n_epochs=1,
+        default_root_dir=str(root),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+        callbacks=list(callbacks),
+        gradient_clip_val=1.0,
+    )
+    return module, data, trainer
+
+
+@pytest.fixture
+def use_plugins(monkeypatch):
+    """Make the given in-process plugin objects part of the process-wide plugins for one test."""
+    import bpo_lightning.plugins as plugins_module
+
+    def install(*extra):
+        plugins = plugins_module.load_plugins(autoload=False, extra=extra)
+        monkeypatch.setattr(plugins_module, "_PLUGINS", plugins)
+        return plugins
+
+    return install

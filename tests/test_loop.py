@@ -1,0 +1,217 @@
+"""The online loop end to end on a tiny model: phases, behavior handling, stored log-probs, resume."""
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+from conftest import CountingAnnotator, make_run
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+from bpo_lightning import EMA, DPOLoss, Frozen, HardSync
+from bpo_lightning.data import pair_batch
+from bpo_lightning.logprobs import sequence_logps
+from bpo_lightning.store import PhaseStore
+
+
+class RecordingDPOLoss(DPOLoss):
+    """DPO that remembers the margins h of every call, with the epoch it was called in."""
+
+    def __init__(self):
+        super().__init__(beta=0.1)
+        self.margins = []
+
+    def pair_losses(self, h):
+        self.margins.append(h.detach().clone())
+        return super().pair_losses(h)
+
+
+class FirstBatchOfPhase(L.Callback):
+    """Records how many loss calls happened before each phase's first step, and the policy at each phase end."""
+
+    def __init__(self):
+        self.first_call = {}
+        self.end_weights = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == 0:
+            self.first_call[trainer.current_epoch] = len(module.loss.margins)
+
+    def on_train_epoch_end(self, trainer, module):
+        state = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+        self.end_weights[trainer.current_epoch] = state
+
+
+def load_pairs(root, phase):
+    return PhaseStore(root / "data", phase).load_pairs()[0]
+
+
+def fresh_logps(model_dir_or_model, records, tokenizer, state=None):
+    """Log-probs of the records' chosen and rejected responses from a freshly loaded model."""
+    if isinstance(model_dir_or_model, torch.nn.Module):
+        model = model_dir_or_model
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir_or_model)
+    if state is not None:
+        model.load_state_dict(state, strict=False)
+    model.eval()
+    batch = pair_batch(records, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    with torch.no_grad():
+        sums = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).sums
+    return sums[: len(records)], sums[len(records) :]
+
+
+def annotations_on_disk(root, phases):
+    """How many (prompt, response) scores the saved phases needed: distinct responses of non-identical prompts."""
+    total = 0
+    for phase in phases:
+        for row in PhaseStore(root / "data", phase).load_samples().values():
+            total += len(set(row["responses"])) if row["status"] != "identical" else 0
+    return total
+
+
+def run(tmp_path, sft_dir, **kwargs):
+    recorder = FirstBatchOfPhase()
+    module, data, trainer = make_run(tmp_path, sft_dir, callbacks=[recorder], loss=RecordingDPOLoss(), **kwargs)
+    trainer.fit(module, datamodule=data)
+    return module, data, recorder
+
+
+@pytest.mark.slow
+def test_bpo_regenerates_once_per_phase_and_behavior_follows_policy(tmp_path, sft_dir):
+    module, data, recorder = run(tmp_path, sft_dir, budget=48, num_phases=3, behavior=HardSync())
+    annotator = data.annotator
+    # each phase sampled and annotated its own 16 prompts, and each prompt in one annotator call only
+    assert sorted(data.stats) == [0, 1, 2] and all(s.prompts == 16 for s in data.stats.values())
+    assert len(annotator.calls) == annotations_on_disk(tmp_path, range(3))
+    for phase in range(3):
+        records = load_pairs(tmp_path, phase)
+        assert {r.behavior_version for r in records} == {phase}
+        # h = 0 on the first step of every phase: the behavior *is* the policy at the phase start
+        first = module.loss.margins[recorder.first_call[phase]]
+        assert_close(first, torch.zeros_like(first), atol=2e-4, rtol=0)
+        # the stored behavior log-probs equal a fresh forward of the policy as it was when the phase began
+        state = recorder.end_weights.get(phase - 1)
+        chosen, rejected = fresh_logps(sft_dir, records, module.tokenizer, state)
+        assert_close(torch.tensor([r.behavior_chosen_logps for r in records]), chosen, atol=1e-4, rtol=0)
+        assert_close(torch.tensor([r.behavior_rejected_logps for r in records]), rejected, atol=1e-4, rtol=0)
+        assert all(r.reference_chosen_logps == r.behavior_chosen_logps for r in records)
+    # the behavior changed between phases because the policy trained: phase 1's behavior is not the initial model
+    records = load_pairs(tmp_path, 1)
+    initial_chosen, _ = fresh_logps(sft_dir, records, module.tokenizer)
+    assert not torch.allclose(torch.tensor([r.behavior_chosen_logps for r in records]), initial_chosen, atol=1e-3)
+    # hard sync keeps no weight copy at all
+    assert module.initial is None and module.behavior_snapshot is None
+
+
+@pytest.mark.slow
+def test_offline_behavior_never_changes(tmp_path, sft_dir):
+    module, data, recorder = run(tmp_path, sft_dir, budget=32, num_phases=2, behavior=Frozen())
+    for phase in range(2):
+        records = load_pairs(tmp_path, phase)
+        assert {r.behavior_version for r in records} == {0}
+        chosen, rejected = fresh_logps(sft_dir, records, module.tokenizer)  # the initial model
+        assert_close(torch.tensor([r.behavior_chosen_logps for r in records]), chosen, atol=1e-4, rtol=0)
+        assert_close(torch.tensor([r.behavior_rejected_logps for r in records]), rejected, atol=1e-4, rtol=0)
+    # phase 2's first step is not at h = 0: the policy moved away from the frozen behavior
+    first = module.loss.margins[recorder.first_call[1]]
+    assert first.abs().max() > 1e-2
+
+
+@pytest.mark.slow
+def test_on_policy_dpo_samples_from_snapshot_but_regularises_to_initial(tmp_path, sft_dir):
+    module, data, recorder = run(tmp_path, sft_dir, budget=32, num_phases=2, behavior=HardSync(), reference="initial")
+    records = load_pairs(tmp_path, 1)
+    chosen, _ = fresh_logps(sft_dir, records, module.tokenizer)  # initial model
+    assert_close(torch.tensor([r.reference_chosen_logps for r in records]), chosen, atol=1e-4, rtol=0)
+    behavior, _ = fresh_logps(sft_dir, records, module.tokenizer, recorder.end_weights[0])
+    assert_close(torch.tensor([r.behavior_chosen_logps for r in records]), behavior, atol=1e-4, rtol=0)
+    assert not torch.allclose(behavior, chosen, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_ema_behavior_moves_by_the_decay(tmp_path, sft_dir):
+    decay = 0.75
+    module, data, recorder = run(tmp_path, sft_dir, budget=32, num_phases=2, behavior=EMA(decay=decay))
+    initial = AutoModelForCausalLM.from_pretrained(sft_dir).state_dict()
+    policy_after_phase_0 = recorder.end_weights[0]
+    for name, value in module.behavior_snapshot.items():
+        assert_close(value, decay * initial[name] + (1 - decay) * policy_after_phase_0[name], atol=1e-6, rtol=0)
+    # and the phase-1 pairs were sampled and scored by exactly that model
+    records = load_pairs(tmp_path, 1)
+    chosen, _ = fresh_logps(sft_dir, records, module.tokenizer, module.behavior_snapshot)
+    assert_close(torch.tensor([r.behavior_chosen_logps for r in records]), chosen, atol=1e-4, rtol=0)
+
+
+class StopAfterFirstPhase(L.Callback):
+    def on_train_epoch_end(self, trainer, module):
+        trainer.should_stop = True
+
+
+@pytest.mark.slow
+def test_resume_annotates_nothing_twice_and_matches_uninterrupted_run(tmp_path, sft_dir):
+    full, full_data, full_trainer = make_run(tmp_path / "full", sft_dir, budget=32, num_phases=2)
+    full_trainer.fit(full, datamodule=full_data)
+
+    annotator = CountingAnnotator()
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "split" / "ckpt", save_last=True)
+    first, data, trainer = make_run(tmp_path / "split", sft_dir, budget=32, num_phases=2, annotator=annotator,
+                                    callbacks=[StopAfterFirstPhase(), ckpt])  # fmt: skip
+    trainer.fit(first, datamodule=data)
+    assert trainer.current_epoch == 1 and sorted(data.stats) == [0]
+
+    ckpt2 = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "split" / "ckpt", save_last=True)
+    second, data2, trainer2 = make_run(tmp_path / "split", sft_dir, budget=32, num_phases=2, annotator=annotator,
+                                       callbacks=[ckpt2])  # fmt: skip
+    trainer2.fit(second, datamodule=data2, ckpt_path=str(tmp_path / "split" / "ckpt" / "last.ckpt"))
+    assert 1 in data2.stats  # (Lightning may reload phase 0's finished data from disk first; nothing is re-sampled)
+    # the two runs together scored exactly what the two saved phases hold: nothing was annotated twice
+    assert len(annotator.calls) == annotations_on_disk(tmp_path / "split", range(2))
+    for name, value in full.policy.state_dict().items():
+        assert_close(second.policy.state_dict()[name], value, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_partial_phase_is_continued_not_resampled(tmp_path, sft_dir):
+    """A job killed while annotating leaves its annotated prompts on disk; the rerun annotates only the rest."""
+
+    class FailingAnnotator(CountingAnnotator):
+        invocations = 0
+
+        def score(self, prompts, responses):
+            self.invocations += 1
+            if self.invocations > 1:  # the second block's call fails
+                raise RuntimeError("annotator crashed")
+            return super().score(prompts, responses)
+
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=64, num_phases=1, annotator=FailingAnnotator())
+    with pytest.raises(RuntimeError, match="annotator crashed"):
+        trainer.fit(module, datamodule=data)
+    saved = PhaseStore(tmp_path / "data", 0).load_samples()
+    assert len(saved) == 16  # one generate block of 16 prompts was annotated and saved before the crash
+    annotator = CountingAnnotator()
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=64, num_phases=1, annotator=annotator)
+    trainer.fit(module, datamodule=data)
+    assert data.stats[0].prompts == 64
+    rows = PhaseStore(tmp_path / "data", 0).load_samples()
+    fresh = [row for index, row in rows.items() if index not in saved]
+    assert len(annotator.calls) == sum(len(set(r["responses"])) for r in fresh if r["status"] != "identical")
+
+
+@pytest.mark.slow
+def test_phase_files_hold_provenance(tmp_path, sft_dir):
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=16, num_phases=1)
+    trainer.fit(module, datamodule=data)
+    meta = json.loads((tmp_path / "data" / "phase_0000.json").read_text())
+    assert meta["complete"] is True
+    prov = meta["provenance"]
+    assert prov["phase"] == 0 and prov["behavior_version"] == 0 and prov["seed"] == 0
+    assert prov["annotator"] == "CountingAnnotator:gold" and prov["sampler"]["top_k"] == 50
+    assert meta["stats"]["prompts"] == 16
+    rows = [json.loads(line) for line in (tmp_path / "data" / "phase_0000.samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all(len(r["responses"]) == 2 for r in rows)
+    kept = [r for r in rows if r["status"] == "kept"]
+    assert all(r["scores"][r["chosen"]] > r["scores"][r["rejected"]] for r in kept)
+    assert math.isclose(meta["stats"]["kept"], len(kept))
