@@ -1,0 +1,213 @@
+"""Data pieces: log-probs, sampling, pairing, prompt sources, and how bad input is reported."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import CountingAnnotator, make_run
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bpo_lightning import GenerateSampler, RuleAnnotator
+from bpo_lightning.data import OnlineDataModule, annotate, pair_batch
+from bpo_lightning.logprobs import sequence_logps, token_logps
+from bpo_lightning.policy import Pretrained, prepare_tokenizer
+from bpo_lightning.prompts import PromptSource, ReviewPrompts
+from bpo_lightning.sampling import Samples, encode_prompt
+from bpo_lightning.types import PreferenceRecord
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 100])
+def test_token_logps_equal_log_softmax_for_any_chunk(chunk):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11) * 4
+    targets = torch.randint(0, 11, (3, 7))
+    expected = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+    assert_close(token_logps(logits, targets, chunk), expected)
+
+
+def test_token_logps_upcasts_half_precision_chunks():
+    logits = torch.tensor([[[0.0, math.log(3.0)]]], dtype=torch.bfloat16)  # p = (1/4, 3/4)
+    out = token_logps(logits, torch.tensor([[1]]), 1)
+    assert out.dtype == torch.float32
+    assert_close(out, torch.tensor([[math.log(0.75)]]), atol=1e-2, rtol=0)
+
+
+class Bigram(torch.nn.Module):
+    """A model whose next-token distribution depends only on the current token: log-probs checkable by hand."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.log(torch.tensor(table))
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return type("Out", (), {"logits": self.table[input_ids]})()
+
+
+def test_sequence_logps_mask_the_prompt_and_count_eos():
+    """Vocab {0: pad/eos, 1, 2}; P(next | current) rows: from 0 → (.5,.25,.25), 1 → (.1,.1,.8), 2 → (.2,.6,.2).
+    Sequence [1 | 2, 0]: prompt [1], response [2] + EOS 0 → log P(2|1) + log P(0|2) = log .8 + log .2."""
+    model = Bigram([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8], [0.2, 0.6, 0.2]])
+    record = PreferenceRecord(0, 0, "p", "c", "r", 1.0, 0.0, [1], [2], [1, 1], 0)
+    batch = pair_batch([record], pad_id=0, eos_id=0)
+    out = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    # rejected: [1 | 1, 1, 0] → log .1 + log .1 + log .1
+    assert_close(out.sums, torch.tensor([math.log(0.8 * 0.2), math.log(0.1**3)]))
+    assert out.counts.tolist() == [2.0, 3.0]
+    assert_close(out.means(), torch.tensor([math.log(0.8 * 0.2) / 2, math.log(0.1**3) / 3]))
+
+
+def test_encode_prompt_keeps_the_end_and_bos(sft_dir):
+    tok = AutoTokenizer.from_pretrained(sft_dir)
+    full = tok("hotel review : we stayed here for a week .", add_special_tokens=False)["input_ids"]
+    ids = encode_prompt(tok, "hotel review : we stayed here for a week .", max_tokens=5)
+    assert ids == [tok.bos_token_id, *full[-4:]]
+
+
+def test_left_padded_batches_sample_like_single_prompts(sft_dir):
+    """Greedy decoding of a padded batch equals decoding each prompt alone (mask and positions are right)."""
+    model = AutoModelForCausalLM.from_pretrained(sft_dir)
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(sft_dir), "test")
+    prompts = ["hotel review : we stayed here for a week last year .", "phone review : i love it ."]
+    greedy = GenerateSampler(num_samples=1, temperature=0, max_new_tokens=12, progress=False)
+    together = greedy.sample(model, tok, prompts, seed=0).response_ids
+    alone = [greedy.sample(model, tok, [p], seed=0).response_ids[0] for p in prompts]
+    assert together == alone
+
+
+def test_sampler_draws_n_samples_reproducibly(sft_dir):
+    model = AutoModelForCausalLM.from_pretrained(sft_dir)
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(sft_dir), "test")
+    sampler = GenerateSampler(num_samples=3, max_new_tokens=10, batch_size=2, progress=False)
+    prompts = ["book review : i bought this novel last week ."] * 3
+    a, b = sampler.sample(model, tok, prompts, seed=5), sampler.sample(model, tok, prompts, seed=5)
+    assert [len(r) for r in a.responses] == [3, 3, 3] and a.response_ids == b.response_ids
+    assert all(len(ids) <= 10 for group in a.response_ids for ids in group)
+    assert all(tok.eos_token_id not in ids for group in a.response_ids for ids in group)
+
+
+def _samples(groups):
+    return Samples([[1]] * len(groups), [[[i] for i in range(len(g))] for g in groups], groups, [[True] * len(g)
+                   for g in groups])  # fmt: skip
+
+
+class TableAnnotator(CountingAnnotator):
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def score(self, prompts, responses):
+        self.calls.extend(prompts)
+        return [self.table[r] for r in responses]
+
+
+def test_annotate_picks_best_vs_worst_and_counts_drops():
+    pool = [{"prompt": f"p{i}"} for i in range(5)]
+    annotator = TableAnnotator({"a": 1.0, "b": 3.0, "c": 2.0, "d": 2.0, "n": math.nan})
+    with pytest.warns(UserWarning, match="prompt #3"):
+        rows = annotate(annotator, [0, 1, 2, 3, 4], pool,
+                        _samples([["a", "b", "c"], ["x", "x"], ["c", "d"], ["a", "n"], ["a", "a", "b"]]))  # fmt: skip
+    assert [r["status"] for r in rows] == ["kept", "identical", "tie", "annotator_nan", "kept"]
+    assert (rows[0]["chosen"], rows[0]["rejected"]) == (1, 0)  # best "b" vs worst "a" of three
+    assert (rows[4]["chosen"], rows[4]["rejected"]) == (2, 0)
+    assert rows[3]["scores"] == [1.0, None]
+    assert annotator.calls.count("p1") == 0  # identical responses are never sent to the annotator
+    assert annotator.calls.count("p4") == 2  # a duplicated response is scored once
+
+
+def test_rule_annotator_imports_its_function():
+    annotator = RuleAnnotator("bpo_lightning.tasks.reviews:gold_reward")
+    assert annotator.score(["hotel review : we stayed here ."], [" the staff was friendly ."])[0] > 0
+    with pytest.raises(ValueError, match="annotator.init_args.function: cannot import 'nope.nothing:f'"):
+        RuleAnnotator("nope.nothing:f")
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_missing_prompt_field_names_the_config_key(tmp_path):
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"question": "hi"}])
+    with pytest.raises(ValueError, match=r"data.prompts.init_args.prompt_field: column 'prompt' not found .*question"):
+        PromptSource(path).load("data.prompts")
+
+
+def test_empty_prompts_are_skipped_and_counted(tmp_path):
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "  "}, {"prompt": "b"}, {"prompt": ""}])
+    with pytest.warns(UserWarning, match=r"data.prompts: skipped 2 rows .* \(first rows: \[1, 3\]\)"):
+        rows = PromptSource(path).load("data.prompts")
+    assert [r["prompt"] for r in rows] == ["a", "b"]
+
+
+def test_eval_prompts_need_references(tmp_path):
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
+    with pytest.raises(ValueError, match="data.eval_prompts.init_args.reference_field: column 'reference'"):
+        PromptSource(path).load("data.eval_prompts", require_reference=True)
+
+
+def test_missing_prompt_file_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        PromptSource(str(tmp_path / "nope.jsonl")).load("data.prompts")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"num_phases": 8, "budget": 4}, r"data.num_phases \(8\) exceeds data.budget \(4\)"),
+    ({"num_phases": 0}, r"data.num_phases must be >= 1"),
+    ({"batch_size": 0}, r"data.batch_size must be >= 1"),
+])  # fmt: skip
+def test_bad_phase_settings_name_the_keys(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OnlineDataModule(prompts=ReviewPrompts(), annotator=CountingAnnotator(), **kwargs)
+
+
+def test_budget_larger_than_the_pool_is_reported():
+    data = OnlineDataModule(prompts=ReviewPrompts(limit=10), annotator=CountingAnnotator(), budget=20, num_phases=2)
+    with pytest.raises(ValueError, match=r"data.budget \(20\) exceeds the 10 usable prompts"):
+        data.setup("fit")
+
+
+def test_tokenizer_without_pad_token_falls_back_to_eos(sft_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(sft_dir)
+    tok.pad_token = None
+    with pytest.warns(UserWarning, match="model.policy: the tokenizer has no pad token; using its EOS"):
+        prepared = prepare_tokenizer(tok, "model.policy")
+    assert prepared.pad_token_id == prepared.eos_token_id and prepared.padding_side == "left"
+
+
+def test_tokenizer_without_eos_is_an_error(sft_dir):
+    tok = AutoTokenizer.from_pretrained(sft_dir)
+    tok.eos_token = None
+    with pytest.raises(ValueError, match="model.policy: the tokenizer has no EOS token"):
+        prepare_tokenizer(tok, "model.policy")
+
+
+def test_annotator_nan_is_a_counted_drop_in_a_run(tmp_path, sft_dir):
+    class FirstIsNaN(CountingAnnotator):  # cannot score the first response it is shown in every call
+        def score(self, prompts, responses):
+            return [math.nan, *super().score(prompts, responses)[1:]]
+
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=16, num_phases=1, annotator=FirstIsNaN())
+    with pytest.warns(UserWarning, match="annotator gave no score"):
+        trainer.fit(module, datamodule=data)
+    stats = data.stats[0]
+    assert stats.dropped["annotator_nan"] == 1  # one generate block of 16 prompts, one annotator call
+    assert stats.kept + stats.dropped_total == 16
+
+
+def test_policy_dtype_is_validated():
+    with pytest.raises(ValueError, match="model.policy.init_args.dtype must be one of"):
+        Pretrained("x", dtype="float8")
+
+
+def test_rerun_with_another_annotator_refuses_to_mix_data(tmp_path, sft_dir):
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=16, num_phases=1)
+    trainer.fit(module, datamodule=data)
+
+    class Other(CountingAnnotator):
+        identity = "Other"
+
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=16, num_phases=1, annotator=Other())
+    with pytest.raises(RuntimeError, match="different setup .*annotator: saved 'CountingAnnotator:gold', now 'Other'"):
+        trainer.fit(module, datamodule=data)
