@@ -45,13 +45,27 @@ class PhaseReport(L.Callback):
     Args:
         eval_every_n_phases: evaluation frequency in phases (0 disables evaluation).
         max_eval_prompts: evaluate on at most this many held-out prompts.
-        batch_size: prompts per greedy ``generate`` call.
+        batch_size: prompts per ``generate`` call.
+        temperature: 0 for greedy decoding (the paper's protocol); > 0 evaluates samples at that temperature
+            (top-k 50), with a fixed seed, ``samples_per_prompt`` per prompt, each compared with the reference.
+        samples_per_prompt: responses per prompt when sampling.
     """
 
-    def __init__(self, eval_every_n_phases: int = 1, max_eval_prompts: int | None = None, batch_size: int = 64):
+    def __init__(
+        self,
+        eval_every_n_phases: int = 1,
+        max_eval_prompts: int | None = None,
+        batch_size: int = 64,
+        temperature: float = 0.0,
+        samples_per_prompt: int = 1,
+    ):
+        if temperature == 0 and samples_per_prompt != 1:
+            raise ValueError("report.samples_per_prompt must be 1 with greedy decoding (report.temperature: 0)")
         self.eval_every_n_phases = eval_every_n_phases
         self.max_eval_prompts = max_eval_prompts
         self.batch_size = batch_size
+        self.temperature = temperature
+        self.samples_per_prompt = samples_per_prompt
         self.history: list[dict] = []
         self._reference_scores: torch.Tensor | None = None
         self._phase_start = time.perf_counter()
@@ -62,13 +76,17 @@ class PhaseReport(L.Callback):
         if not rows or self.eval_every_n_phases <= 0:
             return None
         prompts = [r["prompt"] for r in rows]
-        greedy = GenerateSampler(
-            num_samples=1, temperature=0.0, max_new_tokens=dm.sampler.max_new_tokens, batch_size=self.batch_size,
-            max_prompt_tokens=getattr(dm.sampler, "max_prompt_tokens", 512), progress=False,
+        sampler = GenerateSampler(
+            num_samples=self.samples_per_prompt, temperature=self.temperature, max_new_tokens=dm.sampler.max_new_tokens,
+            batch_size=self.batch_size, max_prompt_tokens=getattr(dm.sampler, "max_prompt_tokens", 512), progress=False,
         )  # fmt: skip
-        responses = [r[0] for r in greedy.sample(module.policy, module.tokenizer, prompts, seed=0).responses]
+        n = self.samples_per_prompt
+        responses = [r for group in sampler.sample(module.policy, module.tokenizer, prompts, seed=0).responses
+                     for r in group]  # fmt: skip
+        prompts = [p for p in prompts for _ in range(n)]
         if self._reference_scores is None:
-            self._reference_scores = torch.tensor(dm.evaluator.score(prompts, [r["reference"] for r in rows]))
+            references = [r["reference"] for r in rows for _ in range(n)]
+            self._reference_scores = torch.tensor(dm.evaluator.score(prompts, references))
         metric = WinRate()
         metric.update(torch.tensor(dm.evaluator.score(prompts, responses)), self._reference_scores)
         result = {k: v.item() for k, v in metric.compute().items()}
