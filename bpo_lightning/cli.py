@@ -28,7 +28,8 @@ class BPOCLI(LightningCLI):
             {
                 "checkpoint.save_last": True,
                 "checkpoint.save_top_k": -1,  # keep the end of every phase
-                "checkpoint.filename": "phase{epoch}",
+                "checkpoint.filename": "phase-{epoch}",  # 0-based, like data/phase_NNNN files
+                "checkpoint.auto_insert_metric_name": False,
                 "trainer.reload_dataloaders_every_n_epochs": 1,  # one epoch = one collection phase
                 "trainer.gradient_clip_val": 1.0,
                 "trainer.num_sanity_val_steps": 0,

@@ -95,7 +95,7 @@ class PhaseReport(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, module) -> None:
         self._phase_start = time.perf_counter()
-        if trainer.current_epoch > 0:  # resumed: the start was evaluated by the first run
+        if trainer.ckpt_path is not None:  # resumed: the start was evaluated by the first run
             return
         result = self.evaluate(trainer, module)
         if result is not None:
