@@ -10,10 +10,15 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import Metric
 
 from bpo_lightning.sampling import GenerateSampler
+
+
+@rank_zero_only
+def _say(line: str) -> None:
+    print(line, flush=True)  # the report is the run's main output: stdout, once per job
 
 
 class WinRate(Metric):
@@ -102,7 +107,7 @@ class PhaseReport(L.Callback):
             self.history.append({"phase": 0, **result})
             if trainer.logger is not None:
                 trainer.logger.log_metrics({"eval/win_rate": result["win_rate"], "eval/reward": result["reward"]}, 0)
-            rank_zero_info(
+            _say(
                 f"start     | eval win rate {result['win_rate']:.3f} (ties {result['tie_rate']:.3f}) "
                 f"| gold reward {result['reward']:+.3f} | length {result['length']:.1f} words"
             )
@@ -124,5 +129,5 @@ class PhaseReport(L.Callback):
             line += f" | eval win rate {result['win_rate']:.3f} | gold reward {result['reward']:+.3f}"
         line += f" | KL(policy‖behavior) {summary['behavior/kl']:.4f} | {time.perf_counter() - self._phase_start:.1f}s"
         self.history.append(entry)
-        rank_zero_info(line)
+        _say(line)
         self._phase_start = time.perf_counter()  # the next phase's time includes its data collection

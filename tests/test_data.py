@@ -88,8 +88,9 @@ def test_sampler_draws_n_samples_reproducibly(sft_dir):
 
 
 def _samples(groups):
-    return Samples([[1]] * len(groups), [[[i] for i in range(len(g))] for g in groups], groups, [[True] * len(g)
-                   for g in groups])  # fmt: skip
+    return Samples(
+        [[1]] * len(groups), [[[i] for i in range(len(g))] for g in groups], groups, [[True] * len(g) for g in groups]
+    )
 
 
 class TableAnnotator(CountingAnnotator):
@@ -106,8 +107,12 @@ def test_annotate_picks_best_vs_worst_and_counts_drops():
     pool = [{"prompt": f"p{i}"} for i in range(5)]
     annotator = TableAnnotator({"a": 1.0, "b": 3.0, "c": 2.0, "d": 2.0, "n": math.nan})
     with pytest.warns(UserWarning, match="prompt #3"):
-        rows = annotate(annotator, [0, 1, 2, 3, 4], pool,
-                        _samples([["a", "b", "c"], ["x", "x"], ["c", "d"], ["a", "n"], ["a", "a", "b"]]))  # fmt: skip
+        rows = annotate(
+            annotator,
+            [0, 1, 2, 3, 4],
+            pool,
+            _samples([["a", "b", "c"], ["x", "x"], ["c", "d"], ["a", "n"], ["a", "a", "b"]]),
+        )
     assert [r["status"] for r in rows] == ["kept", "identical", "tie", "annotator_nan", "kept"]
     assert (rows[0]["chosen"], rows[0]["rejected"]) == (1, 0)  # best "b" vs worst "a" of three
     assert (rows[4]["chosen"], rows[4]["rejected"]) == (2, 0)
@@ -152,11 +157,14 @@ def test_missing_prompt_file_is_reported(tmp_path):
         PromptSource(str(tmp_path / "nope.jsonl")).load("data.prompts")
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"num_phases": 8, "budget": 4}, r"data.num_phases \(8\) exceeds data.budget \(4\)"),
-    ({"num_phases": 0}, r"data.num_phases must be >= 1"),
-    ({"batch_size": 0}, r"data.batch_size must be >= 1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_phases": 8, "budget": 4}, r"data.num_phases \(8\) exceeds data.budget \(4\)"),
+        ({"num_phases": 0}, r"data.num_phases must be >= 1"),
+        ({"batch_size": 0}, r"data.batch_size must be >= 1"),
+    ],
+)
 def test_bad_phase_settings_name_the_keys(kwargs, message):
     with pytest.raises(ValueError, match=message):
         OnlineDataModule(prompts=ReviewPrompts(), annotator=CountingAnnotator(), **kwargs)
@@ -211,3 +219,67 @@ def test_rerun_with_another_annotator_refuses_to_mix_data(tmp_path, sft_dir):
     module, data, trainer = make_run(tmp_path, sft_dir, budget=16, num_phases=1, annotator=Other())
     with pytest.raises(RuntimeError, match="different setup .*annotator: saved 'CountingAnnotator:gold', now 'Other'"):
         trainer.fit(module, datamodule=data)
+
+
+def test_reward_model_annotator_scores_in_batches(tmp_path, sft_dir):
+    """A locally built sequence-classification model: batched scores equal one-at-a-time forward passes."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from bpo_lightning import RewardModelAnnotator
+
+    tok = AutoTokenizer.from_pretrained(sft_dir)
+    config = GPT2Config(
+        vocab_size=len(tok), n_layer=1, n_embd=32, n_head=2, num_labels=1, pad_token_id=tok.pad_token_id
+    )
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    annotator = RewardModelAnnotator(str(tmp_path / "rm"), batch_size=3, max_length=64, device="cpu")
+    prompts = ["hotel review : we stayed here ."] * 2 + ["phone review : i love it ."] * 3
+    responses = [" the staff was friendly .", " the room was bad .", " the battery is great .", "", " ok ."]
+    batched = annotator.score(prompts, responses)
+    single = [annotator.score([p], [r])[0] for p, r in zip(prompts, responses, strict=True)]
+    assert_close(torch.tensor(batched), torch.tensor(single), atol=1e-5, rtol=0)
+    assert len(set(batched)) == 5 and "max_length=64" in annotator.identity
+
+
+def test_inline_config_policy(sft_dir):
+    from bpo_lightning.policy import FromConfig
+
+    source = FromConfig(
+        {
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "vocab_size": 768,
+        },
+        tokenizer=str(sft_dir),
+    )
+    model, tok = source.model(), source.tokenizer()
+    assert type(model).__name__ == "LlamaForCausalLM" and tok.padding_side == "left"
+    a, b = source.model(), FromConfig(source.config, str(sft_dir), seed=1).model()
+    assert torch.equal(a.lm_head.weight, model.lm_head.weight)  # same seed, same weights
+    assert not torch.equal(b.lm_head.weight, model.lm_head.weight)
+    with pytest.raises(ValueError, match="model_type"):
+        FromConfig({"hidden_size": 8}, tokenizer=str(sft_dir))
+
+
+def test_prompts_from_parquet_and_a_datasets_folder(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"text": ["a", "b", "c"], "ref": ["x", "y", "z"]}).to_parquet(tmp_path / "p.parquet")
+    rows = PromptSource(str(tmp_path / "p.parquet"), prompt_field="text", reference_field="ref").load("data.prompts")
+    assert rows == [
+        {"prompt": "a", "reference": "x"},
+        {"prompt": "b", "reference": "y"},
+        {"prompt": "c", "reference": "z"},
+    ]
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    _write_jsonl(folder / "train.jsonl", [{"prompt": "p1"}, {"prompt": "p2"}])
+    _write_jsonl(folder / "test.jsonl", [{"prompt": "t1"}])
+    assert [r["prompt"] for r in PromptSource(str(folder), split="test").load("data.prompts")] == ["t1"]
+    assert [r["prompt"] for r in PromptSource(str(folder), limit=1).load("data.prompts")] == ["p1"]
