@@ -30,7 +30,7 @@ def tests(session: nox.Session) -> None:
 @nox.parametrize("plugin", PLUGINS, ids=[Path(p).name for p in PLUGINS])
 def plugins(session: nox.Session, plugin: str) -> None:
     """Each distribution under plugins/ in a fresh environment: installed, discovered, listed, usable in a config."""
-    session.install(*CPU_TORCH, ".", plugin, "pytest")
+    session.install(*CPU_TORCH, ".[test]", plugin)
     session.run("bpo", "plugins", env=OFFLINE)
     session.run("pytest", f"{plugin}/tests", "-p", "no:cacheprovider", env=OFFLINE)
 
@@ -38,7 +38,7 @@ def plugins(session: nox.Session, plugin: str) -> None:
 @nox.session
 def configs(session: nox.Session) -> None:
     """Every YAML under configs/ parsed by `bpo fit --print_config`."""
-    session.install(*CPU_TORCH, ".", "pytest")
+    session.install(*CPU_TORCH, ".[test]")
     session.run("pytest", "tests/test_meta.py", "-k", "config", "-p", "no:cacheprovider", env=OFFLINE)
 
 
