@@ -86,8 +86,9 @@ class PhaseReport(L.Callback):
             batch_size=self.batch_size, max_prompt_tokens=getattr(dm.sampler, "max_prompt_tokens", 512), progress=False,
         )  # fmt: skip
         n = self.samples_per_prompt
-        responses = [r for group in sampler.sample(module.policy, module.tokenizer, prompts, seed=0).responses
-                     for r in group]  # fmt: skip
+        with module.policy_weights():  # an ensemble is evaluated through its merged adapter
+            samples = sampler.sample(module.policy, module.tokenizer, prompts, seed=0)
+        responses = [r for group in samples.responses for r in group]
         prompts = [p for p in prompts for _ in range(n)]
         if self._reference_scores is None:
             references = [r["reference"] for r in rows for _ in range(n)]

@@ -17,7 +17,8 @@ log-probabilities are computed once, when a phase's pairs are built (``score_rec
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import lightning as L
@@ -25,8 +26,9 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from bpo_lightning.behavior import BehaviorUpdate, Frozen, HardSync, Snapshot, swapped_weights, trainable_state
+from bpo_lightning.behavior import BehaviorUpdate, Frozen, HardSync, Snapshot, swapped_weights
 from bpo_lightning.logprobs import sequence_logps
+from bpo_lightning.lora import MERGED, LoRA, active_adapter
 from bpo_lightning.losses import DPOLoss, PreferenceLoss
 from bpo_lightning.policy import PolicySource
 from bpo_lightning.types import PhaseStats, PreferenceRecord
@@ -43,6 +45,7 @@ class BPOModule(L.LightningModule):
         loss: the DAP loss (default ``DPOLoss``); any registered ``PreferenceLoss``.
         behavior: how π_β follows the policy between phases (default ``HardSync``, i.e. BPO).
         reference: the loss's reference: ``behavior`` (BPO) or ``initial`` (the starting model).
+        lora: train LoRA adapters (optionally the paper's K-member ensemble) instead of all weights.
         lr: AdamW learning rate (paper: 5e-5).
         betas: AdamW betas.
         eps: AdamW epsilon (paper: 1e-6).
@@ -61,6 +64,7 @@ class BPOModule(L.LightningModule):
         loss: PreferenceLoss | None = None,
         behavior: BehaviorUpdate | None = None,
         reference: Literal["behavior", "initial"] = "behavior",
+        lora: LoRA | None = None,
         lr: float = 5e-5,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
@@ -77,12 +81,13 @@ class BPOModule(L.LightningModule):
             raise ValueError(f"model.reference must be 'behavior' or 'initial', got {reference!r}")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
-        self.save_hyperparameters(ignore=["policy", "loss", "behavior"])
+        self.save_hyperparameters(ignore=["policy", "loss", "behavior", "lora"])
         self.source = policy
         self.tokenizer = policy.tokenizer()
         self.loss = loss if loss is not None else DPOLoss()
         self.behavior = behavior if behavior is not None else HardSync()
         self.reference = reference
+        self.lora = lora
         self.policy: nn.Module | None = None
         self.initial: Snapshot | None = None  # only kept when something needs the initial weights
         self.behavior_snapshot: Snapshot | None = None  # None = the live policy (hard sync)
@@ -95,13 +100,15 @@ class BPOModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        self.policy = self.source.model().train()  # from_pretrained returns eval mode
+        policy = self.source.model()
+        self.policy = (self.lora.wrap(policy) if self.lora is not None else policy).train()
         if self.hparams.disable_dropout:
             for module in self.policy.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
         if self.reference == "initial" or self.behavior.keeps_snapshot:
-            self.initial = trainable_state(self.policy, "cpu" if self.hparams.offload_snapshots else None)
+            device = "cpu" if self.hparams.offload_snapshots else None
+            self.initial = {name: value.to(device, copy=True) for name, value in self._policy_state().items()}
         if self.behavior.keeps_snapshot:
             self.behavior_snapshot = self.behavior.initial_snapshot(self.initial)
 
@@ -109,21 +116,43 @@ class BPOModule(L.LightningModule):
         """Update π_β for ``phase`` (once per phase, also across a resume) and return its version."""
         while self.phases_started <= phase:
             if self.phases_started > 0:  # at phase 0 every rule gives the initial model
-                live = {n: p.detach() for n, p in self.policy.named_parameters() if p.requires_grad}
-                self.behavior_snapshot = self.behavior.update(lambda live=live: live, self.behavior_snapshot)
+                self.behavior_snapshot = self.behavior.update(self._policy_state, self.behavior_snapshot)
                 self.behavior_version += not isinstance(self.behavior, Frozen)
             self.phases_started += 1
         return self.behavior_version
 
+    @property
+    def ensemble(self) -> bool:
+        return self.lora is not None and self.lora.members > 1
+
+    def _policy_state(self) -> Snapshot:
+        """The weights that define the current policy: the trainable tensors, or the members' merge."""
+        if self.ensemble:
+            return self.lora.merged_state(self.policy)
+        return {n: p.detach() for n, p in self.policy.named_parameters() if p.requires_grad}
+
+    @contextmanager
+    def _computing_as(self, snapshot: Snapshot | None) -> Iterator[None]:
+        """``self.policy`` computes as the model ``snapshot`` describes (``None``: the current policy)."""
+        if not self.ensemble:
+            with swapped_weights(self.policy, snapshot):
+                yield
+            return
+        self.lora.load_merged(self.policy, snapshot if snapshot is not None else self._policy_state())
+        with active_adapter(self.policy, MERGED):
+            yield
+
     def behavior_weights(self):
         """Context in which ``self.policy`` computes as π_β."""
-        return swapped_weights(self.policy, self.behavior_snapshot)
+        return self._computing_as(self.behavior_snapshot)
 
     def reference_weights(self):
         """Context in which ``self.policy`` computes as the loss's reference."""
-        if self.reference == "behavior":
-            return self.behavior_weights()
-        return swapped_weights(self.policy, self.initial) if self.initial is not None else nullcontext()
+        return self.behavior_weights() if self.reference == "behavior" else self._computing_as(self.initial)
+
+    def policy_weights(self):
+        """Context in which ``self.policy`` computes as the current policy (the members' merge for an ensemble)."""
+        return self._computing_as(None)
 
     @torch.no_grad()
     def score_records(self, records: list[PreferenceRecord]) -> None:
@@ -160,6 +189,17 @@ class BPOModule(L.LightningModule):
 
     # --- training ---------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if not self.ensemble:
+            return self._member_step(batch, log=True)
+        # every member trains on the same pairs with its own loss against the merged reference; the members'
+        # parameters are disjoint, so the sum's gradient for member k is the gradient of its own loss
+        losses = []
+        for k, name in enumerate(self.lora.names):
+            with active_adapter(self.policy, name):
+                losses.append(self._member_step(batch, log=k == 0))
+        return torch.stack(losses).sum()
+
+    def _member_step(self, batch: dict[str, torch.Tensor], log: bool) -> torch.Tensor:
         logps = self._policy_logps(batch)  # sums and counts, (2B,)
         n = logps.sums.shape[0] // 2  # rows [:n] are chosen, [n:] rejected
         policy, reference = logps.sums, batch["reference_logps"]
@@ -167,6 +207,8 @@ class BPOModule(L.LightningModule):
             policy, reference = logps.means(), reference / logps.counts.clamp(min=1)
         out = self.loss(policy[:n], policy[n:], reference[:n], reference[n:])
         loss = out.losses.mean()
+        if not log:
+            return loss
         delta = (logps.sums.detach() - batch["behavior_logps"]).double().clamp(max=50)  # log π/π_β per response
         ratio = delta.exp()
         self._log_step({
@@ -203,9 +245,9 @@ class BPOModule(L.LightningModule):
         self.log("behavior/version", float(self.behavior_version))
 
     def configure_optimizers(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad]
         hp = self.hparams
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay)
+        optimizer = torch.optim.AdamW(self._param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+                                      weight_decay=hp.weight_decay)  # fmt: skip
         total = self._planned_steps()
 
         def factor(step: int) -> float:
@@ -217,6 +259,19 @@ class BPOModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _param_groups(self) -> list[dict]:
+        """One group per ensemble member (a single optimizer, as DeepSpeed requires), else one group."""
+        named = [(n, p) for n, p in self.policy.named_parameters() if p.requires_grad]
+        if not self.ensemble:
+            return [{"params": [p for _, p in named]}]
+        return [{"params": [p for n, p in named if f".{m}." in n], "name": m} for m in self.lora.names]
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if not self.ensemble or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        for group in optimizer.param_groups:  # each member is clipped on its own, as with one optimizer each
+            torch.nn.utils.clip_grad_norm_(group["params"], gradient_clip_val)
 
     def _planned_steps(self) -> int | None:
         """Optimizer steps of the whole run if every prompt gives a pair (drops make the run slightly shorter)."""

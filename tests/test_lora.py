@@ -1,0 +1,102 @@
+"""LoRA and the LoRA ensemble in the loop: what trains, what samples, what is kept in memory."""
+
+import lightning as L
+import pytest
+import torch
+from conftest import make_run
+from test_loop import fresh_logps
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+from bpo_lightning import Frozen, HardSync
+from bpo_lightning.lora import MERGED, LoRA
+from bpo_lightning.merge import merge_adapter_states
+from bpo_lightning.store import PhaseStore
+
+
+class EndWeights(L.Callback):
+    def __init__(self):
+        self.states = {}
+
+    def on_train_epoch_end(self, trainer, module):
+        self.states[trainer.current_epoch] = {k: v.detach().clone() for k, v in module.policy.named_parameters()}
+
+
+def test_lora_arguments_are_validated():
+    with pytest.raises(ValueError, match=r"model.lora.members must be >= 1.*model.lora.merge must be"):
+        LoRA(members=0, merge="soup")
+    with pytest.raises(ValueError, match="model.lora.init_from lists 1 adapters for 2 members"):
+        LoRA(members=2, init_from=["a"])
+
+
+@pytest.mark.slow
+def test_single_lora_keeps_adapter_only_snapshots(tmp_path, sft_dir):
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=32, num_phases=2, behavior=Frozen(),
+                                     lora=LoRA(r=4, alpha=8))  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    assert module.initial and all("lora_" in name for name in module.initial)  # never the base weights
+    base = sum(p.numel() for n, p in module.policy.named_parameters() if "lora_" not in n)
+    assert sum(v.numel() for v in module.initial.values()) < 0.05 * base
+    trained = [n for n, p in module.policy.named_parameters() if p.requires_grad]
+    assert trained and all(".member_0." in n for n in trained)
+    # the frozen behavior is the initial model: base weights plus the initial adapter (B = 0, so the base model)
+    records = PhaseStore(tmp_path / "data", 1).load_pairs()[0]
+    chosen, _ = fresh_logps(sft_dir, records, module.tokenizer)
+    assert_close(torch.tensor([r.behavior_chosen_logps for r in records]), chosen, atol=1e-4, rtol=0)
+
+
+def _ensemble_run(tmp_path, sft_dir, **kwargs):
+    ends = EndWeights()
+    lora = LoRA(r=4, alpha=8, members=3, merge=kwargs.pop("merge", "peft_linear"), seed=0)
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=32, num_phases=2, lora=lora, callbacks=[ends],
+                                     lr=5e-3, **kwargs)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    return module, data, ends
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("merge", ["peft_linear", "mean"])
+def test_ensemble_trains_every_member_and_samples_with_the_merge(tmp_path, sft_dir, merge):
+    module, data, ends = _ensemble_run(tmp_path, sft_dir, behavior=HardSync(), merge=merge)
+    lora = module.lora
+    members = [lora.member_state(module.policy, name) for name in lora.names]
+    for state in members:  # every member moved away from B = 0
+        assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)
+    assert not torch.equal(*(next(v for k, v in s.items() if "lora_B" in k) for s in members[:2]))
+    # phase 1 was sampled and scored by the merge of the members as they were at the end of phase 0
+    end0 = ends.states[0]
+    states0 = [{k.replace(f".{n}.", "."): v for k, v in end0.items() if f".{n}." in k} for n in lora.names]
+    merged0 = merge_adapter_states(states0, lora.scaling, merge)
+    lora.load_merged(module.policy, merged0)
+    records = PhaseStore(tmp_path / "data", 1).load_pairs()[0]
+    from bpo_lightning.lora import active_adapter
+
+    with active_adapter(module.policy, MERGED):
+        chosen, _ = fresh_logps(module.policy, records, module.tokenizer)
+    assert_close(torch.tensor([r.behavior_chosen_logps for r in records]), chosen, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_ensemble_keeps_one_base_model_and_no_gradient_through_the_merge(tmp_path, sft_dir):
+    module, data, ends = _ensemble_run(tmp_path, sft_dir, behavior=HardSync())
+    params = dict(module.policy.named_parameters())
+    base = sum(p.numel() for n, p in params.items() if "lora_" not in n)
+    adapters = sum(p.numel() for n, p in params.items() if "lora_" in n)
+    single = AutoModelForCausalLM.from_pretrained(data.trainer.lightning_module.source.name_or_path)
+    assert base == sum(p.numel() for p in single.parameters())  # exactly one copy of the base weights
+    assert adapters < 0.2 * base  # K members + the merged adapter are small next to it (here r = 4)
+    assert all(p.grad is None for n, p in params.items() if f".{MERGED}." in n)  # no gradient flows into the merge
+    assert not any(p.requires_grad for n, p in params.items() if "lora_" not in n or f".{MERGED}." in n)
+
+
+def test_members_are_clipped_one_by_one():
+    from bpo_lightning.module import BPOModule
+
+    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    a.grad, b.grad = torch.full((4,), 3.0), torch.full((4,), 0.1)  # norms 6.0 and 0.2
+    optimizer = torch.optim.AdamW([{"params": [a]}, {"params": [b]}])
+    module = BPOModule.__new__(BPOModule)
+    module.lora = LoRA(members=2)
+    BPOModule.configure_gradient_clipping(module, optimizer, gradient_clip_val=1.0)
+    assert_close(a.grad.norm(), torch.tensor(1.0))  # clipped to 1 on its own
+    assert_close(b.grad, torch.full((4,), 0.1))  # untouched: its norm is below 1 (a global clip would shrink it)
