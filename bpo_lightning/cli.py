@@ -3,6 +3,7 @@
     bpo fit --config configs/quickstart.yaml          # train
     bpo fit --config configs/quickstart.yaml --print_config
     bpo plugins                                       # list installed plugins and what they register
+    bpo export --run runs/quickstart --out exported/  # trained policy as a transformers folder
 
 Plugins load before the command line is parsed, so registered class names work as config shorthands.
 """
@@ -57,6 +58,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     if argv[:1] == ["plugins"]:
         print(format_plugins(plugins))
+        return
+    if argv[:1] == ["export"]:
+        from bpo_lightning.export import main as export_main
+
+        export_main(argv[1:])
         return
     from bpo_lightning.data import OnlineDataModule
     from bpo_lightning.module import BPOModule

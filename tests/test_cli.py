@@ -3,6 +3,7 @@
 import csv
 
 import pytest
+import torch
 
 from bpo_lightning.cli import main
 
@@ -79,3 +80,57 @@ def test_quickstart_config_runs_end_to_end(tmp_path, capsys):
     pairs = [float(r["data/pairs"]) for r in rows if r["data/pairs"]]
     dropped = [float(r["data/dropped"]) for r in rows if r["data/dropped"]]
     assert [p + d for p, d in zip(pairs, dropped, strict=True)] == [32.0, 32.0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("members", [0, 1, 3])
+def test_export_reloads_and_generates_like_the_trained_policy(tmp_path, members, capsys):
+    """`bpo fit` (full fine-tuning, one LoRA, or a 3-member ensemble), then `bpo export`: the folder loads with
+    plain transformers and decodes greedily exactly like the policy rebuilt from the run's checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bpo_lightning.export import module_from_run
+    from bpo_lightning.sampling import GenerateSampler
+
+    run = tmp_path / "run"
+    lora = ["--model.lora=bpo_lightning.lora.LoRA", "--model.lora.r=4", f"--model.lora.members={members}"]
+    main(
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            f"--trainer.default_root_dir={run}",
+            f"--model.policy.init_args.cache_dir={tmp_path / 'cache'}",
+            "--model.policy.init_args.steps=40",
+            "--data.budget=32",
+            "--data.num_phases=2",
+            "--data.batch_size=8",
+            "--data.sampler.init_args.max_new_tokens=16",
+            "--data.sampler.init_args.progress=false",
+            "--report.eval_every_n_phases=0",
+            "--model.lr=5e-3",
+            *(lora if members else []),
+        ]
+    )
+    main(["export", "--run", str(run), "--out", str(tmp_path / "out")])
+    assert "exported to" in capsys.readouterr().out
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert not any("lora" in name for name, _ in exported.named_parameters())
+    module = module_from_run(run)
+    greedy = GenerateSampler(num_samples=1, temperature=0, max_new_tokens=16, progress=False)
+    prompts = ["hotel review : we stayed here for a week .", "phone review : i got this phone last month ."]
+    with module.policy_weights():
+        expected = greedy.sample(module.policy, module.tokenizer, prompts, seed=0).response_ids
+    tokenizer.padding_side = "left"
+    assert greedy.sample(exported, tokenizer, prompts, seed=0).response_ids == expected
+    initial = AutoModelForCausalLM.from_pretrained(module.source.name_or_path)
+    before = initial.state_dict()
+    assert any(not torch.equal(value, before[name]) for name, value in exported.state_dict().items())  # it trained
+
+
+def test_export_names_a_missing_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "--run:" in err and "config.yaml not found" in err

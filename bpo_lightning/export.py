@@ -1,0 +1,71 @@
+"""Export a trained policy as a plain transformers folder (weights + tokenizer).
+
+    bpo export --run runs/quickstart --out exported/     # last checkpoint of a run
+    bpo export --run runs/quickstart --ckpt runs/quickstart/checkpoints/phase-1.ckpt --out exported/
+
+LoRA adapters are merged into the base weights (for an ensemble: the merge of the members, as evaluated), so the
+folder loads with ``AutoModelForCausalLM.from_pretrained`` and needs neither PEFT nor bpo-lightning.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def export_policy(module, out_dir: str | Path) -> Path:
+    """Save ``module``'s current policy into ``out_dir``. LoRA layers are merged in and removed, which changes
+    ``module.policy``: export from a module that is done training (as ``bpo export`` does)."""
+    from bpo_lightning.lora import MERGED
+
+    out = Path(out_dir)
+    model = module.policy
+    if module.lora is not None:
+        if module.ensemble:
+            module.lora.load_merged(model, module.lora.merged_state(model))
+            model = model.merge_and_unload(adapter_names=[MERGED])
+        else:
+            model = model.merge_and_unload()
+    model.save_pretrained(out)
+    module.tokenizer.save_pretrained(out)
+    return out
+
+
+def module_from_run(run_dir: str | Path, ckpt: str | Path | None = None):
+    """Rebuild a run's ``BPOModule`` from its saved ``config.yaml`` and load a checkpoint (default: last)."""
+    from jsonargparse import ArgumentParser
+
+    from bpo_lightning.module import BPOModule
+
+    run = Path(run_dir)
+    config_path = run / "config.yaml"
+    if not config_path.exists():
+        raise FileNotFoundError(f"--run: {config_path} not found (is {run} a run directory written by `bpo fit`?)")
+    ckpt = Path(ckpt) if ckpt else run / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"--ckpt: {ckpt} not found")
+    parser = ArgumentParser()
+    parser.add_class_arguments(BPOModule, "model")
+    config = parser.parse_object({"model": yaml.safe_load(config_path.read_text())["model"]})
+    module = parser.instantiate_classes(config).model
+    module.configure_model()
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    module.load_state_dict(checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    return module
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="bpo export", description="Export a trained policy as a transformers folder")
+    parser.add_argument("--run", required=True, help="run directory (trainer.default_root_dir of `bpo fit`)")
+    parser.add_argument("--ckpt", help="checkpoint to export (default: <run>/checkpoints/last.ckpt)")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    try:
+        module = module_from_run(args.run, args.ckpt)
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    print(f"exported to {export_policy(module, args.out)}")
