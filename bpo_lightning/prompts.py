@@ -18,6 +18,8 @@ class PromptSource:
         prompt_field: column holding the prompt text.
         reference_field: column holding the reference answer (used for evaluation), if any.
         limit: read at most this many rows.
+        template: format string over the row's columns that builds the prompt, e.g. ``"{instruction} Assistant: "``;
+            default: the ``prompt_field`` column as it is.
     """
 
     def __init__(
@@ -28,9 +30,11 @@ class PromptSource:
         prompt_field: str = "prompt",
         reference_field: str | None = "reference",
         limit: int | None = None,
+        template: str | None = None,
     ) -> None:
         self.path, self.split, self.name = str(path), split, name
         self.prompt_field, self.reference_field, self.limit = prompt_field, reference_field, limit
+        self.template = template
 
     def dataset(self):
         from datasets import load_dataset
@@ -70,6 +74,8 @@ class PromptSource:
             if not isinstance(prompt, str) or not prompt.strip():
                 empty.append(i)
                 continue
+            if self.template is not None:
+                prompt = self._format(row, i, key)
             reference = row[self.reference_field] if has_reference else None
             if require_reference and not isinstance(reference, str):
                 raise ValueError(f"{key}: row {i} of {self.path} has no reference answer ({self.reference_field})")
@@ -83,6 +89,13 @@ class PromptSource:
         if not rows:
             raise ValueError(f"{key}: {self.path} has no usable prompts")
         return rows
+
+
+    def _format(self, row: dict, index: int, key: str) -> str:
+        try:
+            return self.template.format(**row)
+        except (KeyError, IndexError) as err:
+            raise ValueError(f"{key}.init_args.template: row {index} of {self.path} has no field {err}") from None
 
 
 class ReviewPrompts(PromptSource):
