@@ -283,3 +283,12 @@ def test_prompts_from_parquet_and_a_datasets_folder(tmp_path):
     _write_jsonl(folder / "test.jsonl", [{"prompt": "t1"}])
     assert [r["prompt"] for r in PromptSource(str(folder), split="test").load("data.prompts")] == ["t1"]
     assert [r["prompt"] for r in PromptSource(str(folder), limit=1).load("data.prompts")] == ["p1"]
+
+
+def test_prompt_template_formats_row_fields(tmp_path):
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"instruction": "How do I boil an egg?", "demonstration": "Boil it."}])
+    source = PromptSource(path, prompt_field="instruction", reference_field="demonstration",
+                          template="{instruction} Assistant: ")  # fmt: skip
+    assert source.load("data.prompts") == [{"prompt": "How do I boil an egg? Assistant: ", "reference": "Boil it."}]
+    with pytest.raises(ValueError, match=r"data.prompts.init_args.template: row 0 of .* has no field 'question'"):
+        PromptSource(path, prompt_field="instruction", template="{question}").load("data.prompts")
