@@ -1,6 +1,7 @@
 """The `bpo` command end to end: a tiny quickstart through LightningCLI, config shorthands, metrics on disk."""
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +135,20 @@ def test_export_names_a_missing_run(tmp_path, capsys):
         main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert "--run:" in err and "config.yaml not found" in err
+
+
+RECIPES = sorted(str(p) for p in Path("configs/quickstart").glob("*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_quickstart_recipe_runs(recipe, tmp_path, capsys):
+    """Each offline recipe, shrunk to 2 phases of 16 prompts, trains and reports both phases."""
+    main([
+        "fit", "--config", recipe, f"--trainer.default_root_dir={tmp_path / 'run'}",
+        f"--model.policy.init_args.cache_dir={tmp_path / 'cache'}", "--model.policy.init_args.steps=40",
+        "--data.budget=32", "--data.batch_size=8", "--data.sampler.init_args.max_new_tokens=16",
+        "--data.sampler.init_args.progress=false", "--data.eval_prompts.init_args.limit=8",
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "phase 1/2 | pairs" in out and "phase 2/2 | pairs" in out

@@ -100,3 +100,29 @@ def test_members_are_clipped_one_by_one():
     BPOModule.configure_gradient_clipping(module, optimizer, gradient_clip_val=1.0)
     assert_close(a.grad.norm(), torch.tensor(1.0))  # clipped to 1 on its own
     assert_close(b.grad, torch.full((4,), 0.1))  # untouched: its norm is below 1 (a global clip would shrink it)
+
+
+def test_members_can_start_from_adapter_directories(tmp_path, sft_dir):
+    """K separately saved adapters (as from K SFT runs) become the K members, factor for factor."""
+    from peft import LoraConfig, get_peft_model
+
+    saved = []
+    for k in range(2):
+        torch.manual_seed(10 + k)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(sft_dir),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                                          init_lora_weights=False))  # fmt: skip
+        model.save_pretrained(tmp_path / f"sft_{k}")
+        saved.append(
+            {n.replace(".default.", "."): p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        )
+    lora = LoRA(
+        r=4, alpha=8, members=2, target_modules=["c_attn"], init_from=[str(tmp_path / f"sft_{k}") for k in range(2)]
+    )
+    policy = lora.wrap(AutoModelForCausalLM.from_pretrained(sft_dir))
+    for k, name in enumerate(lora.names):
+        state = lora.member_state(policy, name)
+        assert state.keys() == saved[k].keys()
+        for key, value in saved[k].items():
+            assert torch.equal(state[key], value), key
+    assert all(p.requires_grad for n, p in policy.named_parameters() if ".member_" in n)
