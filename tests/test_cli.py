@@ -8,7 +8,8 @@ import torch
 
 from bpo_lightning.cli import main
 
-QUICKSTART = "configs/quickstart.yaml"
+ROOT = Path(__file__).parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 
 
 @pytest.fixture(autouse=True)
@@ -137,11 +138,11 @@ def test_export_names_a_missing_run(tmp_path, capsys):
     assert "--run:" in err and "config.yaml not found" in err
 
 
-RECIPES = sorted(str(p) for p in Path("configs/quickstart").glob("*.yaml"))
+RECIPES = sorted(str(p) for p in (ROOT / "configs" / "quickstart").glob("*.yaml"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", RECIPES, ids=[Path(r).stem for r in RECIPES])
 def test_every_quickstart_recipe_runs(recipe, tmp_path, capsys):
     """Each offline recipe, shrunk to 2 phases of 16 prompts, trains and reports both phases."""
     main([
