@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from bpo_lightning.annotation import Annotator
+from bpo_lightning.cache import AnnotationCache, cached_score
 from bpo_lightning.plugins import get_plugins
 from bpo_lightning.prompts import PromptSource
 from bpo_lightning.sampling import GenerateSampler, Sampler, Samples
@@ -41,6 +42,8 @@ class OnlineDataModule(L.LightningDataModule):
         batch_size: preference pairs per optimisation step.
         seed: shuffles the pool once and seeds sampling.
         run_dir: where phase data is written; defaults to ``trainer.default_root_dir``.
+        annotation_cache: SQLite file of cached annotator scores; ``auto`` is ``<run_dir>/annotations.sqlite``, a
+            shared path reuses scores across runs, ``null`` disables caching.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class OnlineDataModule(L.LightningDataModule):
         batch_size: int = 16,
         seed: int = 0,
         run_dir: str | None = None,
+        annotation_cache: str | None = "auto",
     ) -> None:
         super().__init__()
         problems = [f"data.{k} must be >= 1, got {v}" for k, v in [("num_phases", num_phases),
@@ -69,6 +73,8 @@ class OnlineDataModule(L.LightningDataModule):
         self.sampler = sampler or GenerateSampler()
         self.budget, self.num_phases, self.batch_size, self.seed = budget, num_phases, batch_size, seed
         self._run_dir = run_dir
+        self.annotation_cache = annotation_cache
+        self._cache: AnnotationCache | None = None
         self.pool: list[dict] | None = None
         self.eval_rows: list[dict] = []
         self.phases_collected = 0  # cursor: phases whose pairs are complete
@@ -91,6 +97,13 @@ class OnlineDataModule(L.LightningDataModule):
         self.pool = [rows[i] for i in order.tolist()]
         if self.eval_prompts is not None:
             self.eval_rows = self.eval_prompts.load("data.eval_prompts", require_reference=True)
+
+    @property
+    def cache(self) -> AnnotationCache | None:
+        if self._cache is None and self.annotation_cache is not None:
+            auto = self.annotation_cache == "auto"
+            self._cache = AnnotationCache(self.run_dir / "annotations.sqlite" if auto else self.annotation_cache)
+        return self._cache
 
     def phase_indices(self, phase: int) -> range:
         """Pool positions of a phase's prompts: ``budget`` split into ``num_phases`` near-equal blocks."""
@@ -152,14 +165,14 @@ class OnlineDataModule(L.LightningDataModule):
                 module.policy, module.tokenizer, [self.pool[i]["prompt"] for i in todo], seed=seed
             )
             for start, samples in batches:
-                rows = annotate(self.annotator, todo[start:], self.pool, samples)
+                rows = annotate(self.annotator, todo[start:], self.pool, samples, self.cache)
                 store.append_samples(rows)
                 done.update((row["index"], row) for row in rows)
         stats = PhaseStats(phase)
         records = []
         for index in self.phase_indices(phase):
             row = done[index]
-            stats.count(row["status"])
+            stats.count(row["status"], row.get("annotated", 0), row.get("cached", 0))
             if row["status"] == "kept":
                 records.append(record_from_row(row, phase, version))
         return records, stats
@@ -185,8 +198,11 @@ class SeededShuffle(torch.utils.data.Sampler[int]):
         return self.n
 
 
-def annotate(annotator: Annotator, indices: list[int], pool: list[dict], samples: Samples) -> list[dict]:
-    """Score each prompt's distinct responses in one annotator call; identical responses are not annotated."""
+def annotate(
+    annotator: Annotator, indices: list[int], pool: list[dict], samples: Samples, cache: AnnotationCache | None = None
+) -> list[dict]:
+    """Score each prompt's distinct responses in one annotator call; identical responses are not annotated, and
+    responses the cache knows are not sent to the annotator."""
     rows, queries = [], []
     blocks = zip(indices, samples.prompt_ids, samples.responses, samples.response_ids, strict=False)
     for index, prompt_ids, texts, ids in blocks:  # `indices` may run past this block
@@ -198,11 +214,15 @@ def annotate(annotator: Annotator, indices: list[int], pool: list[dict], samples
             row["status"] = None  # decided once scored
             queries.extend((row, i) for i in distinct)
     prompts = [row["prompt"] for row, _ in queries]
-    scores = annotator.score(prompts, [row["responses"][i] for row, i in queries]) if queries else []
+    responses = [row["responses"][i] for row, i in queries]
+    scores, fresh = cached_score(annotator, cache, prompts, responses) if queries else ([], [])
     if len(scores) != len(queries):
         raise RuntimeError(f"annotator {annotator.identity} returned {len(scores)} scores for {len(queries)} responses")
-    for (row, i), score in zip(queries, scores, strict=True):
+    fresh = set(fresh)
+    for k, ((row, i), score) in enumerate(zip(queries, scores, strict=True)):
         row["scores"][i] = None if score is None or math.isnan(score) else float(score)  # NaN -> null in JSON
+        key = "annotated" if k in fresh else "cached"
+        row[key] = row.get(key, 0) + 1
     for row in rows:
         if row["status"] is None:
             row["status"] = _choose(row)

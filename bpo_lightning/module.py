@@ -242,6 +242,8 @@ class BPOModule(L.LightningModule):
         if self.phase_stats is not None:
             self.log("data/pairs", float(self.phase_stats.kept))
             self.log("data/dropped", float(self.phase_stats.dropped_total))
+            self.log("data/annotations", float(self.phase_stats.annotated))  # budget spent in this phase
+            self.log("data/cache_hits", float(self.phase_stats.cached))
         self.log("behavior/version", float(self.behavior_version))
 
     def configure_optimizers(self):

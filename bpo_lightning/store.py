@@ -80,11 +80,12 @@ class PhaseStore:
     def load_pairs(self) -> tuple[list[PreferenceRecord], PhaseStats]:
         records = [PreferenceRecord.from_json(json.loads(line)) for line in self.pairs_path.read_text().splitlines()]
         saved = json.loads(self.meta_path.read_text())["stats"]
-        return records, PhaseStats(saved["phase"], saved["prompts"], saved["kept"], saved["dropped"])
+        return records, PhaseStats(**saved)
 
 
 def _stats_json(stats: PhaseStats) -> dict:
-    return {"phase": stats.phase, "prompts": stats.prompts, "kept": stats.kept, "dropped": stats.dropped}
+    return {"phase": stats.phase, "prompts": stats.prompts, "kept": stats.kept, "dropped": stats.dropped,
+            "annotated": stats.annotated, "cached": stats.cached}  # fmt: skip
 
 
 def _atomic_write(path: Path, text: str) -> None:

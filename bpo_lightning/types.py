@@ -46,13 +46,17 @@ class PhaseStats:
     prompts: int = 0
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count: identical, tie, annotator_nan
+    annotated: int = 0  # responses the annotator scored (the budget spent)
+    cached: int = 0  # responses whose score came from the annotation cache
 
     @property
     def dropped_total(self) -> int:
         return sum(self.dropped.values())
 
-    def count(self, status: str) -> None:
+    def count(self, status: str, annotated: int = 0, cached: int = 0) -> None:
         self.prompts += 1
+        self.annotated += annotated
+        self.cached += cached
         if status == "kept":
             self.kept += 1
         else:

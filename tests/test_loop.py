@@ -64,11 +64,14 @@ def fresh_logps(model_dir_or_model, records, tokenizer, state=None):
 
 
 def annotations_on_disk(root, phases):
-    """How many (prompt, response) scores the saved phases needed: distinct responses of non-identical prompts."""
+    """How many scores the annotator gave for the saved phases: distinct responses of non-identical prompts, less
+    those the annotation cache already knew (each row records both counts)."""
     total = 0
     for phase in phases:
         for row in PhaseStore(root / "data", phase).load_samples().values():
-            total += len(set(row["responses"])) if row["status"] != "identical" else 0
+            distinct = len(set(row["responses"])) if row["status"] != "identical" else 0
+            assert row.get("annotated", 0) + row.get("cached", 0) == distinct
+            total += row.get("annotated", 0)
     return total
 
 
@@ -197,7 +200,7 @@ def test_partial_phase_is_continued_not_resampled(tmp_path, sft_dir):
     assert data.stats[0].prompts == 64
     rows = PhaseStore(tmp_path / "data", 0).load_samples()
     fresh = [row for index, row in rows.items() if index not in saved]
-    assert len(annotator.calls) == sum(len(set(r["responses"])) for r in fresh if r["status"] != "identical")
+    assert len(annotator.calls) == sum(r.get("annotated", 0) for r in fresh)
 
 
 @pytest.mark.slow

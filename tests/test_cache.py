@@ -1,0 +1,45 @@
+"""The annotation cache: scores persist, are keyed by annotator identity, and are never paid for twice."""
+
+import math
+
+from conftest import CountingAnnotator, make_run
+
+from bpo_lightning.cache import AnnotationCache, cached_score
+
+
+def test_scores_persist_per_identity(tmp_path):
+    cache = AnnotationCache(tmp_path / "c" / "scores.sqlite")
+    cache.put("rm-a", ["p1", "p1", "p2"], ["x", "y", "x"], [1.5, -2.0, math.nan])
+    assert cache.get("rm-a", ["p1", "p2", "p1"], ["y", "x", "x"]) == [-2.0, None, 1.5]  # NaN is not cached
+    assert cache.get("rm-b", ["p1"], ["x"]) == [None]  # another annotator's scores are not reused
+    cache.close()
+    reopened = AnnotationCache(tmp_path / "c" / "scores.sqlite")
+    assert len(reopened) == 2 and reopened.get("rm-a", ["p1"], ["x"]) == [1.5]
+
+
+def test_cached_score_asks_only_for_misses(tmp_path):
+    cache = AnnotationCache(tmp_path / "scores.sqlite")
+    annotator = CountingAnnotator()
+    prompts, responses = ["hotel review : we stayed here ."] * 2, [" the staff was friendly .", " the bed was bad ."]
+    first, fresh = cached_score(annotator, cache, prompts, responses)
+    assert fresh == [0, 1] and len(annotator.calls) == 2
+    second, fresh = cached_score(annotator, cache, prompts + prompts[:1], responses + [" the pool was great ."])
+    assert second[:2] == first and fresh == [2] and len(annotator.calls) == 3
+
+
+def test_a_second_run_sharing_the_cache_makes_no_annotator_call(tmp_path, sft_dir):
+    shared = str(tmp_path / "shared.sqlite")
+    module, data, trainer = make_run(tmp_path / "a", sft_dir, budget=16, num_phases=1)
+    data.annotation_cache = shared
+    trainer.fit(module, datamodule=data)
+    assert data.stats[0].annotated > 0 and data.annotator.calls
+
+    annotator = CountingAnnotator()
+    module, data, trainer = make_run(tmp_path / "b", sft_dir, budget=16, num_phases=1, annotator=annotator)
+    data.annotation_cache = shared
+    trainer.fit(module, datamodule=data)
+    assert annotator.calls == []  # same seed, same samples: every score came from the cache
+    assert data.stats[0].annotated == 0 and data.stats[0].cached > 0
+    assert (tmp_path / "b" / "data" / "phase_0000.pairs.jsonl").read_text() == (
+        tmp_path / "a" / "data" / "phase_0000.pairs.jsonl"
+    ).read_text()
