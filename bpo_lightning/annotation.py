@@ -28,6 +28,21 @@ class Annotator:
         return type(self).__name__
 
 
+class PairwiseAnnotator(Annotator):
+    """Base class of annotators that compare two responses instead of scoring each (e.g. an LLM judge).
+
+    ``compare`` returns, per prompt, a positive number when ``first`` is better, negative when ``second`` is,
+    0 for a tie and ``nan`` when no verdict could be had (the pair is then dropped and counted). Pairwise
+    annotators work with samplers that draw exactly 2 responses per prompt.
+    """
+
+    def compare(self, prompts: list[str], first: list[str], second: list[str]) -> list[float]:
+        raise NotImplementedError
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        raise TypeError(f"{self.identity} compares pairs of responses; it has no per-response score")
+
+
 def import_callable(path: str, key: str) -> Callable:
     """Import ``package.module:function`` (or ``package.module.function``); ``key`` names the config entry."""
     module_name, sep, attr = path.partition(":")

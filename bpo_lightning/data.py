@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from bpo_lightning.annotation import Annotator
+from bpo_lightning.annotation import Annotator, PairwiseAnnotator
 from bpo_lightning.cache import AnnotationCache, cached_score
 from bpo_lightning.plugins import get_plugins
 from bpo_lightning.prompts import PromptSource
@@ -67,6 +67,8 @@ class OnlineDataModule(L.LightningDataModule):
             problems.append(f"data.num_phases ({num_phases}) exceeds data.budget ({budget}): each phase needs a prompt")
         if problems:
             raise ValueError("; ".join(problems))
+        if isinstance(annotator, PairwiseAnnotator) and getattr(sampler, "num_samples", 2) != 2:
+            raise ValueError("data.sampler.init_args.num_samples must be 2 with a pairwise annotator (a judge)")
         self.prompts, self.eval_prompts = prompts, eval_prompts
         self.annotator = annotator
         self.evaluator = evaluator or annotator
@@ -213,20 +215,52 @@ def annotate(
         if len(distinct) >= 2:
             row["status"] = None  # decided once scored
             queries.extend((row, i) for i in distinct)
+    if isinstance(annotator, PairwiseAnnotator):
+        queries, annotator = _as_pair_queries(queries), _PairScores(annotator)
     prompts = [row["prompt"] for row, _ in queries]
-    responses = [row["responses"][i] for row, i in queries]
+    responses = [row["responses"][i] if isinstance(i, int) else _join(row, i) for row, i in queries]
     scores, fresh = cached_score(annotator, cache, prompts, responses) if queries else ([], [])
     if len(scores) != len(queries):
         raise RuntimeError(f"annotator {annotator.identity} returned {len(scores)} scores for {len(queries)} responses")
     fresh = set(fresh)
     for k, ((row, i), score) in enumerate(zip(queries, scores, strict=True)):
-        row["scores"][i] = None if score is None or math.isnan(score) else float(score)  # NaN -> null in JSON
         key = "annotated" if k in fresh else "cached"
+        if isinstance(i, tuple):  # a verdict on the pair (first, second): +1, −1, 0 or NaN
+            row["verdict"] = None if math.isnan(score) else float(score)
+            score = math.nan if math.isnan(score) else (score > 0) - (score < 0)
+            row["scores"][i[0]], row["scores"][i[1]] = (None, None) if math.isnan(score) else (score, -score)
+            row[key] = row.get(key, 0) + 2
+            continue
+        row["scores"][i] = None if score is None or math.isnan(score) else float(score)  # NaN -> null in JSON
         row[key] = row.get(key, 0) + 1
     for row in rows:
         if row["status"] is None:
             row["status"] = _choose(row)
     return rows
+
+
+def _as_pair_queries(queries: list[tuple[dict, int]]) -> list[tuple[dict, tuple[int, int]]]:
+    """(row, response) queries → one (row, (first, second)) query per row, for a pairwise annotator."""
+    pairs: dict[int, list] = {}
+    for row, i in queries:
+        pairs.setdefault(id(row), [row]).append(i)
+    return [(row, (a, b)) for row, a, b in pairs.values()]
+
+
+def _join(row: dict, pair: tuple[int, int]) -> str:
+    return row["responses"][pair[0]] + "\x00" + row["responses"][pair[1]]
+
+
+class _PairScores:
+    """A pairwise annotator seen as a scorer of "first NUL second" texts, so that verdicts share the cache."""
+
+    def __init__(self, judge: PairwiseAnnotator) -> None:
+        self.judge = judge
+        self.identity = judge.identity
+
+    def score(self, prompts: list[str], joined: list[str]) -> list[float]:
+        first, second = zip(*(text.split("\x00", 1) for text in joined), strict=True)
+        return self.judge.compare(prompts, list(first), list(second))
 
 
 def _distinct(texts: list[str]) -> list[int]:

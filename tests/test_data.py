@@ -10,6 +10,7 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bpo_lightning import GenerateSampler, RuleAnnotator
+from bpo_lightning.annotation import PairwiseAnnotator
 from bpo_lightning.data import OnlineDataModule, annotate, pair_batch
 from bpo_lightning.logprobs import sequence_logps, token_logps
 from bpo_lightning.policy import Pretrained, prepare_tokenizer
@@ -292,3 +293,39 @@ def test_prompt_template_formats_row_fields(tmp_path):
     assert source.load("data.prompts") == [{"prompt": "How do I boil an egg? Assistant: ", "reference": "Boil it."}]
     with pytest.raises(ValueError, match=r"data.prompts.init_args.template: row 0 of .* has no field 'question'"):
         PromptSource(path, prompt_field="instruction", template="{question}").load("data.prompts")
+
+
+class LongerIsBetter(PairwiseAnnotator):
+    """Prefers the longer response; cannot judge responses that contain "?"; counts comparisons."""
+
+    identity = "LongerIsBetter"
+
+    def __init__(self):
+        self.compared = []
+
+    def compare(self, prompts, first, second):
+        self.compared.extend(zip(first, second, strict=True))
+        return [math.nan if "?" in a + b else float(len(a) - len(b)) for a, b in zip(first, second, strict=True)]
+
+
+def test_pairwise_annotator_verdicts_become_pairs_and_are_cached(tmp_path):
+    from bpo_lightning.cache import AnnotationCache
+
+    pool = [{"prompt": f"p{i}"} for i in range(4)]
+    samples = _samples([["ab", "abc"], ["same", "same"], ["xy", "zw"], ["a?", "bb"]])
+    judge, cache = LongerIsBetter(), AnnotationCache(tmp_path / "c.sqlite")
+    with pytest.warns(UserWarning, match="prompt #3"):
+        rows = annotate(judge, [0, 1, 2, 3], pool, samples, cache)
+    assert [r["status"] for r in rows] == ["kept", "identical", "tie", "annotator_nan"]
+    assert (rows[0]["chosen"], rows[0]["rejected"]) == (1, 0) and rows[0]["scores"] == [-1, 1]
+    assert len(judge.compared) == 3  # the identical pair was not judged
+    with pytest.warns(UserWarning, match="prompt #3"):
+        again = annotate(judge, [0, 1, 2, 3], pool, samples, cache)
+    assert len(judge.compared) == 4  # only the unanswered (NaN) pair is asked again; verdicts came from the cache
+    assert [r["status"] for r in again] == [r["status"] for r in rows]
+    assert again[0].get("cached") == 2 and again[0].get("annotated") is None
+
+
+def test_pairwise_annotator_needs_two_samples():
+    with pytest.raises(ValueError, match="data.sampler.init_args.num_samples must be 2 with a pairwise annotator"):
+        OnlineDataModule(prompts=ReviewPrompts(), annotator=LongerIsBetter(), sampler=GenerateSampler(num_samples=4))
