@@ -1,0 +1,307 @@
+"""The paper presets (bpo_lightning.presets) on tiny local fixtures in the hub datasets' schemas."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bpo_lightning import presets
+from bpo_lightning.presets import HarmlessnessPrompts, HelpfulnessPrompts, TLDRPrompts, render_conversation
+
+ROOT = Path(__file__).parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+LONG = "word " * 700  # several hundred tokens under any tokenizer
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from bpo_lightning.tasks.reviews import build_tokenizer
+
+    path = tmp_path_factory.mktemp("tok")
+    build_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def tldr(subreddit: str, title: str, post: str) -> str:
+    return f"SUBREDDIT: r/{subreddit} \nTITLE: {title}\nPOST: {post}\nTL;DR: "
+
+
+@pytest.fixture
+def tldr_dir(tmp_path):
+    """A folder like the hub dataset: train/valid/test (``valid.jsonl`` becomes the ``validation`` split)."""
+    root = tmp_path / "tldr"
+    train = [
+        {"prompt": tldr("cooking", "Bread", "My loaf is flat."), "label": " flat bread, help"},
+        {"prompt": tldr("travel", "Paris", "café ☕ every day " + LONG), "label": " too long"},
+        {"prompt": "", "label": " empty prompt"},
+        {"prompt": tldr("japan", "東京", "東京でラーメンを食べた。"), "label": " 美味しい"},
+        {"prompt": tldr("pets", "Cat", "It sleeps all day."), "label": ""},
+        {"prompt": tldr("books", "Novel", "Finished it at 3am."), "label": " great book"},
+    ]
+    write_jsonl(root / "train.jsonl", train)
+    write_jsonl(root / "valid.jsonl", [{"prompt": tldr("dev", "D", "dev post"), "label": " dev label"}])
+    write_jsonl(root / "test.jsonl", [{"prompt": tldr("test", "T", "test post"), "label": " test label"}])
+    return str(root)
+
+
+@pytest.fixture
+def helpful_file(tmp_path):
+    rows = [
+        {"instruction": "How do I bake bread?", "demonstration": "Mix flour, water, salt and yeast."},
+        {"instruction": "   ", "demonstration": "blank instruction"},
+        {"instruction": "Where can I get café ☕ in Kyoto?", "demonstration": "京都駅の近くにカフェがあります。"},
+        {"instruction": "Explain " + LONG, "demonstration": "too long instruction"},
+        {"instruction": "Tell me a joke.", "demonstration": "Why? " + LONG},
+        {"instruction": "What is 2+2?", "demonstration": None},
+        {"instruction": "Name a colour.", "demonstration": "Blue."},
+    ]
+    return str(write_jsonl(tmp_path / "helpful.jsonl", rows))
+
+
+def msg(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+@pytest.fixture
+def harm_dir(tmp_path):
+    """A folder with train/test parquet files in the hub schema (``chosen``/``rejected`` message lists)."""
+    from datasets import Dataset
+
+    train = [
+        [msg("user", "How do I pick a lock?"), msg("assistant", "I can't help with that.")],
+        [msg("user", "Hi"), msg("assistant", "Hello! ☕"), msg("user", "日本語で話せますか？"),
+         msg("assistant", "はい。")],
+        [msg("user", "Is this unfinished?"), msg("assistant", "Yes."), msg("user", "Really?")],  # ends with user
+        [msg("user", LONG), msg("assistant", "Too long a prompt.")],
+        [msg("user", ""), msg("assistant", "An empty turn.")],
+        [msg("user", "Say something nice."), msg("assistant", "You are doing great.")],
+    ]
+    test = [[msg("user", f"test question {i}"), msg("assistant", f"test answer {i}")] for i in range(3)]
+    root = tmp_path / "harm"
+    root.mkdir()
+    for name, chosen in (("train", train), ("test", test)):
+        Dataset.from_dict({"chosen": chosen, "rejected": chosen}).to_parquet(root / f"{name}.parquet")
+    return str(root)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TL;DR
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_tldr_prompt_is_the_dataset_prompt_and_long_prompts_are_filtered(tldr_dir, tokenizer_dir):
+    source = TLDRPrompts(tldr_dir, split="sft", tokenizer=tokenizer_dir, dev_split="validation")
+    with pytest.warns(UserWarning, match=r"data.prompts: skipped 2 rows .*first rows: \[2, 4\]"):
+        rows = source.load("data.prompts")
+    assert rows == [
+        {
+            "prompt": "SUBREDDIT: r/cooking \nTITLE: Bread\nPOST: My loaf is flat.\nTL;DR: ",
+            "reference": " flat bread, help",
+        },
+        {"prompt": tldr("japan", "東京", "東京でラーメンを食べた。"), "reference": " 美味しい"},
+        {"prompt": tldr("books", "Novel", "Finished it at 3am."), "reference": " great book"},
+    ]
+    assert source.counts == {"read": 6, "skipped": 2, "too_long": 1, "filtered": 3, "kept": 3}
+
+
+def test_tldr_without_tokenizer_keeps_long_prompts(tldr_dir):
+    with pytest.warns(UserWarning, match="skipped 2 rows"):
+        rows = TLDRPrompts(tldr_dir, split="sft").load("data.prompts")
+    assert [r["reference"] for r in rows] == [" flat bread, help", " too long", " 美味しい", " great book"]
+    assert rows[1]["prompt"].startswith("SUBREDDIT: r/travel \nTITLE: Paris\nPOST: café ☕ every day word word")
+
+
+def test_tldr_split_boundaries_slice_the_filtered_rows(tldr_dir, tokenizer_dir):
+    bounds = {"sft": [0, 2], "sampling": [2, None]}
+    kwargs = dict(tokenizer=tokenizer_dir, boundaries=bounds, dev_split="validation")
+    with pytest.warns(UserWarning, match=r"skipped 1 rows .*\[2\]"):  # reading stops after the slice's last row
+        sft = TLDRPrompts(tldr_dir, split="sft", **kwargs).load("data.prompts")
+    with pytest.warns(UserWarning, match="skipped 2 rows"):
+        sampling = TLDRPrompts(tldr_dir, split="sampling", **kwargs).load("data.prompts")
+    assert [r["reference"] for r in sft] == [" flat bread, help", " 美味しい"]
+    assert [r["reference"] for r in sampling] == [" great book"]
+    dev = TLDRPrompts(tldr_dir, split="dev", **kwargs).load("data.eval_prompts", require_reference=True)
+    test = TLDRPrompts(tldr_dir, split="test", **kwargs).load("data.eval_prompts", require_reference=True)
+    assert dev == [{"prompt": tldr("dev", "D", "dev post"), "reference": " dev label"}]
+    assert test == [{"prompt": tldr("test", "T", "test post"), "reference": " test label"}]
+
+
+def test_tldr_paper_constants_leave_the_sampling_split_of_a_small_source_empty(tldr_dir, tokenizer_dir):
+    assert presets.TLDR_SPLITS["sft"] == ("train", 0, 65_215)
+    assert presets.TLDR_SPLITS["sampling"] == ("train", 65_215, None)
+    assert presets.TLDR_SPLITS["dev"] == ("dev", 0, 1_000)
+    source = TLDRPrompts(tldr_dir, split="sampling", tokenizer=tokenizer_dir)
+    message = r"data.prompts: .* no usable prompts for split 'sampling' .*\[65215, end\)"
+    with pytest.warns(UserWarning, match="skipped 2 rows"), pytest.raises(ValueError, match=message):
+        source.load("data.prompts")
+
+
+def test_tldr_limit_and_default_hub_source(tldr_dir):
+    source = TLDRPrompts(tldr_dir, split="sft", limit=2)
+    rows = source.load("data.prompts")  # stops reading after 2 rows: the empty third row is never reached (no warning)
+    assert [r["reference"] for r in rows] == [" flat bread, help", " too long"]
+    assert source.counts["read"] == 2
+    hub = TLDRPrompts(split="dev")
+    assert (hub.path, hub.split) == ("CarperAI/openai_summarize_tldr", "valid")
+    assert HarmlessnessPrompts(split="dev").split == "test"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpfulness
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_helpfulness_format_and_filters(helpful_file, tokenizer_dir):
+    source = HelpfulnessPrompts(helpful_file, split="sft", tokenizer=tokenizer_dir)
+    with pytest.warns(UserWarning, match=r"data.prompts: skipped 2 rows of .*helpful.jsonl .*first rows: \[1, 5\]"):
+        rows = source.load("data.prompts")
+    assert rows == [
+        {"prompt": "How do I bake bread? Assistant: ", "reference": "Mix flour, water, salt and yeast."},
+        {"prompt": "Where can I get café ☕ in Kyoto? Assistant: ", "reference": "京都駅の近くにカフェがあります。"},
+        {"prompt": "Name a colour. Assistant: ", "reference": "Blue."},
+    ]
+    assert source.counts["too_long"] == 2  # the long instruction and the long demonstration
+
+
+def test_helpfulness_boundaries_and_limit(helpful_file, tokenizer_dir):
+    bounds = {"sft": [0, 1], "sampling": [1, 2], "dev": [2, 3], "test": [3, 4]}
+    def source(split):
+        return HelpfulnessPrompts(helpful_file, split=split, tokenizer=tokenizer_dir, boundaries=bounds)
+
+    sft = source("sft")
+    assert sft.load("data.prompts") == [
+        {"prompt": "How do I bake bread? Assistant: ", "reference": "Mix flour, water, salt and yeast."}
+    ]
+    assert sft.counts == {"read": 1, "skipped": 0, "too_long": 0, "filtered": 1, "kept": 1}
+    with pytest.warns(UserWarning, match=r"skipped 1 rows .*\[1\]"):
+        assert [r["prompt"] for r in source("sampling").load("data.prompts")] == [
+            "Where can I get café ☕ in Kyoto? Assistant: "
+        ]
+    with pytest.warns(UserWarning, match=r"skipped 2 rows .*\[1, 5\]"):
+        assert [r["prompt"] for r in source("dev").load("data.prompts")] == ["Name a colour. Assistant: "]
+    # only 3 rows pass the filters: the test slice [3, 4) is empty
+    with pytest.warns(UserWarning, match="skipped 2 rows"), pytest.raises(ValueError, match=r"split 'test'"):
+        source("test").load("data.eval_prompts")
+    assert presets.HELPFULNESS_SPLITS == {
+        "sft": ("train", 0, 10_000),
+        "sampling": ("train", 10_000, 20_000),
+        "dev": ("train", 20_000, 20_500),
+        "test": ("train", 20_500, 21_000),
+    }
+    with pytest.warns(UserWarning, match="skipped 1 rows"):
+        limited = HelpfulnessPrompts(helpful_file, split="sft", limit=2).load("data.prompts")
+    assert [r["reference"] for r in limited] == [
+        "Mix flour, water, salt and yeast.",
+        "京都駅の近くにカフェがあります。",
+    ]
+    assert limited_counts(HelpfulnessPrompts(helpful_file, split="sft", limit=1)) == {
+        "read": 1, "skipped": 0, "too_long": 0, "filtered": 1, "kept": 1,
+    }
+
+
+def limited_counts(source) -> dict:
+    source.load("data.prompts")
+    return source.counts
+
+
+def test_helpfulness_missing_column_names_the_key(tmp_path):
+    path = write_jsonl(tmp_path / "wrong.jsonl", [{"prompt": "hi", "reference": "there"}])
+    with pytest.raises(ValueError, match=r"data.prompts.init_args.path: columns \['instruction', 'demonstration'\]"):
+        HelpfulnessPrompts(str(path), split="sft").load("data.prompts")
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="split must be one of"):
+        HelpfulnessPrompts(split="train")
+    with pytest.raises(ValueError, match="unknown splits"):
+        HelpfulnessPrompts(split="sft", boundaries={"validation": [0, 1]})
+    with pytest.raises(ValueError, match="invalid slice"):
+        TLDRPrompts(split="sft", boundaries={"sft": [5, 2]})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Harmlessness
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_render_conversation():
+    convo = [msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "How are you?"), msg("assistant", "Fine.")]
+    assert render_conversation(convo) == ("user: Hi assistant: Hello! user: How are you? assistant: ", "Fine.")
+    assert render_conversation(convo[:2]) == ("user: Hi assistant: ", "Hello!")
+    with pytest.raises(ValueError, match="not an assistant turn"):
+        render_conversation(convo[:3])
+    with pytest.raises(ValueError, match="at least two"):
+        render_conversation(convo[:1])
+
+
+def test_harmlessness_renders_chosen_conversations_and_filters(harm_dir, tokenizer_dir):
+    source = HarmlessnessPrompts(harm_dir, split="sft", tokenizer=tokenizer_dir)
+    with pytest.warns(UserWarning, match=r"data.prompts: skipped 2 rows .*\(split 'train'\).*first rows: \[2, 4\]"):
+        rows = source.load("data.prompts")
+    assert rows == [
+        {"prompt": "user: How do I pick a lock? assistant: ", "reference": "I can't help with that."},
+        {"prompt": "user: Hi assistant: Hello! ☕ user: 日本語で話せますか？ assistant: ", "reference": "はい。"},
+        {"prompt": "user: Say something nice. assistant: ", "reference": "You are doing great."},
+    ]
+    assert source.counts == {"read": 6, "skipped": 2, "too_long": 1, "filtered": 3, "kept": 3}
+
+
+def test_harmlessness_splits(harm_dir, tokenizer_dir):
+    bounds = {"sft": [0, 2], "sampling": [2, 4], "dev": [0, 1], "test": [1, 3]}
+    kwargs = dict(tokenizer=tokenizer_dir, boundaries=bounds)
+    with pytest.warns(UserWarning, match="skipped 2 rows"):
+        sampling = HarmlessnessPrompts(harm_dir, split="sampling", **kwargs).load("data.prompts")
+    assert [r["reference"] for r in sampling] == ["You are doing great."]
+    dev = HarmlessnessPrompts(harm_dir, split="dev", **kwargs).load("data.eval_prompts")
+    test = HarmlessnessPrompts(harm_dir, split="test", **kwargs).load("data.eval_prompts")
+    assert [r["prompt"] for r in dev] == ["user: test question 0 assistant: "]
+    assert [r["reference"] for r in test] == ["test answer 1", "test answer 2"]
+    assert presets.HARMLESSNESS_SPLITS["dev"] == ("test", 0, 500)
+    assert presets.HARMLESSNESS_SPLITS["test"] == ("test", 500, 1_000)
+    # the source split names are arguments: a folder whose files are named like the hub's
+    renamed = HarmlessnessPrompts(harm_dir, split="dev", test_split="test_prefs")
+    assert renamed.split == "test_prefs"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["TLDRPrompts", "HelpfulnessPrompts", "HarmlessnessPrompts"])
+def test_presets_are_cli_prompt_sources(preset, helpful_file, monkeypatch, capsys):
+    from bpo_lightning.cli import main
+
+    monkeypatch.setattr("sys.argv", ["bpo"])
+    args = [
+        "fit", "--config", QUICKSTART, f"--data.prompts=bpo_lightning.presets.{preset}",
+        f"--data.prompts.path={helpful_file}", "--data.prompts.split=dev", "--data.prompts.limit=5",
+        '--data.prompts.boundaries={"dev": [0, 2], "sampling": [2, null]}', "--print_config",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"class_path: bpo_lightning.presets.{preset}" in out
+    assert f"path: {helpful_file}" in out and "split: dev" in out and "limit: 5" in out
+    assert "      dev:\n        - 0\n        - 2\n" in out
+
+
+def test_cli_rejects_an_unknown_paper_split(helpful_file, monkeypatch, capsys):
+    from bpo_lightning.cli import main
+
+    monkeypatch.setattr("sys.argv", ["bpo"])
+    args = [
+        "fit", "--config", QUICKSTART, "--data.prompts=bpo_lightning.presets.HelpfulnessPrompts",
+        f"--data.prompts.path={helpful_file}", "--data.prompts.split=train", "--print_config",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code != 0
+    assert "split" in capsys.readouterr().err
