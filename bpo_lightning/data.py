@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from bpo_lightning.annotation import Annotator, PairwiseAnnotator
 from bpo_lightning.cache import AnnotationCache, cached_score
 from bpo_lightning.plugins import get_plugins
-from bpo_lightning.prompts import PromptSource
+from bpo_lightning.prompts import PromptSource, model_input
 from bpo_lightning.sampling import GenerateSampler, Sampler, Samples
 from bpo_lightning.store import PhaseStore
 from bpo_lightning.types import PhaseStats, PreferenceRecord
@@ -164,7 +164,7 @@ class OnlineDataModule(L.LightningDataModule):
         seed = self.seed * 1_000_003 + phase * 10_007
         with module.behavior_weights():
             batches = self.sampler.sample_batches(
-                module.policy, module.tokenizer, [self.pool[i]["prompt"] for i in todo], seed=seed
+                module.policy, module.tokenizer, [model_input(self.pool[i]) for i in todo], seed=seed
             )
             for start, samples in batches:
                 rows = annotate(self.annotator, todo[start:], self.pool, samples, self.cache)

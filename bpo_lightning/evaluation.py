@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import Metric
 
+from bpo_lightning.prompts import model_input
 from bpo_lightning.sampling import GenerateSampler
 
 
@@ -81,13 +82,14 @@ class PhaseReport(L.Callback):
         if not rows or self.eval_every_n_phases <= 0:
             return None
         prompts = [r["prompt"] for r in rows]
+        inputs = [model_input(r) for r in rows]
         sampler = GenerateSampler(
             num_samples=self.samples_per_prompt, temperature=self.temperature, max_new_tokens=dm.sampler.max_new_tokens,
             batch_size=self.batch_size, max_prompt_tokens=getattr(dm.sampler, "max_prompt_tokens", 512), progress=False,
         )  # fmt: skip
         n = self.samples_per_prompt
         with module.policy_weights():  # an ensemble is evaluated through its merged adapter
-            samples = sampler.sample(module.policy, module.tokenizer, prompts, seed=0)
+            samples = sampler.sample(module.policy, module.tokenizer, inputs, seed=0)
         responses = [r for group in samples.responses for r in group]
         prompts = [p for p in prompts for _ in range(n)]
         if self._reference_scores is None:

@@ -23,6 +23,7 @@ DEFAULT_PLUGINS = (
     "bpo_lightning.losses",
     "bpo_lightning.sampling",
     "bpo_lightning.annotation",
+    "bpo_lightning.judge",
 )
 # kind -> (discovery hook, "module:Base" every registered class must subclass)
 KINDS = {

@@ -6,6 +6,7 @@ the model is loaded in ``LightningModule.configure_model`` so a sharding strateg
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -58,8 +59,8 @@ class Pretrained(PolicySource):
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"model.policy.init_args.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        self.name_or_path = str(name_or_path)
-        self.tokenizer_path = tokenizer or self.name_or_path
+        self.name_or_path = os.path.expanduser(str(name_or_path))  # hub ids have no "~": unchanged
+        self.tokenizer_path = os.path.expanduser(tokenizer) if tokenizer else self.name_or_path
         self.dtype = dtype
         self.revision = revision
         self.trust_remote_code = trust_remote_code

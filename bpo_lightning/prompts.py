@@ -8,6 +8,22 @@ from pathlib import Path
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+def is_chat(prompt) -> bool:
+    """A non-empty list of ``{"role", "content"}`` messages."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) and "content" in m for m in prompt)
+
+
+def render_chat(messages: list[dict]) -> str:
+    """Plain-text view of a conversation (``role: content`` lines) for annotators, logs and saved records."""
+    return "\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in messages)
+
+
+def model_input(row: dict) -> str | list[dict]:
+    """What the policy is prompted with: the chat messages when the row has them (the tokenizer's chat template
+    renders them), else the prompt text."""
+    return row.get("messages") or row["prompt"]
+
+
 class PromptSource:
     """Prompts, and optionally reference answers, from a file or a ``datasets`` source.
 
@@ -47,7 +63,8 @@ class PromptSource:
         return load_dataset(self.path, self.name, split=self.split)
 
     def load(self, key: str, require_reference: bool = False) -> list[dict]:
-        """Rows ``{"prompt", "reference"}``; empty prompts are skipped and counted in a warning.
+        """Rows ``{"prompt", "reference"}`` (plus ``"messages"`` when the prompt column holds a chat conversation);
+        empty prompts are skipped and counted in a warning.
 
         Args:
             key: the config key of this source, named in errors (e.g. ``data.prompts``).
@@ -71,15 +88,18 @@ class PromptSource:
         rows, empty = [], []
         for i, row in enumerate(ds):
             prompt = row[self.prompt_field]
-            if not isinstance(prompt, str) or not prompt.strip():
+            messages = prompt if is_chat(prompt) else None
+            if messages is None and (not isinstance(prompt, str) or not prompt.strip()):
                 empty.append(i)
                 continue
             if self.template is not None:
                 prompt = self._format(row, i, key)
+            elif messages is not None:
+                prompt = render_chat(messages)
             reference = row[self.reference_field] if has_reference else None
             if require_reference and not isinstance(reference, str):
                 raise ValueError(f"{key}: row {i} of {self.path} has no reference answer ({self.reference_field})")
-            rows.append({"prompt": prompt, "reference": reference})
+            rows.append({"prompt": prompt, "reference": reference, **({"messages": messages} if messages else {})})
         if empty:
             warnings.warn(
                 f"{key}: skipped {len(empty)} rows of {self.path} with an empty {self.prompt_field!r} "
@@ -89,7 +109,6 @@ class PromptSource:
         if not rows:
             raise ValueError(f"{key}: {self.path} has no usable prompts")
         return rows
-
 
     def _format(self, row: dict, index: int, key: str) -> str:
         try:

@@ -16,9 +16,17 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from bpo_lightning.hookspecs import hookimpl
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, max_tokens: int, add_bos: bool = True) -> list[int]:
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], max_tokens: int, add_bos: bool = True
+) -> list[int]:
     """Token ids of ``prompt``: BOS (when the tokenizer has one and ``add_bos``) plus the prompt's tokens, keeping
-    the *end* of an over-long prompt (its instruction cue, e.g. ``TL;DR:``, sits there)."""
+    the *end* of an over-long prompt (its instruction cue, e.g. ``TL;DR:``, sits there). A list of chat messages
+    (``{"role", "content"}``) goes through the tokenizer's chat template, which brings its own special tokens."""
+    if isinstance(prompt, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("model.policy: prompts are chat messages but the tokenizer has no chat template")
+        prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        add_bos = False
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
     keep = max(max_tokens - len(bos), 1)
@@ -132,7 +140,7 @@ class GenerateSampler(Sampler):
         )
 
     def sample_batches(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, seed: int
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[dict]], *, seed: int
     ) -> Iterator[tuple[int, Samples]]:
         config = self.generation_config(tokenizer)
         was_training = model.training

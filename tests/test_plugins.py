@@ -29,7 +29,7 @@ def test_builtins_register_through_the_hooks():
     plugins = load_plugins(autoload=False)
     assert set(plugins.registries["losses"]) == {"DPOLoss", "IPOLoss", "SLiCLoss"}
     assert set(plugins.registries["samplers"]) == {"GenerateSampler"}
-    assert set(plugins.registries["annotators"]) == {"RuleAnnotator", "RewardModelAnnotator"}
+    assert set(plugins.registries["annotators"]) == {"RuleAnnotator", "RewardModelAnnotator", "HTTPJudge", "LocalJudge"}
     assert all(info.distribution == "bpo-lightning" and info.entry_point is None for info in plugins.infos)
 
 
@@ -95,13 +95,13 @@ def test_name_collision_names_both_owners(site):
     make_distribution(site, "clash", "clash_mod", """
         from bpo_lightning import PreferenceLoss, hookimpl
 
-        class DPOLoss(PreferenceLoss):
+        class OtherDPO(PreferenceLoss):  # (a distinct class name keeps config shorthands unambiguous later)
             def pair_losses(self, h):
                 return -h
 
         @hookimpl
         def register_losses(register):
-            register(DPOLoss)
+            register(OtherDPO, name="DPOLoss")
     """)
     with pytest.raises(PluginError, match=r"clash 0\.3.*'DPOLoss', a name already taken by .*'bpo-lightning"):
         load_plugins()

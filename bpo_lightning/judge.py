@@ -1,0 +1,416 @@
+"""Pairwise LLM judges: ask a language model which of two responses to a prompt is better.
+
+A judge fills a prompt template with ``{prompt}``, ``{response_a}`` and ``{response_b}`` and reads the verdict from
+the model's reply, which should end with ``Preferred: A`` or ``Preferred: B`` (a bare ``A`` / ``B`` is accepted too,
+see :func:`parse_verdict`). With ``both_orders`` (the default) every pair is judged twice, as (a, b) and as (b, a),
+to cancel position bias: a pair whose two verdicts disagree gets ``nan`` and is dropped (and counted). Unparseable
+replies and requests that failed also give ``nan``. ``judge.counts`` holds the running counters ``requests``,
+``failures``, ``unparseable`` and ``disagreements`` (plus ``retries`` for :class:`HTTPJudge`).
+
+An OpenAI-compatible chat endpoint (vLLM, hosted APIs); the key is read from ``api_key_env`` at call time::
+
+    data:
+      annotator:
+        class_path: bpo_lightning.judge.HTTPJudge
+        init_args:
+          base_url: http://127.0.0.1:8000/v1
+          model: Qwen/Qwen2.5-7B-Instruct
+          api_key_env: OPENAI_API_KEY   # null for an endpoint without authentication
+          concurrency: 8
+          max_retries: 3
+
+A local ``transformers`` causal LM, greedy decoding::
+
+    data:
+      annotator:
+        class_path: bpo_lightning.judge.LocalJudge
+        init_args:
+          name_or_path: Qwen/Qwen2.5-0.5B-Instruct
+          batch_size: 8
+          max_new_tokens: 8
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import math
+import os
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from bpo_lightning.annotation import PairwiseAnnotator
+from bpo_lightning.hookspecs import hookimpl
+
+KEY = "data.annotator.init_args"
+
+DEFAULT_TEMPLATE = """You are an impartial judge. Compare two responses to the same prompt and decide which one is \
+more helpful: correct, relevant, clear and complete. Ignore the order in which the responses appear and their length.
+
+[Prompt]
+{prompt}
+
+[Response A]
+{response_a}
+
+[Response B]
+{response_b}
+
+Answer with exactly one line: "Preferred: A" if Response A is better, or "Preferred: B" if Response B is better."""
+
+_PREFERRED = re.compile(r"preferred(?:\s+response)?\s*[:=]\s*[\s*\"'`(\[]*(?:response\s+)?([ab])(?![a-z0-9])", re.I)
+_STRIP = " \t\r\n*\"'`.,:;!()[]"
+
+
+def parse_verdict(text: str | None) -> float:
+    """Read a judge's reply.
+
+    The last ``Preferred: X`` in the text wins (case-insensitive, markdown emphasis and quotes tolerated);
+    without one, a reply (or last non-empty line) that is just ``A`` or ``B`` counts.
+
+    Args:
+        text: The model's reply; ``None`` for no reply.
+
+    Returns:
+        ``1.0`` for A, ``-1.0`` for B, ``nan`` when no verdict can be read.
+    """
+    if not text:
+        return math.nan
+    matches = _PREFERRED.findall(text)
+    if matches:
+        letter = matches[-1].upper()
+    else:
+        lines = [line.strip(_STRIP) for line in text.strip().splitlines() if line.strip(_STRIP)]
+        letter = lines[-1].upper() if lines else ""
+    return {"A": 1.0, "B": -1.0}.get(letter, math.nan)
+
+
+def _check(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{KEY}.{name} {message}")
+
+
+class LLMJudge(PairwiseAnnotator):
+    """Shared logic of LLM judges: template, both-orders judging, verdict parsing and counters.
+
+    Subclasses implement :meth:`_complete`, which turns judge prompts into replies.
+
+    Args:
+        model: Name of the judge model (part of ``identity``).
+        template: ``str.format`` template with ``{prompt}``, ``{response_a}`` and ``{response_b}`` (literal braces
+            doubled); defaults to :data:`DEFAULT_TEMPLATE`.
+        both_orders: Judge each pair as (a, b) and (b, a); disagreeing verdicts give ``nan``.
+    """
+
+    def __init__(self, model: str, template: str | None = None, both_orders: bool = True) -> None:
+        template = DEFAULT_TEMPLATE if template is None else template
+        _check(isinstance(template, str) and bool(template.strip()), "template", "must be a non-empty string")
+        for field in ("prompt", "response_a", "response_b"):
+            _check("{" + field + "}" in template, "template", f"must contain {{{field}}}")
+        try:
+            template.format(prompt="", response_a="", response_b="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(
+                f"{KEY}.template is not a valid format string ({type(err).__name__}: {err}); "
+                "double literal braces as {{ and }}"
+            ) from err
+        self.model = model
+        self.template = template
+        self.both_orders = bool(both_orders)
+        self.counts: dict[str, int] = {"requests": 0, "failures": 0, "unparseable": 0, "disagreements": 0}
+        self._lock = threading.Lock()
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] = self.counts.get(name, 0) + n
+
+    def _complete(self, texts: list[str]) -> list[str | None]:
+        """One reply per judge prompt; ``None`` where no reply could be had (counted as a failure)."""
+        raise NotImplementedError
+
+    def _verdicts(self, texts: list[str]) -> list[float]:
+        replies = self._complete(texts)
+        verdicts = []
+        for reply in replies:
+            verdict = parse_verdict(reply)
+            if reply is not None and math.isnan(verdict):
+                self._count("unparseable")
+            verdicts.append(verdict)
+        return verdicts
+
+    def compare(self, prompts: list[str], first: list[str], second: list[str]) -> list[float]:
+        """Judge each pair: ``1.0`` when ``first`` is preferred, ``-1.0`` when ``second`` is, else ``nan``."""
+        if not len(prompts) == len(first) == len(second):
+            raise ValueError(f"compare: {len(prompts)} prompts, {len(first)} first and {len(second)} second responses")
+        if not prompts:
+            return []
+        pairs = list(zip(prompts, first, second, strict=True))
+        texts = [self.template.format(prompt=p, response_a=a, response_b=b) for p, a, b in pairs]
+        if self.both_orders:
+            texts += [self.template.format(prompt=p, response_a=b, response_b=a) for p, a, b in pairs]
+        verdicts = self._verdicts(texts)
+        if not self.both_orders:
+            return verdicts
+        n = len(prompts)
+        results = []
+        for forward, backward in zip(verdicts[:n], verdicts[n:], strict=True):
+            backward = -backward  # the swapped order's "A" is the second response
+            if math.isnan(forward) or math.isnan(backward):
+                results.append(math.nan)
+            elif forward != backward:
+                self._count("disagreements")
+                results.append(math.nan)
+            else:
+                results.append(forward)
+        return results
+
+    @property
+    def identity(self) -> str:
+        digest = hashlib.sha256(self.template.encode()).hexdigest()[:8]
+        return f"{type(self).__name__}:{self.model}:template={digest}:both_orders={self.both_orders}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.identity})"
+
+
+def _endpoint(base_url: str) -> str:
+    """``.../v1/chat/completions`` from a server root, a ``.../v1`` base or the full endpoint URL."""
+    url = base_url.rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url
+    if url.endswith("/v1"):
+        return url + "/chat/completions"
+    return url + "/v1/chat/completions"
+
+
+class HTTPJudge(LLMJudge):
+    """A judge behind an OpenAI-compatible ``/v1/chat/completions`` endpoint, queried by a bounded thread pool.
+
+    Requests answered 429 or 5xx, timeouts and connection errors are retried with exponential backoff; other 4xx
+    are not. A request that still fails gives ``nan`` (counted in ``failures``); when every request of a call
+    fails, :meth:`compare` raises ``RuntimeError`` (a dead endpoint stops the run).
+
+    Args:
+        base_url: Server root, ``.../v1`` base or full ``.../v1/chat/completions`` URL (http or https).
+        model: Model name sent with each request.
+        api_key_env: Environment variable holding the API key (sent as ``Authorization: Bearer``), read at call
+            time and never stored; ``None`` for no authentication.
+        template: Judge prompt template (see :class:`LLMJudge`).
+        both_orders: Judge each pair in both orders.
+        temperature: Sampling temperature.
+        max_tokens: Maximum reply length in tokens.
+        timeout: Seconds to wait for one response.
+        max_retries: Retries per request after the first attempt.
+        backoff: Base delay in seconds; retry ``k`` (from 0) waits ``backoff * 2**k``, capped by ``max_backoff``.
+        max_backoff: Longest wait between two attempts in seconds (also caps a server's ``Retry-After``).
+        concurrency: Maximum number of requests in flight.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        template: str | None = None,
+        both_orders: bool = True,
+        temperature: float = 0.0,
+        max_tokens: int = 16,
+        timeout: float = 30.0,
+        max_retries: int = 3,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        concurrency: int = 8,
+    ) -> None:
+        _check(isinstance(base_url, str) and re.match(r"https?://[^/\s]+", base_url or "") is not None,
+               "base_url", f"must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
+        _check(isinstance(model, str) and bool(model.strip()), "model", "must be a non-empty model name")
+        _check(api_key_env is None or (isinstance(api_key_env, str) and bool(api_key_env)), "api_key_env",
+               "must be the name of an environment variable, or null for no authentication")
+        if api_key_env is not None:
+            _check(bool(os.environ.get(api_key_env)), "api_key_env",
+                   f"names environment variable {api_key_env} which is not set (or set api_key_env: null)")
+        _check(temperature >= 0, "temperature", f"must be >= 0, got {temperature}")
+        _check(isinstance(max_tokens, int) and max_tokens >= 1, "max_tokens", f"must be an int >= 1, got {max_tokens}")
+        _check(timeout > 0, "timeout", f"must be > 0, got {timeout}")
+        _check(isinstance(max_retries, int) and max_retries >= 0, "max_retries", f"must be an int >= 0: {max_retries}")
+        _check(backoff >= 0, "backoff", f"must be >= 0, got {backoff}")
+        _check(max_backoff >= 0, "max_backoff", f"must be >= 0, got {max_backoff}")
+        _check(isinstance(concurrency, int) and concurrency >= 1, "concurrency", f"must be an int >= 1: {concurrency}")
+        super().__init__(model, template, both_orders)
+        self.base_url = base_url
+        self.url = _endpoint(base_url)
+        self.api_key_env = api_key_env
+        self.temperature = float(temperature)
+        self.max_tokens = max_tokens
+        self.timeout = float(timeout)
+        self.max_retries = max_retries
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.concurrency = concurrency
+        self.counts["retries"] = 0
+        self._last_error = ""
+
+    def _api_key(self) -> str | None:
+        if self.api_key_env is None:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ValueError(f"{KEY}.api_key_env: environment variable {self.api_key_env} is not set")
+        return key
+
+    def _complete(self, texts: list[str]) -> list[str | None]:
+        key = self._api_key()
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(texts)), thread_name_prefix="judge") as pool:
+            replies = list(pool.map(lambda text: self._request(text, key), texts))
+        if texts and all(reply is None for reply in replies):
+            raise RuntimeError(f"{type(self).__name__}: all {len(texts)} requests to {self.base_url} failed; "
+                               f"last error: {self._last_error}")
+        return replies
+
+    def _request(self, text: str, key: str | None) -> str | None:
+        """POST one judge prompt, retrying transient errors; the reply text, or ``None`` after a final failure."""
+        payload = json.dumps({
+            "model": self.model, "messages": [{"role": "user", "content": text}],
+            "temperature": self.temperature, "max_tokens": self.max_tokens,
+        }).encode()
+        headers = {"Content-Type": "application/json"}
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        for attempt in range(self.max_retries + 1):
+            self._count("requests")
+            retry_after = 0.0
+            try:
+                request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return self._content(response.read(), key)
+            except urllib.error.HTTPError as err:
+                retry = err.code == 429 or err.code >= 500
+                error = f"HTTP {err.code} {err.reason}: {self._body(err)}"
+                retry_after = _seconds(err.headers.get("Retry-After") if err.headers else None)
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+                retry, error = True, f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+            except ValueError as err:  # a 200 whose body is not a chat completion
+                retry, error = False, str(err)
+            if not retry or attempt == self.max_retries:
+                break
+            self._count("retries")
+            time.sleep(min(max(self.backoff * 2**attempt, retry_after), self.max_backoff))
+        with self._lock:
+            self._last_error = _redact(error, key)
+        self._count("failures")
+        return None
+
+    @staticmethod
+    def _body(err: urllib.error.HTTPError) -> str:
+        try:
+            return err.read(300).decode(errors="replace").strip()
+        except (OSError, http.client.HTTPException):
+            return ""
+
+    def _content(self, body: bytes, key: str | None) -> str:
+        try:
+            content = json.loads(body)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            snippet = _redact(body[:200].decode(errors="replace"), key)
+            raise ValueError(f"malformed chat completion from {self.url} ({type(err).__name__}): {snippet!r}") from None
+        return content if isinstance(content, str) else ""
+
+
+def _seconds(value: str | None) -> float:
+    try:
+        return max(float(value), 0.0) if value else 0.0
+    except ValueError:
+        return 0.0  # an HTTP date: fall back to exponential backoff
+
+
+def _redact(text: str, key: str | None) -> str:
+    return text.replace(key, "***") if key else text
+
+
+class LocalJudge(LLMJudge):
+    """A local ``transformers`` causal LM as judge, greedy-decoding its verdicts in batches.
+
+    The judge prompt goes through the tokenizer's chat template when it has one, else is used as is. A prompt too
+    long for the model's context gives ``nan`` (counted in ``failures``).
+
+    Args:
+        name_or_path: Hub id or local directory of an ``AutoModelForCausalLM``.
+        template: Judge prompt template (see :class:`LLMJudge`).
+        both_orders: Judge each pair in both orders.
+        max_new_tokens: Tokens generated per verdict.
+        batch_size: Judge prompts per ``generate`` call.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda:N"``.
+        trust_remote_code: Allow custom model code from the hub.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        template: str | None = None,
+        both_orders: bool = True,
+        max_new_tokens: int = 8,
+        batch_size: int = 8,
+        device: str = "auto",
+        trust_remote_code: bool = False,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _check(isinstance(max_new_tokens, int) and max_new_tokens >= 1, "max_new_tokens", "must be an int >= 1")
+        _check(isinstance(batch_size, int) and batch_size >= 1, "batch_size", "must be an int >= 1")
+        super().__init__(name_or_path, template, both_orders)
+        self.name_or_path = name_or_path
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.lm = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        self.lm.requires_grad_(False).eval().to(self.device)
+        self.max_positions = getattr(self.lm.config, "max_position_embeddings", None) or getattr(
+            self.lm.config, "n_positions", None
+        )
+
+    def _render(self, text: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": text}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text
+
+    def _complete(self, texts: list[str]) -> list[str | None]:
+        rendered = [self._render(text) for text in texts]
+        special = not getattr(self.tokenizer, "chat_template", None)  # a chat template adds its own special tokens
+        lengths = [len(ids) for ids in self.tokenizer(rendered, add_special_tokens=special)["input_ids"]]
+        fits = [self.max_positions is None or n + self.max_new_tokens <= self.max_positions for n in lengths]
+        self._count("failures", fits.count(False))
+        todo = [text for text, ok in zip(rendered, fits, strict=True) if ok]
+        self._count("requests", len(todo))
+        generated = iter(self._generate(todo, special))
+        return [next(generated) if ok else None for ok in fits]
+
+    @torch.no_grad()
+    def _generate(self, texts: list[str], add_special_tokens: bool = True) -> list[str]:
+        """Greedy replies to already rendered judge prompts, ``batch_size`` at a time."""
+        replies: list[str] = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[start : start + self.batch_size], padding=True, return_tensors="pt",
+                                 add_special_tokens=add_special_tokens).to(self.device)
+            out = self.lm.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                   pad_token_id=self.tokenizer.pad_token_id)
+            new = out[:, enc["input_ids"].shape[1] :]
+            replies.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
+        return replies
+
+
+@hookimpl
+def register_annotators(register):
+    register(HTTPJudge)
+    register(LocalJudge)

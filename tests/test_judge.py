@@ -1,0 +1,446 @@
+"""Pairwise LLM judges against a stub OpenAI-compatible server on 127.0.0.1, and a tiny local causal LM."""
+
+import json
+import math
+import threading
+import time
+import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from bpo_lightning import judge as judge_module
+from bpo_lightning.annotation import PairwiseAnnotator
+from bpo_lightning.judge import DEFAULT_TEMPLATE, HTTPJudge, LocalJudge, _endpoint, parse_verdict
+
+KEY_ENV = "BPO_TEST_JUDGE_KEY"
+SECRET = "sk-test-0123456789-secret"
+NAN = math.nan
+
+
+def same(values, expected):
+    """Element-wise equality that treats nan as equal to nan."""
+    assert len(values) == len(expected), (values, expected)
+    return all((math.isnan(v) and math.isnan(e)) or v == e for v, e in zip(values, expected, strict=True))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Stub server
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class StubState:
+    """What the stub does (``mode``) and what it saw."""
+
+    def __init__(self) -> None:
+        self.mode = "good"
+        self.fail_first = 0  # for "500_first" / "429_first"
+        self.delay = 0.0  # seconds each request takes ("good" mode)
+        self.calls = 0
+        self.auth: list[str | None] = []
+        self.bodies: list[dict] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
+        self.release = threading.Event()  # ends "hang" requests at teardown
+        self.url = ""
+
+
+def good_answer(content: str) -> str:
+    """Prefer the response containing GOOD (the default template's sections); garbage for prompts with GARBAGE."""
+    prompt = content.split("[Prompt]\n", 1)[1].split("\n\n[Response A]", 1)[0]
+    response_a = content.split("[Response A]\n", 1)[1].split("\n\n[Response B]", 1)[0]
+    if "GARBAGE" in prompt:
+        return "I cannot decide, both are fine."
+    return "After careful thought.\nPreferred: A" if "GOOD" in response_a else "Preferred: **B**"
+
+
+def make_handler(state: StubState) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # keep test output quiet
+            pass
+
+        def send(self, status: int, payload: dict | str) -> None:
+            self.done()  # the request stops counting as in flight before the client can see the answer
+            data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def reply(self, text: str) -> None:
+            self.send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with state.lock:
+                state.calls += 1
+                number = state.calls
+                state.auth.append(self.headers.get("Authorization"))
+                state.bodies.append(body)
+                state.in_flight += 1
+                state.max_in_flight = max(state.max_in_flight, state.in_flight)
+            self.counted = True
+            try:
+                self.answer(body, number)
+            finally:
+                self.done()
+
+        def done(self) -> None:
+            with state.lock:
+                if getattr(self, "counted", False):
+                    state.in_flight -= 1
+                    self.counted = False
+
+        def answer(self, body: dict, number: int) -> None:
+            content = body["messages"][0]["content"]
+            mode = state.mode
+            if self.path != "/v1/chat/completions":
+                self.send(404, {"error": "no such route"})
+            elif mode == "hang":
+                state.release.wait(1.0)
+                self.reply("Preferred: A")
+            elif mode == "400":
+                self.send(400, {"error": "unknown model"})
+            elif mode == "echo_auth_400":
+                self.send(400, {"error": f"bad credentials {self.headers.get('Authorization')}"})
+            elif mode == "always500" or (mode == "500_first" and number <= state.fail_first) or "FAIL" in content:
+                self.send(500, {"error": "internal"})
+            elif mode == "429_first" and number <= state.fail_first:
+                self.send(429, {"error": "slow down"})
+            elif mode == "malformed":
+                self.send(200, "this is not json")
+            elif mode == "biased":
+                self.reply("Preferred: A")
+            else:
+                time.sleep(state.delay)
+                self.reply(good_answer(content))
+
+    return Handler
+
+
+@pytest.fixture
+def stub():
+    state = StubState()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
+    server.handle_error = lambda request, address: None  # a client that gave up (timeout test) is not an error
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    yield state
+    state.release.set()
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=2)
+
+
+@pytest.fixture
+def make_judge(stub, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+
+    def make(**kwargs) -> HTTPJudge:
+        args = {"base_url": stub.url, "model": "judge-model", "api_key_env": KEY_ENV, "backoff": 0.0, "timeout": 5.0}
+        return HTTPJudge(**{**args, **kwargs})
+
+    return make
+
+
+PROMPTS = ["Review the film.", "Review the book.", "Review the album."]
+FIRST = ["GOOD: a fine film", "a dull book", "GOOD: a great album"]
+SECOND = ["a dull film", "GOOD: a fine book", "a dull album"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("A", 1.0),
+        (" b\n", -1.0),
+        ("Preferred: B", -1.0),
+        ("I think A is better. Preferred: A", 1.0),
+        ("preferred:b", -1.0),
+        ("Preferred: **A**", 1.0),
+        ('Preferred: "B".', -1.0),
+        ("Preferred: Response B", -1.0),
+        ("Let me think.\nPreferred: B\n", -1.0),
+        ("Preferred: A\nOn reflection, Preferred: B", -1.0),
+        ("Some reasoning here.\n\nA.", 1.0),
+        ("I cannot decide.", NAN),
+        ("Preferred: neither", NAN),
+        ("Preferred: AB", NAN),
+        ("Both A and B are good", NAN),
+        ("", NAN),
+        (None, NAN),
+    ],
+)
+def test_parse_verdict(text, expected):
+    assert same([parse_verdict(text)], [expected])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# HTTPJudge
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_good_verdicts_both_orders_and_auth(stub, make_judge):
+    judge = make_judge()
+    assert isinstance(judge, PairwiseAnnotator)
+    assert judge.compare(PROMPTS, FIRST, SECOND) == [1.0, -1.0, 1.0]
+    assert judge.counts == {"requests": 6, "failures": 0, "unparseable": 0, "disagreements": 0, "retries": 0}
+    assert stub.calls == 6
+    assert stub.auth == [f"Bearer {SECRET}"] * 6
+    body = stub.bodies[0]
+    assert body["model"] == "judge-model" and body["temperature"] == 0.0 and body["max_tokens"] == 16
+    assert body["messages"][0]["role"] == "user"
+    contents = sorted(b["messages"][0]["content"] for b in stub.bodies)
+    pairs = list(zip(PROMPTS, FIRST, SECOND, strict=True))
+    assert contents == sorted(
+        [DEFAULT_TEMPLATE.format(prompt=p, response_a=a, response_b=b) for p, a, b in pairs]
+        + [DEFAULT_TEMPLATE.format(prompt=p, response_a=b, response_b=a) for p, a, b in pairs]
+    )
+    assert judge.compare([], [], []) == []
+
+
+def test_key_never_stored_or_named(stub, make_judge):
+    judge = make_judge()
+    judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
+    loggable = [judge.identity, repr(judge), json.dumps(vars(judge), default=repr), str(judge.counts)]
+    for text in loggable:
+        assert SECRET not in text
+    assert judge.identity.startswith("HTTPJudge:judge-model:template=")
+    assert judge.identity.endswith(":both_orders=True")
+    other = make_judge(template="{prompt} / {response_a} / {response_b}", both_orders=False)
+    assert other.identity != judge.identity and other.identity.endswith(":both_orders=False")
+
+
+def test_single_order(stub, make_judge):
+    judge = make_judge(both_orders=False)
+    assert judge.compare(PROMPTS, FIRST, SECOND) == [1.0, -1.0, 1.0]
+    assert judge.counts["requests"] == 3 and stub.calls == 3
+
+
+def test_garbage_is_unparseable_nan(stub, make_judge):
+    judge = make_judge()
+    out = judge.compare(["GARBAGE prompt", "Review it."], ["GOOD x", "y"], ["y", "GOOD x"])
+    assert same(out, [NAN, -1.0])
+    assert judge.counts == {"requests": 4, "failures": 0, "unparseable": 2, "disagreements": 0, "retries": 0}
+
+
+def test_position_bias_is_a_disagreement(stub, make_judge):
+    stub.mode = "biased"
+    judge = make_judge()
+    assert same(judge.compare(PROMPTS[:2], FIRST[:2], SECOND[:2]), [NAN, NAN])
+    assert judge.counts == {"requests": 4, "failures": 0, "unparseable": 0, "disagreements": 2, "retries": 0}
+    single = make_judge(both_orders=False)
+    assert single.compare(PROMPTS[:2], FIRST[:2], SECOND[:2]) == [1.0, 1.0]  # one order cannot see the bias
+
+
+@pytest.mark.parametrize("mode", ["500_first", "429_first"])
+def test_transient_errors_are_retried(stub, make_judge, mode):
+    stub.mode, stub.fail_first = mode, 2
+    judge = make_judge(both_orders=False, max_retries=3, concurrency=1)
+    assert judge.compare(PROMPTS, FIRST, SECOND) == [1.0, -1.0, 1.0]
+    assert judge.counts == {"requests": 5, "failures": 0, "unparseable": 0, "disagreements": 0, "retries": 2}
+    assert stub.calls == 5
+
+
+def test_backoff_is_exponential_and_capped(stub, make_judge, monkeypatch):
+    delays = []
+    monkeypatch.setattr(judge_module, "time", types.SimpleNamespace(sleep=delays.append))  # the stub keeps its own
+    stub.mode, stub.fail_first = "500_first", 4
+    judge = make_judge(both_orders=False, max_retries=4, backoff=0.5, max_backoff=1.5)
+    assert judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1]) == [1.0]
+    assert delays == [0.5, 1.0, 1.5, 1.5]
+
+
+def test_dead_endpoint_raises_naming_url(stub, make_judge):
+    stub.mode = "always500"
+    judge = make_judge(max_retries=1)
+    with pytest.raises(RuntimeError, match=stub.url) as info:
+        judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
+    assert "HTTP 500" in str(info.value) and SECRET not in str(info.value)
+    assert judge.counts == {"requests": 4, "failures": 2, "unparseable": 0, "disagreements": 0, "retries": 2}
+
+
+def test_partial_failure_gives_nan(stub, make_judge):
+    judge = make_judge(max_retries=1)
+    out = judge.compare(["Review it.", "FAIL here"], ["GOOD a", "GOOD b"], ["c", "d"])
+    assert same(out, [1.0, NAN])
+    assert judge.counts == {"requests": 6, "failures": 2, "unparseable": 0, "disagreements": 0, "retries": 2}
+
+
+def test_timeout_is_retried_then_fails(stub, make_judge):
+    stub.mode = "hang"
+    judge = make_judge(both_orders=False, timeout=0.2, max_retries=1)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="timed out") as info:
+        judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
+    assert time.monotonic() - start < 1.5
+    assert stub.url in str(info.value)
+    assert judge.counts["requests"] == 2 and judge.counts["retries"] == 1 and judge.counts["failures"] == 1
+
+
+def test_client_error_is_not_retried(stub, make_judge):
+    stub.mode = "400"
+    judge = make_judge(both_orders=False, max_retries=3)
+    with pytest.raises(RuntimeError, match="HTTP 400.*unknown model"):
+        judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
+    assert judge.counts["requests"] == 1 and judge.counts["retries"] == 0 and stub.calls == 1
+
+
+def test_echoed_key_is_redacted(stub, make_judge):
+    stub.mode = "echo_auth_400"
+    judge = make_judge(both_orders=False)
+    with pytest.raises(RuntimeError, match=r"Bearer \*\*\*") as info:
+        judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
+    assert SECRET not in str(info.value)
+
+
+def test_malformed_reply_is_a_failure(stub, make_judge):
+    stub.mode = "malformed"
+    judge = make_judge(both_orders=False, max_retries=3)
+    with pytest.raises(RuntimeError, match="malformed chat completion"):
+        judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
+    assert stub.calls == 1
+
+
+def test_concurrency_is_bounded(stub, make_judge):
+    stub.delay = 0.05
+    judge = make_judge(concurrency=2)
+    prompts = [f"Review item {i}." for i in range(4)]
+    assert judge.compare(prompts, ["GOOD"] * 4, ["meh"] * 4) == [1.0] * 4
+    assert stub.calls == 8
+    assert 1 <= stub.max_in_flight <= 2
+
+
+def test_no_auth_without_key_env(stub, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    judge = HTTPJudge(base_url=stub.url, model="m", api_key_env=None, both_orders=False)
+    assert judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1]) == [1.0]
+    assert stub.auth == [None]
+
+
+def test_key_is_read_at_call_time(stub, make_judge, monkeypatch):
+    judge = make_judge(both_orders=False)
+    monkeypatch.setenv(KEY_ENV, "sk-rotated")
+    judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
+    assert stub.auth == ["Bearer sk-rotated"]
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(ValueError, match=KEY_ENV):
+        judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"base_url": "127.0.0.1:8000/v1"}, "base_url"),
+        ({"base_url": ""}, "base_url"),
+        ({"model": " "}, "model"),
+        ({"api_key_env": "BPO_TEST_UNSET_VARIABLE"}, "api_key_env"),
+        ({"template": "{prompt} {response_a}"}, "template"),
+        ({"template": "{prompt} {response_a} {response_b} {other}"}, "template"),
+        ({"template": "{prompt} {response_a} {response_b} {"}, "template"),
+        ({"concurrency": 0}, "concurrency"),
+        ({"max_retries": -1}, "max_retries"),
+        ({"timeout": 0}, "timeout"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"backoff": -1.0}, "backoff"),
+    ],
+)
+def test_arguments_are_validated(make_judge, monkeypatch, kwargs, key):
+    monkeypatch.delenv("BPO_TEST_UNSET_VARIABLE", raising=False)
+    with pytest.raises(ValueError, match=rf"data\.annotator\.init_args\.{key}"):
+        make_judge(**kwargs)
+
+
+def test_length_mismatch(make_judge):
+    with pytest.raises(ValueError, match="compare"):
+        make_judge().compare(["p"], ["a"], [])
+
+
+@pytest.mark.parametrize(
+    ("base_url", "url"),
+    [
+        ("http://h:8000", "http://h:8000/v1/chat/completions"),
+        ("http://h:8000/v1/", "http://h:8000/v1/chat/completions"),
+        ("https://api.example.com/v1/chat/completions", "https://api.example.com/v1/chat/completions"),
+    ],
+)
+def test_endpoint(base_url, url):
+    assert _endpoint(base_url) == url
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LocalJudge
+# --------------------------------------------------------------------------------------------------------------------
+
+SHORT = "{prompt}|{response_a}|{response_b}|"
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    from bpo_lightning.tasks.reviews import build_model, build_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_judge")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def local_judge(tiny_lm_dir):
+    return LocalJudge(str(tiny_lm_dir), template=SHORT, device="cpu", batch_size=4, max_new_tokens=3)
+
+
+def fake_generate(texts, add_special_tokens=True):
+    """Prefer the response starting with "good"; "???" for prompts starting with "garbage"."""
+    replies = []
+    for text in texts:
+        prompt, response_a, _ = text.split("|")[:3]
+        replies.append("???" if prompt == "garbage" else ("A" if response_a.startswith("good") else "Preferred: B"))
+    return replies
+
+
+def test_local_judge_plumbing(local_judge, monkeypatch):
+    monkeypatch.setattr(local_judge, "_generate", fake_generate)
+    out = local_judge.compare(["p", "q", "garbage"], ["good one", "bad", "good"], ["bad", "good two", "bad"])
+    assert same(out, [1.0, -1.0, NAN])
+    assert local_judge.counts == {"requests": 6, "failures": 0, "unparseable": 2, "disagreements": 0}
+    monkeypatch.setattr(local_judge, "_generate", lambda texts, add_special_tokens=True: ["A"] * len(texts))
+    assert same(local_judge.compare(["p"], ["good"], ["bad"]), [NAN])
+    assert local_judge.counts["disagreements"] == 1
+    assert local_judge.identity.startswith(f"LocalJudge:{local_judge.name_or_path}:template=")
+
+
+def test_local_judge_real_generate(local_judge, monkeypatch):
+    calls = []
+    generate = local_judge.lm.generate
+    monkeypatch.setattr(local_judge.lm, "generate", lambda **kw: calls.append(kw["input_ids"].shape) or generate(**kw))
+    out = local_judge.compare(["great film", "dull book", "fine album"], ["loved it", "meh", "ok"], ["meh", "ok", "no"])
+    assert len(out) == 3 and all(v in (1.0, -1.0) or math.isnan(v) for v in out)
+    assert local_judge.counts["requests"] == 6 and local_judge.counts["failures"] == 0
+    assert 0 <= local_judge.counts["unparseable"] <= 6
+    assert [shape[0] for shape in calls] == [4, 2]  # batch_size 4, left-padded batches
+    assert local_judge.tokenizer.padding_side == "left"
+
+
+def test_local_judge_too_long_prompt_is_a_failure(local_judge, monkeypatch):
+    monkeypatch.setattr(local_judge, "_generate", fake_generate)
+    long = " ".join(["word"] * 300)
+    out = local_judge.compare(["p", "p"], ["good", long], ["bad", "bad"])
+    assert same(out, [1.0, NAN])
+    assert local_judge.counts["failures"] == 2 and local_judge.counts["requests"] == 2
+
+
+def test_local_judge_chat_template(local_judge):
+    local_judge.tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    assert local_judge._render("x|y|z|") == "<user>x|y|z|<assistant>"
