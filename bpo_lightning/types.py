@@ -64,4 +64,5 @@ class PhaseStats:
 
     def describe(self) -> str:
         reasons = ", ".join(f"{n} {k}" for k, n in sorted(self.dropped.items()))
-        return f"{self.kept} kept, {self.dropped_total} dropped" + (f" ({reasons})" if reasons else "")
+        text = f"{self.kept} kept, {self.dropped_total} dropped" + (f" ({reasons})" if reasons else "")
+        return text + f" | annotations {self.annotated} paid, {self.cached} cached"
