@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import Metric
 
+from bpo_lightning.annotation import PairwiseAnnotator
 from bpo_lightning.prompts import model_input
 from bpo_lightning.sampling import GenerateSampler
 
@@ -92,11 +93,15 @@ class PhaseReport(L.Callback):
             samples = sampler.sample(module.policy, module.tokenizer, inputs, seed=0)
         responses = [r for group in samples.responses for r in group]
         prompts = [p for p in prompts for _ in range(n)]
-        if self._reference_scores is None:
-            references = [r["reference"] for r in rows for _ in range(n)]
-            self._reference_scores = torch.tensor(dm.evaluator.score(prompts, references))
+        references = [r["reference"] for r in rows for _ in range(n)]
         metric = WinRate()
-        metric.update(torch.tensor(dm.evaluator.score(prompts, responses)), self._reference_scores)
+        if isinstance(dm.evaluator, PairwiseAnnotator):  # a judge: verdict > 0 means the policy's answer wins
+            verdicts = torch.tensor(dm.evaluator.compare(prompts, responses, references), dtype=torch.float64)
+            metric.update(verdicts, torch.zeros_like(verdicts))  # no verdict (NaN) counts as not a win
+        else:
+            if self._reference_scores is None:  # the references never change: score them once
+                self._reference_scores = torch.tensor(dm.evaluator.score(prompts, references))
+            metric.update(torch.tensor(dm.evaluator.score(prompts, responses)), self._reference_scores)
         result = {k: v.item() for k, v in metric.compute().items()}
         result["length"] = sum(len(r.split()) for r in responses) / len(responses)
         return result

@@ -329,3 +329,16 @@ def test_pairwise_annotator_verdicts_become_pairs_and_are_cached(tmp_path):
 def test_pairwise_annotator_needs_two_samples():
     with pytest.raises(ValueError, match="data.sampler.init_args.num_samples must be 2 with a pairwise annotator"):
         OnlineDataModule(prompts=ReviewPrompts(), annotator=LongerIsBetter(), sampler=GenerateSampler(num_samples=4))
+
+
+def test_a_judge_annotates_and_evaluates_a_run(tmp_path, sft_dir):
+    from bpo_lightning.evaluation import PhaseReport
+
+    judge, report = LongerIsBetter(), PhaseReport()
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=16, num_phases=1, annotator=judge, callbacks=[report])
+    trainer.fit(module, datamodule=data)
+    assert data.stats[0].kept > 0
+    last = judge.compared[-16:]  # the final evaluation: 16 held-out (policy answer, reference) comparisons
+    wins = sum(len(a) > len(b) and "?" not in a + b for a, b in last) / 16
+    assert report.history[-1]["win_rate"] == pytest.approx(wins)
+    assert report.history[0]["phase"] == 0 and report.history[-1]["phase"] == 1
