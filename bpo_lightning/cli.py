@@ -4,6 +4,7 @@
     bpo fit --config configs/quickstart.yaml --print_config
     bpo plugins                                       # list installed plugins and what they register
     bpo export --run runs/quickstart --out exported/  # trained policy as a transformers folder
+    bpo compare runs/a runs/b --out compare.png       # several runs' phases in one figure
 
 Plugins load before the command line is parsed, so registered class names work as config shorthands.
 """
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     if argv[:1] == ["plugins"]:
         print(format_plugins(plugins))
+        return
+    if argv[:1] == ["compare"]:
+        from bpo_lightning.plots import main as compare_main
+
+        compare_main(argv[1:])
         return
     if argv[:1] == ["export"]:
         from bpo_lightning.export import main as export_main

@@ -6,6 +6,7 @@ answer; a win is a strictly higher score (ties are counted apart), as in bpo_spe
 
 from __future__ import annotations
 
+import json
 import time
 
 import lightning as L
@@ -56,6 +57,7 @@ class PhaseReport(L.Callback):
         temperature: 0 for greedy decoding (the paper's protocol); > 0 evaluates samples at that temperature
             (top-k 50), with a fixed seed, ``samples_per_prompt`` per prompt, each compared with the reference.
         samples_per_prompt: responses per prompt when sampling.
+        plots: draw ``plots/phases.png`` in the run directory after every phase.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class PhaseReport(L.Callback):
         batch_size: int = 64,
         temperature: float = 0.0,
         samples_per_prompt: int = 1,
+        plots: bool = True,
     ):
         if temperature == 0 and samples_per_prompt != 1:
             raise ValueError("report.samples_per_prompt must be 1 with greedy decoding (report.temperature: 0)")
@@ -73,6 +76,7 @@ class PhaseReport(L.Callback):
         self.batch_size = batch_size
         self.temperature = temperature
         self.samples_per_prompt = samples_per_prompt
+        self.plots = plots
         self.history: list[dict] = []
         self._reference_scores: torch.Tensor | None = None
         self._phase_start = time.perf_counter()
@@ -104,15 +108,35 @@ class PhaseReport(L.Callback):
             metric.update(torch.tensor(dm.evaluator.score(prompts, responses)), self._reference_scores)
         result = {k: v.item() for k, v in metric.compute().items()}
         result["length"] = sum(len(r.split()) for r in responses) / len(responses)
+        if dm.annotator is not dm.evaluator and not isinstance(dm.annotator, PairwiseAnnotator):
+            proxy = [s for s in dm.annotator.score(prompts, responses) if s == s]  # what training optimises
+            result["proxy_reward"] = sum(proxy) / len(proxy) if proxy else None
         return result
+
+    def save(self, trainer: L.Trainer) -> None:
+        """Write ``report.json`` and ``plots/phases.png`` into the run directory (rank zero only)."""
+        if trainer.global_rank != 0 or not self.history:
+            return
+        from bpo_lightning.plots import plot_histories
+
+        run_dir = trainer.datamodule.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "report.json.tmp"
+        tmp.write_text(json.dumps(self.history, indent=1))
+        tmp.replace(run_dir / "report.json")
+        if self.plots:
+            plot_histories({run_dir.name: self.history}, run_dir / "plots" / "phases.png")
 
     def on_fit_start(self, trainer: L.Trainer, module) -> None:
         self._phase_start = time.perf_counter()
-        if trainer.ckpt_path is not None:  # resumed: the start was evaluated by the first run
+        if trainer.ckpt_path is not None:  # resumed: the start was evaluated by the first run; keep its report
+            path = trainer.datamodule.run_dir / "report.json"
+            self.history = json.loads(path.read_text()) if path.exists() else []
             return
         result = self.evaluate(trainer, module)
         if result is not None:
             self.history.append({"phase": 0, **result})
+            self.save(trainer)
             if trainer.logger is not None:
                 trainer.logger.log_metrics({"eval/win_rate": result["win_rate"], "eval/reward": result["reward"]}, 0)
             _say(
@@ -134,8 +158,12 @@ class PhaseReport(L.Callback):
             module.log("eval/win_rate", result["win_rate"])
             module.log("eval/reward", result["reward"])
             module.log("eval/tie_rate", result["tie_rate"])
+            module.log("eval/length", result["length"])
+            if result.get("proxy_reward") is not None:
+                module.log("eval/proxy_reward", result["proxy_reward"])
             line += f" | eval win rate {result['win_rate']:.3f} | gold reward {result['reward']:+.3f}"
         line += f" | KL(policy‖behavior) {summary['behavior/kl']:.4f} | {time.perf_counter() - self._phase_start:.1f}s"
-        self.history.append(entry)
+        self.history = [h for h in self.history if h["phase"] < phase] + [entry]  # a redone phase replaces its entry
+        self.save(trainer)
         _say(line)
         self._phase_start = time.perf_counter()  # the next phase's time includes its data collection

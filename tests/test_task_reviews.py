@@ -158,3 +158,15 @@ def test_ensure_sft_builds_a_loadable_folder_once(tmp_path, monkeypatch) -> None
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
     with pytest.raises(AssertionError, match="reused"):
         ensure_sft(tmp_path, steps=6, seed=0)  # other settings, other folder: would train
+
+
+def test_proxy_reward_is_hackable_where_gold_is_not():
+    """Proxy: 0.25·Σ lexicon values. " the staff was great ." → 0.25·0.9 = 0.225.
+    " great great great ." → 0.25·2.7 = 0.675, while the gold reward calls it malformed (negative)."""
+    from bpo_lightning.tasks.reviews import proxy_reward
+
+    prompt = "hotel review : we stayed here for a week ."
+    assert proxy_reward(prompt, " the staff was great .") == pytest.approx(0.225)
+    assert proxy_reward(prompt, " great great great .") == pytest.approx(0.675)
+    assert reviews.gold_reward(prompt, " great great great .") < 0
+    assert reviews.gold_reward(prompt, " the staff was great .") > 0

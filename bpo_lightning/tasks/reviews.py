@@ -32,10 +32,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
 from .reviews_data import (
+    ADJECTIVES,
     ASPECT_CATEGORY,
     CATEGORIES,
     DATA_SEED,
     END,
+    VERBS,
     VOCABULARY,
     make_splits,
     parse_sentence,
@@ -366,3 +368,24 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A proxy annotator, distinct from the gold reward
+# --------------------------------------------------------------------------------------------------------------------
+
+PROXY_WORD_SCALE = 0.25  # each sentiment word adds its lexicon value times this
+
+
+def proxy_reward(prompt: str, response: str) -> float:
+    """A cheap, biased stand-in for :func:`gold_reward`, for studying over-optimisation.
+
+    It sums the lexicon sentiment of every adjective and verb in the response (scaled by
+    :data:`PROXY_WORD_SCALE`), ignoring what the gold reward checks: the topic, the grammar, negation, repetition,
+    non-words and length. It agrees with the gold reward on ordinary answers (more positive is better), but a
+    policy optimised against it is paid for piling up positive words, e.g. ``"great great great ."`` scores
+    3·0.9·0.25 = 0.675 here and is penalised by the gold reward as a malformed sentence.
+    """
+    del prompt  # the proxy does not look at the prompt: it cannot tell on-topic from off-topic
+    lexicon = {**ADJECTIVES, **VERBS}
+    return PROXY_WORD_SCALE * sum(lexicon.get(token, 0.0) for token in response.lower().split())
