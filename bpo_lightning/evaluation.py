@@ -12,9 +12,9 @@ import time
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torchmetrics import Metric
 
 from bpo_lightning.annotation import PairwiseAnnotator
+from bpo_lightning.metrics import ResponseStats, WinTieLoss
 from bpo_lightning.prompts import model_input
 from bpo_lightning.sampling import GenerateSampler
 
@@ -22,28 +22,6 @@ from bpo_lightning.sampling import GenerateSampler
 @rank_zero_only
 def _say(line: str) -> None:
     print(line, flush=True)  # the report is the run's main output: stdout, once per job
-
-
-class WinRate(Metric):
-    """Wins, ties and losses of policy scores against reference scores; sums reduce across processes."""
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        for name in ("wins", "ties", "total", "reward_sum"):
-            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, scores: torch.Tensor, reference_scores: torch.Tensor) -> None:
-        scores, reference_scores = scores.double(), reference_scores.double()
-        self.wins += (scores > reference_scores).sum()
-        self.ties += (scores == reference_scores).sum()
-        self.total += scores.numel()
-        self.reward_sum += scores.sum()
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        total = self.total.clamp(min=1)
-        return {"win_rate": self.wins / total, "tie_rate": self.ties / total, "reward": self.reward_sum / total}
 
 
 class PhaseReport(L.Callback):
@@ -98,16 +76,25 @@ class PhaseReport(L.Callback):
         responses = [r for group in samples.responses for r in group]
         prompts = [p for p in prompts for _ in range(n)]
         references = [r["reference"] for r in rows for _ in range(n)]
-        metric = WinRate()
+        outcome = WinTieLoss()
         if isinstance(dm.evaluator, PairwiseAnnotator):  # a judge: verdict > 0 means the policy's answer wins
-            verdicts = torch.tensor(dm.evaluator.compare(prompts, responses, references), dtype=torch.float64)
-            metric.update(verdicts, torch.zeros_like(verdicts))  # no verdict (NaN) counts as not a win
+            scores = torch.tensor(dm.evaluator.compare(prompts, responses, references), dtype=torch.float64)
+            outcome.update(scores, torch.zeros_like(scores))  # no verdict (NaN) is counted as invalid
         else:
             if self._reference_scores is None:  # the references never change: score them once
-                self._reference_scores = torch.tensor(dm.evaluator.score(prompts, references))
-            metric.update(torch.tensor(dm.evaluator.score(prompts, responses)), self._reference_scores)
-        result = {k: v.item() for k, v in metric.compute().items()}
-        result["length"] = sum(len(r.split()) for r in responses) / len(responses)
+                self._reference_scores = torch.tensor(dm.evaluator.score(prompts, references), dtype=torch.float64)
+            scores = torch.tensor(dm.evaluator.score(prompts, responses), dtype=torch.float64)
+            outcome.update(scores, self._reference_scores)
+        text = ResponseStats()
+        text.update(responses, [f for group in samples.finished for f in group])
+        result = {k: v.item() for k, v in outcome.compute().items()}
+        stats = {k: v.item() for k, v in text.compute().items()}
+        result.update(
+            reward=scores.nanmean().item(),
+            length=stats["mean_words"],
+            repetition=stats["repeated_ngram_rate"],
+            eos_rate=stats["eos_rate"],
+        )
         if dm.annotator is not dm.evaluator and not isinstance(dm.annotator, PairwiseAnnotator):
             proxy = [s for s in dm.annotator.score(prompts, responses) if s == s]  # what training optimises
             result["proxy_reward"] = sum(proxy) / len(proxy) if proxy else None
@@ -159,6 +146,9 @@ class PhaseReport(L.Callback):
             module.log("eval/reward", result["reward"])
             module.log("eval/tie_rate", result["tie_rate"])
             module.log("eval/length", result["length"])
+            module.log("eval/repetition", result["repetition"])
+            module.log("eval/eos_rate", result["eos_rate"])
+            module.log("eval/reward_diff", result["reward_diff"])
             if result.get("proxy_reward") is not None:
                 module.log("eval/proxy_reward", result["proxy_reward"])
             line += f" | eval win rate {result['win_rate']:.3f} | gold reward {result['reward']:+.3f}"

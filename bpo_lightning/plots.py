@@ -18,6 +18,7 @@ PANELS = (
     ("proxy_reward", "annotator (proxy) reward"),
     ("kl", "KL(policy‖behavior), phase mean"),
     ("length", "response length (words)"),
+    ("repetition", "repeated 3-gram rate"),
 )
 
 
