@@ -1,0 +1,208 @@
+"""The paper's comparison at small scale, on the embedded review task, with an equal annotation budget.
+
+    python benchmarks/study.py                 # runs what is missing, then writes docs/results.md and figures
+    python benchmarks/study.py --report-only   # rebuild the table and figures from benchmarks/results/study.jsonl
+    python benchmarks/study.py --quick         # 1 seed, small budget: a smoke run of the whole pipeline
+
+Regimes (bpo_spec §1.2): offline DPO (F = 1), on-policy DPO (F = T, reference = initial), BPO with F ∈ {2, 4, T};
+losses DPO, IPO, SLiC with full fine-tuning; and, with DPO, a 5-member LoRA ensemble against a single LoRA. Each
+finished run appends one line to ``benchmarks/results/study.jsonl`` (per-prompt gold outcomes included), so an
+interrupted study resumes where it stopped. Evaluation: the final policy, 2 samples per held-out prompt
+(temperature 1, fixed seed), gold reward vs the prompt's reference, strict win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from bpo_lightning import DPOLoss, Frozen, HardSync, IPOLoss, RuleAnnotator, SLiCLoss
+from bpo_lightning.data import OnlineDataModule
+from bpo_lightning.lora import LoRA
+from bpo_lightning.metrics import ResponseStats
+from bpo_lightning.module import BPOModule
+from bpo_lightning.policy import EmbeddedSFT
+from bpo_lightning.prompts import ReviewPrompts
+from bpo_lightning.sampling import GenerateSampler
+from bpo_lightning.tasks.reviews import gold_reward
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "study.jsonl"
+LOSSES = {"DPO": DPOLoss, "IPO": IPOLoss, "SLiC": SLiCLoss}
+
+
+def regimes(budget: int, batch: int) -> dict[str, dict]:
+    steps = budget // batch  # T: one phase per step is on-policy in the paper's released runs
+    return {
+        "offline DPO (F=1)": {"phases": 1, "behavior": Frozen, "reference": "behavior"},
+        "on-policy DPO (F=T)": {"phases": steps, "behavior": HardSync, "reference": "initial"},
+        "BPO (F=2)": {"phases": 2, "behavior": HardSync, "reference": "behavior"},
+        "BPO (F=4)": {"phases": 4, "behavior": HardSync, "reference": "behavior"},
+        "BPO (F=T)": {"phases": steps, "behavior": HardSync, "reference": "behavior"},
+    }
+
+
+def plan(seeds: list[int], budget: int, batch: int) -> list[dict]:
+    runs = []
+    for seed in seeds:
+        for regime in regimes(budget, batch):
+            for loss in LOSSES:
+                runs.append({"regime": regime, "loss": loss, "params": "full", "seed": seed})
+            for params in ("LoRA x5", "LoRA x1"):
+                runs.append({"regime": regime, "loss": "DPO", "params": params, "seed": seed})
+    return runs
+
+
+def run_one(spec: dict, budget: int, batch: int, eval_prompts: int, work: Path) -> dict:
+    regime = regimes(budget, batch)[spec["regime"]]
+    lora = None if spec["params"] == "full" else LoRA(r=16, alpha=32, members=5 if "x5" in spec["params"] else 1)
+    torch.manual_seed(spec["seed"])
+    module = BPOModule(
+        policy=EmbeddedSFT(), loss=LOSSES[spec["loss"]](), behavior=regime["behavior"](),
+        reference=regime["reference"], lora=lora, lr=5e-3 if lora else 5e-4,
+    )  # fmt: skip
+    data = OnlineDataModule(
+        prompts=ReviewPrompts("prompts"), annotator=RuleAnnotator("bpo_lightning.tasks.reviews:gold_reward"),
+        sampler=GenerateSampler(max_new_tokens=48, batch_size=64, max_prompt_tokens=64, progress=False),
+        budget=budget, num_phases=regime["phases"], batch_size=batch, seed=spec["seed"], annotation_cache=None,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=regime["phases"], reload_dataloaders_every_n_epochs=1, logger=False,
+        default_root_dir=str(work), enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        gradient_clip_val=1.0,
+    )  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    return {**spec, **evaluate(module, eval_prompts), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def evaluate(module: BPOModule, limit: int) -> dict:
+    rows = ReviewPrompts("eval", limit=limit).load("eval")
+    sampler = GenerateSampler(num_samples=2, max_new_tokens=48, batch_size=64, max_prompt_tokens=64, progress=False)
+    with module.policy_weights():
+        samples = sampler.sample(module.policy, module.tokenizer, [r["prompt"] for r in rows], seed=0)
+    outcomes, answers, finished = [], [], []
+    for row, group, done in zip(rows, samples.responses, samples.finished, strict=True):
+        reference = gold_reward(row["prompt"], row["reference"])
+        outcomes.append([float(gold_reward(row["prompt"], answer) > reference) for answer in group])
+        answers.extend(group)
+        finished.extend(done)
+    stats = ResponseStats()
+    stats.update(answers, finished)
+    text = {k: v.item() for k, v in stats.compute().items()}
+    gold = [gold_reward(r["prompt"], a) for r, group in zip(rows, samples.responses, strict=True) for a in group]
+    return {
+        "win_rate": sum(map(sum, outcomes)) / (2 * len(rows)),
+        "gold": sum(gold) / len(gold),
+        "length": text["mean_words"],
+        "repetition": text["repeated_ngram_rate"],
+        "outcomes": outcomes,  # per prompt, per sample: 1 = beats the reference
+    }
+
+
+def bootstrap_ci(runs: list[dict], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap of the mean win rate over seeds, resampling prompts within each seed (stratified)."""
+    rng = random.Random(seed)
+    per_seed = [[sum(o) / len(o) for o in r["outcomes"]] for r in runs]
+    means = []
+    for _ in range(draws):
+        means.append(sum(sum(rng.choices(p, k=len(p))) / len(p) for p in per_seed) / len(per_seed))
+    means.sort()
+    return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+
+
+def mean_std(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def report(results: list[dict], out: Path, command: str) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["params"], r["loss"], r["regime"]), []).append(r)
+    lines = [
+        "| parameters | loss | regime | seeds | gold win rate (mean ± std) | 95% CI (bootstrap) | gold reward | "
+        "length (words) | repeated 3-grams | time / run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (params, loss, regime), runs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0])):
+        low, high = bootstrap_ci(runs)
+        lines.append(
+            f"| {params} | {loss} | {regime} | {len(runs)} | {mean_std([r['win_rate'] for r in runs])} | "
+            f"[{low:.3f}, {high:.3f}] | {mean_std([r['gold'] for r in runs])} | "
+            f"{mean_std([r['length'] for r in runs])} | {mean_std([r['repetition'] for r in runs])} | "
+            f"{sum(r['seconds'] for r in runs) / len(runs):.0f} s |"
+        )
+    table = "\n".join(lines)
+    plot(groups, out.parent / "figures" / "study_win_rate.png")
+    return f"<!-- generated by `{command}`; do not edit by hand -->\n\n{table}\n"
+
+
+def plot(groups: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), squeeze=False)
+    for ax, params in zip(axes[0], ("full", "LoRA"), strict=True):
+        keys = sorted(k for k in groups if k[0].startswith(params))
+        labels = [f"{k[1]} · {k[2]}" + ("" if params == "full" else f" · {k[0]}") for k in keys]
+        means = [sum(r["win_rate"] for r in groups[k]) / len(groups[k]) for k in keys]
+        cis = [bootstrap_ci(groups[k]) for k in keys]
+        errors = [[m - lo for m, (lo, _) in zip(means, cis, strict=True)],
+                  [hi - m for m, (_, hi) in zip(means, cis, strict=True)]]  # fmt: skip
+        ax.barh(range(len(keys)), means, xerr=errors, color="tab:blue", alpha=0.8)
+        ax.set_yticks(range(len(keys)), labels, fontsize=7)
+        ax.set_xlabel("gold win rate vs reference (95% CI)")
+        ax.set_title("full fine-tuning" if params == "full" else "DPO with LoRA", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budget", type=int, default=1024, help="annotated prompts per run")
+    parser.add_argument("--batch", type=int, default=16, help="pairs per step (T = budget / batch)")
+    parser.add_argument("--eval-prompts", type=int, default=200)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results_table.md")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="1 seed, budget 64: checks the pipeline end to end")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.budget, args.eval_prompts = [0], 64, 16
+        args.results, args.out = Path("/tmp/bpo-study-quick.jsonl"), Path("/tmp/bpo-study-quick/results_table.md")
+    done = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
+    if not args.report_only:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        keys = {(r["regime"], r["loss"], r["params"], r["seed"]) for r in done}
+        todo = [s for s in plan(args.seeds, args.budget, args.batch) if (s["regime"], s["loss"], s["params"],
+                s["seed"]) not in keys]  # fmt: skip
+        for i, spec in enumerate(todo, 1):
+            slug = "-".join(str(v) for v in (*spec.values(), args.budget, args.batch)).replace(" ", "_")
+            result = run_one(spec, args.budget, args.batch, args.eval_prompts, Path("/tmp/bpo-study") / slug)
+            with args.results.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            done.append(result)
+            print(f"[{i}/{len(todo)}] {spec} win {result['win_rate']:.3f} ({result['seconds']} s)", flush=True)
+    command = "python benchmarks/study.py" + (" --quick" if args.quick else "")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report(done, args.out, command))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
