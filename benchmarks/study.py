@@ -49,8 +49,11 @@ def regimes(budget: int, batch: int) -> dict[str, dict]:
     }
 
 
+START = "SFT start (no training)"
+
+
 def plan(seeds: list[int], budget: int, batch: int) -> list[dict]:
-    runs = []
+    runs = [{"regime": START, "loss": "-", "params": "full", "seed": 0}]  # the common starting point
     for seed in seeds:
         for regime in regimes(budget, batch):
             for loss in LOSSES:
@@ -61,6 +64,11 @@ def plan(seeds: list[int], budget: int, batch: int) -> list[dict]:
 
 
 def run_one(spec: dict, budget: int, batch: int, eval_prompts: int, work: Path) -> dict:
+    if spec["regime"] == START:
+        start = time.perf_counter()
+        module = BPOModule(policy=EmbeddedSFT())
+        module.configure_model()
+        return {**spec, **evaluate(module, eval_prompts), "seconds": round(time.perf_counter() - start, 1)}
     regime = regimes(budget, batch)[spec["regime"]]
     lora = None if spec["params"] == "full" else LoRA(r=16, alpha=32, members=5 if "x5" in spec["params"] else 1)
     torch.manual_seed(spec["seed"])
@@ -133,7 +141,10 @@ def report(results: list[dict], out: Path, command: str) -> str:
         "length (words) | repeated 3-grams | time / run |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (params, loss, regime), runs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0])):
+    order = [START, *regimes(1, 1)]
+    for (params, loss, regime), runs in sorted(
+        groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0][0], kv[0][1], order.index(kv[0][2]))
+    ):
         low, high = bootstrap_ci(runs)
         lines.append(
             f"| {params} | {loss} | {regime} | {len(runs)} | {mean_std([r['win_rate'] for r in runs])} | "
@@ -154,7 +165,7 @@ def plot(groups: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4), squeeze=False)
     for ax, params in zip(axes[0], ("full", "LoRA"), strict=True):
-        keys = sorted(k for k in groups if k[0].startswith(params))
+        keys = sorted((k for k in groups if k[0].startswith(params)), key=lambda k: (k[0], k[1], list(groups).index(k)))
         labels = [f"{k[1]} · {k[2]}" + ("" if params == "full" else f" · {k[0]}") for k in keys]
         means = [sum(r["win_rate"] for r in groups[k]) / len(groups[k]) for k in keys]
         cis = [bootstrap_ci(groups[k]) for k in keys]
