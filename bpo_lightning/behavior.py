@@ -25,15 +25,6 @@ from torch import nn
 Snapshot = dict[str, torch.Tensor]
 
 
-def trainable_state(model: nn.Module, device: str | torch.device | None = "cpu") -> Snapshot:
-    """A detached copy of the trainable parameters, keyed by name."""
-    return {
-        name: p.detach().to(device if device is not None else p.device, copy=True)
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
-
-
 @contextmanager
 def swapped_weights(model: nn.Module, snapshot: Snapshot | None) -> Iterator[None]:
     """Temporarily load ``snapshot`` into ``model``'s parameters; restore the originals on exit.

@@ -62,15 +62,14 @@ def cached_score(annotator, cache: AnnotationCache | None, prompts: list[str], r
     Returns:
         (scores, positions of the inputs the annotator scored now; the others came from the cache).
     """
-    if cache is None:
-        return annotator.score(prompts, responses), list(range(len(prompts)))
-    scores = cache.get(annotator.identity, prompts, responses)
+    scores = cache.get(annotator.identity, prompts, responses) if cache is not None else [None] * len(prompts)
     missing = [i for i, s in enumerate(scores) if s is None]
     if missing:
         fresh = annotator.score([prompts[i] for i in missing], [responses[i] for i in missing])
         if len(fresh) != len(missing):
             raise RuntimeError(f"annotator {annotator.identity} returned {len(fresh)} scores for {len(missing)}")
-        cache.put(annotator.identity, [prompts[i] for i in missing], [responses[i] for i in missing], fresh)
+        if cache is not None:
+            cache.put(annotator.identity, [prompts[i] for i in missing], [responses[i] for i in missing], fresh)
         for i, s in zip(missing, fresh, strict=True):
             scores[i] = s
     return scores, missing

@@ -220,8 +220,6 @@ def annotate(
     prompts = [row["prompt"] for row, _ in queries]
     responses = [row["responses"][i] if isinstance(i, int) else _join(row, i) for row, i in queries]
     scores, fresh = cached_score(annotator, cache, prompts, responses) if queries else ([], [])
-    if len(scores) != len(queries):
-        raise RuntimeError(f"annotator {annotator.identity} returned {len(scores)} scores for {len(queries)} responses")
     fresh = set(fresh)
     for k, ((row, i), score) in enumerate(zip(queries, scores, strict=True)):
         key = "annotated" if k in fresh else "cached"

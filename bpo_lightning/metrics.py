@@ -245,6 +245,16 @@ class SequenceKL(_WeightedMean):
         self._accumulate(lp - lq, weights)
 
 
+MAX_LOG_RATIO = 50.0
+
+
+def importance_kl_terms(policy_logps: Tensor, behavior_logps: Tensor) -> Tensor:
+    """Per-sample terms r·log r − r + 1 (r = π/β) of :class:`ImportanceKL`, in float64: ℓe^ℓ − expm1(ℓ) with the
+    log-ratio ℓ clamped to ±``MAX_LOG_RATIO``; each term is ≥ 0 and exactly 0 where π = β."""
+    log_r = (policy_logps.double() - behavior_logps.double()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    return (log_r * log_r.exp() - torch.expm1(log_r)).clamp_min(0.0)
+
+
 class ImportanceKL(_WeightedMean):
     """Estimate of :math:`\\mathrm{KL}(\\pi \\,\\|\\, \\beta)` from sequences sampled from the behavior model.
 
@@ -267,13 +277,9 @@ class ImportanceKL(_WeightedMean):
     ``compute()`` returns ``kl``, ``stderr`` and ``count`` as :class:`SequenceKL` does.
     """
 
-    max_log_ratio = 50.0
-
     def update(self, policy_logps: Tensor, behavior_logps: Tensor, weights: Tensor | None = None) -> None:
         """Add samples of ``beta`` with their log-probs under ``pi`` and ``beta``, optionally weighted."""
         lp, lb = _as_f64(self, policy_logps), _as_f64(self, behavior_logps)
         if lp.shape != lb.shape:
             raise ValueError(f"policy_logps has {lp.numel()} elements but behavior_logps has {lb.numel()}")
-        log_r = (lp - lb).clamp(-self.max_log_ratio, self.max_log_ratio)
-        terms = (log_r * log_r.exp() - torch.expm1(log_r)).clamp_min(0.0)
-        self._accumulate(terms, weights)
+        self._accumulate(importance_kl_terms(lp, lb), weights)

@@ -30,6 +30,7 @@ from bpo_lightning.behavior import BehaviorUpdate, Frozen, HardSync, Snapshot, s
 from bpo_lightning.logprobs import sequence_logps
 from bpo_lightning.lora import MERGED, LoRA, active_adapter
 from bpo_lightning.losses import DPOLoss, PreferenceLoss
+from bpo_lightning.metrics import importance_kl_terms
 from bpo_lightning.policy import PolicySource
 from bpo_lightning.types import PhaseStats, PreferenceRecord
 
@@ -209,8 +210,6 @@ class BPOModule(L.LightningModule):
         loss = out.losses.mean()
         if not log:
             return loss
-        delta = (logps.sums.detach() - batch["behavior_logps"]).double().clamp(max=50)  # log π/π_β per response
-        ratio = delta.exp()
         self._log_step({
             "loss": loss.detach(),
             "rewards/chosen": out.chosen_rewards,
@@ -220,7 +219,7 @@ class BPOModule(L.LightningModule):
             "logps/chosen": logps.sums[:n].detach(),
             "logps/rejected": logps.sums[n:].detach(),
             # KL(π‖π_β) from π_β's samples: E_β[r·log r − r + 1], r = π/π_β; each term ≥ 0, exactly 0 when π = π_β
-            "behavior/kl": (ratio * delta - ratio + 1).float(),
+            "behavior/kl": importance_kl_terms(logps.sums.detach(), batch["behavior_logps"]).float(),
         })  # fmt: skip
         return loss
 
