@@ -5,7 +5,7 @@
     python benchmarks/study.py --quick         # 1 seed, small budget: a smoke run of the whole pipeline
 
 Regimes (bpo_spec §1.2): offline DPO (F = 1), on-policy DPO (F = T, reference = initial), BPO with F ∈ {2, 4, T};
-losses DPO, IPO, SLiC with full fine-tuning; and, with DPO, a 5-member LoRA ensemble against a single LoRA. Each
+losses DPO, IPO, SLiC; full fine-tuning, a 5-member LoRA ensemble and a single LoRA. Each
 finished run appends one line to ``benchmarks/results/study.jsonl`` (per-prompt gold outcomes included), so an
 interrupted study resumes where it stopped. Evaluation: the final policy, 2 samples per held-out prompt
 (temperature 1, fixed seed), gold reward vs the prompt's reference, strict win.
@@ -56,10 +56,9 @@ def plan(seeds: list[int], budget: int, batch: int) -> list[dict]:
     runs = [{"regime": START, "loss": "-", "params": "full", "seed": 0}]  # the common starting point
     for seed in seeds:
         for regime in regimes(budget, batch):
-            for loss in LOSSES:
-                runs.append({"regime": regime, "loss": loss, "params": "full", "seed": seed})
-            for params in ("LoRA x5", "LoRA x1"):
-                runs.append({"regime": regime, "loss": "DPO", "params": params, "seed": seed})
+            for params in ("full", "LoRA x5", "LoRA x1"):
+                for loss in LOSSES:
+                    runs.append({"regime": regime, "loss": loss, "params": params, "seed": seed})
     return runs
 
 
@@ -163,7 +162,7 @@ def plot(groups: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 8), squeeze=False)
     for ax, params in zip(axes[0], ("full", "LoRA"), strict=True):
         keys = sorted((k for k in groups if k[0].startswith(params)), key=lambda k: (k[0], k[1], list(groups).index(k)))
         labels = [f"{k[1]} · {k[2]}" + ("" if params == "full" else f" · {k[0]}") for k in keys]
@@ -174,7 +173,7 @@ def plot(groups: dict, path: Path) -> None:
         ax.barh(range(len(keys)), means, xerr=errors, color="tab:blue", alpha=0.8)
         ax.set_yticks(range(len(keys)), labels, fontsize=7)
         ax.set_xlabel("gold win rate vs reference (95% CI)")
-        ax.set_title("full fine-tuning" if params == "full" else "DPO with LoRA", fontsize=10)
+        ax.set_title("full fine-tuning" if params == "full" else "LoRA: ensemble (x5) vs single (x1)", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,8 @@
 
     bpo fit --config configs/quickstart.yaml          # train
     bpo fit --config configs/quickstart.yaml --print_config
+    bpo validate --config runs/quickstart/config.yaml --ckpt_path runs/quickstart/checkpoints/last.ckpt
+    bpo test --config runs/quickstart/config.yaml --ckpt_path runs/quickstart/checkpoints/last.ckpt
     bpo plugins                                       # list installed plugins and what they register
     bpo export --run runs/quickstart --out exported/  # trained policy as a transformers folder
     bpo compare runs/a runs/b --out compare.png       # several runs' phases in one figure
@@ -12,6 +14,7 @@ Plugins load before the command line is parsed, so registered class names work a
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -34,7 +37,8 @@ class BPOCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
                 "trainer.reload_dataloaders_every_n_epochs": 1,  # one epoch = one collection phase
                 "trainer.gradient_clip_val": 1.0,
-                "trainer.num_sanity_val_steps": 0,
+                "trainer.num_sanity_val_steps": 0,  # PhaseReport evaluates the start instead
+                "trainer.check_val_every_n_epoch": 1,  # evaluate after every phase
                 "trainer.default_root_dir": "runs/bpo",
             }
         )
@@ -47,6 +51,14 @@ class BPOCLI(LightningCLI):
                 class_path="lightning.pytorch.loggers.CSVLogger",
                 init_args=Namespace(save_dir=config.trainer.default_root_dir, name="", version=""),
             )
+        if config.checkpoint.dirpath is None:  # the same folder for fit, validate and test
+            config.checkpoint.dirpath = str(Path(config.trainer.default_root_dir) / "checkpoints")
+        logger = config.trainer.logger
+        if self.subcommand not in (None, "fit") and isinstance(logger, Namespace) and "CSVLogger" in logger.class_path:
+            # `bpo validate` / `bpo test` on a run's config.yaml log (and save their config) in a sub-folder, so the
+            # fit's metrics.csv and config.yaml stay as they are
+            if logger.init_args.get("version") in (None, ""):
+                logger.init_args.version = self.subcommand
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,8 +34,11 @@ class OnlineDataModule(L.LightningDataModule):
     Args:
         prompts: the prompt pool of the online phases.
         annotator: labels each prompt's responses (higher score = chosen).
-        eval_prompts: held-out prompts with reference answers for evaluation.
+        eval_prompts: held-out prompts with reference answers: validation (``bpo validate``, during fit).
+        test_prompts: held-out prompts with reference answers for ``bpo test``; defaults to ``eval_prompts``.
         evaluator: scores evaluation responses against the references; defaults to ``annotator``.
+        max_eval_prompts: evaluate on at most this many of ``eval_prompts`` / ``test_prompts``.
+        eval_batch_size: held-out prompts per evaluation batch (one ``generate`` call).
         sampler: draws responses from the behavior LLM; defaults to ``GenerateSampler()``.
         budget: number of prompts annotated over the whole run (default: the whole pool).
         num_phases: F, the number of collection phases; set ``trainer.max_epochs`` to the same value.
@@ -51,7 +54,10 @@ class OnlineDataModule(L.LightningDataModule):
         prompts: PromptSource,
         annotator: Annotator,
         eval_prompts: PromptSource | None = None,
+        test_prompts: PromptSource | None = None,
         evaluator: Annotator | None = None,
+        max_eval_prompts: int | None = None,
+        eval_batch_size: int = 64,
         sampler: Sampler | None = None,
         budget: int | None = None,
         num_phases: int = 2,
@@ -62,14 +68,16 @@ class OnlineDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         problems = [f"data.{k} must be >= 1, got {v}" for k, v in [("num_phases", num_phases),
-                    ("batch_size", batch_size), ("budget", budget or 1)] if v < 1]  # fmt: skip
+                    ("batch_size", batch_size), ("budget", budget or 1), ("eval_batch_size", eval_batch_size),
+                    ("max_eval_prompts", max_eval_prompts or 1)] if v < 1]  # fmt: skip
         if budget is not None and budget >= 1 and num_phases > budget:
             problems.append(f"data.num_phases ({num_phases}) exceeds data.budget ({budget}): each phase needs a prompt")
         if problems:
             raise ValueError("; ".join(problems))
         if isinstance(annotator, PairwiseAnnotator) and getattr(sampler, "num_samples", 2) != 2:
             raise ValueError("data.sampler.init_args.num_samples must be 2 with a pairwise annotator (a judge)")
-        self.prompts, self.eval_prompts = prompts, eval_prompts
+        self.prompts, self.eval_prompts, self.test_prompts = prompts, eval_prompts, test_prompts
+        self.max_eval_prompts, self.eval_batch_size = max_eval_prompts, eval_batch_size
         self.annotator = annotator
         self.evaluator = evaluator or annotator
         self.sampler = sampler or GenerateSampler()
@@ -79,6 +87,7 @@ class OnlineDataModule(L.LightningDataModule):
         self._cache: AnnotationCache | None = None
         self.pool: list[dict] | None = None
         self.eval_rows: list[dict] = []
+        self.test_rows: list[dict] | None = None
         self.phases_collected = 0  # cursor: phases whose pairs are complete
         self.stats: dict[int, PhaseStats] = {}
 
@@ -87,8 +96,18 @@ class OnlineDataModule(L.LightningDataModule):
         return Path(self._run_dir or self.trainer.default_root_dir)
 
     def setup(self, stage: str) -> None:
-        if self.pool is not None:
-            return
+        if self.eval_prompts is not None and not self.eval_rows:
+            self.eval_rows = self.eval_prompts.load("data.eval_prompts", require_reference=True)
+            self.eval_rows = self.eval_rows[: self.max_eval_prompts]
+        if stage == "test" and self.test_rows is None:
+            source, key = (self.test_prompts, "data.test_prompts") if self.test_prompts else (self.eval_prompts, "")
+            self.test_rows = [] if source is None else source.load(key, require_reference=True)[: self.max_eval_prompts]
+        if stage == "fit" and self.pool is None:
+            self._load_pool()
+        if stage == "fit" and not self.eval_rows and self.trainer is not None:
+            self.trainer.limit_val_batches = 0  # no held-out prompts: no evaluation during fit
+
+    def _load_pool(self) -> None:
         rows = self.prompts.load("data.prompts")
         budget = self.budget or len(rows)
         if budget > len(rows):
@@ -97,8 +116,6 @@ class OnlineDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_phases ({self.num_phases}) exceeds the {budget} prompts of the budget")
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed))[:budget]
         self.pool = [rows[i] for i in order.tolist()]
-        if self.eval_prompts is not None:
-            self.eval_rows = self.eval_prompts.load("data.eval_prompts", require_reference=True)
 
     @property
     def cache(self) -> AnnotationCache | None:
@@ -128,6 +145,25 @@ class OnlineDataModule(L.LightningDataModule):
             sampler=SeededShuffle(len(records), self.seed * 1000 + phase),
             collate_fn=lambda rows: pair_batch(rows, module.tokenizer.pad_token_id, module.tokenizer.eos_token_id),
         )
+
+    def val_dataloader(self) -> DataLoader:
+        if not self.eval_rows:
+            raise ValueError("bpo validate: data.eval_prompts is not set (held-out prompts with references)")
+        return self._eval_loader(self.eval_rows)
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.test_rows:
+            raise ValueError("bpo test: set data.test_prompts or data.eval_prompts (held-out prompts with references)")
+        return self._eval_loader(self.test_rows)
+
+    def _eval_loader(self, rows: list[dict]) -> DataLoader:
+        """``(index, row)`` batches in order; Lightning shards them across processes."""
+        return DataLoader(list(enumerate(rows)), batch_size=self.eval_batch_size, shuffle=False, collate_fn=list)
+
+    def eval_batches(self, rank: int = 0, world_size: int = 1) -> list[list[tuple[int, dict]]]:
+        """This process's share of the validation prompts as ``(index, row)`` batches (outside Lightning's loops)."""
+        items = list(enumerate(self.eval_rows))[rank::world_size]
+        return [items[i : i + self.eval_batch_size] for i in range(0, len(items), self.eval_batch_size)]
 
     def collect(self, phase: int) -> list[PreferenceRecord]:
         """Build (or reload) one phase's preference pairs."""

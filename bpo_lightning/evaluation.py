@@ -1,22 +1,240 @@
 """Evaluation against reference answers, and the one-line-per-phase report.
 
-The policy answers held-out prompts greedily; the evaluator scores each answer and the prompt's reference
-answer; a win is a strictly higher score (ties are counted apart), as in bpo_spec §5.3.
+The policy answers held-out prompts (greedily by default, the paper's protocol); the evaluator scores each answer
+and the prompt's reference answer; a win is a strictly higher score (ties are counted apart), bpo_spec §5.3.
+Responses sampled from the policy's full distribution also give KL(policy‖initial) and KL(policy‖behavior).
+
+The same code runs in three places: ``BPOModule.validation_step`` (``bpo validate``, and during ``bpo fit`` every
+``trainer.check_val_every_n_epoch`` phases or ``trainer.val_check_interval`` steps), ``BPOModule.test_step``
+(``bpo test``) and ``BPOModule.evaluate`` (the start-of-training evaluation of ``PhaseReport``, scripts).
+Every quantity is a torchmetrics state summed across processes, so a distributed evaluation reduces exactly.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+from torchmetrics import MeanMetric
 
 from bpo_lightning.annotation import PairwiseAnnotator
-from bpo_lightning.metrics import ResponseStats, WinTieLoss
+from bpo_lightning.cache import cached_score
+from bpo_lightning.metrics import ResponseStats, SequenceKL, WinTieLoss
 from bpo_lightning.prompts import model_input
-from bpo_lightning.sampling import GenerateSampler
+from bpo_lightning.sampling import GenerateSampler, Samples
+
+
+class Evaluation:
+    """How the policy is evaluated on held-out prompts (``model.evaluation``).
+
+    Args:
+        temperature: 0 for greedy decoding (the paper's protocol); > 0 samples at that temperature with ``top_k``,
+            from a fixed seed, ``samples_per_prompt`` answers per prompt, each compared with the reference.
+        samples_per_prompt: answers per prompt when sampling.
+        top_k: top-k of sampled answers (0 disables).
+        max_new_tokens: answer length limit; default: ``data.sampler``'s.
+        max_prompt_tokens: prompts longer than this keep their last tokens; default: ``data.sampler``'s.
+        seed: seed of sampled answers and KL samples (the same answers at every evaluation of the same policy).
+        kl_samples: answers per prompt drawn from the policy's full distribution (temperature 1, no top-k/top-p) to
+            estimate KL(policy‖initial) and KL(policy‖behavior); 0 disables both, and the module then keeps no
+            weight copies for them.
+        save_responses: write every evaluation's answers and scores to ``<run_dir>/evaluations/``.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.0,
+        samples_per_prompt: int = 1,
+        top_k: int = 50,
+        max_new_tokens: int | None = None,
+        max_prompt_tokens: int | None = None,
+        seed: int = 0,
+        kl_samples: int = 1,
+        save_responses: bool = True,
+    ) -> None:
+        problems = []
+        if temperature < 0:
+            problems.append(f"model.evaluation.temperature must be >= 0, got {temperature}")
+        if samples_per_prompt < 1:
+            problems.append(f"model.evaluation.samples_per_prompt must be >= 1, got {samples_per_prompt}")
+        elif temperature == 0 and samples_per_prompt != 1:
+            problems.append("model.evaluation.samples_per_prompt must be 1 with greedy decoding (temperature 0)")
+        if kl_samples < 0:
+            problems.append(f"model.evaluation.kl_samples must be >= 0, got {kl_samples}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.temperature, self.samples_per_prompt, self.top_k = temperature, samples_per_prompt, top_k
+        self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
+        self.seed, self.kl_samples, self.save_responses = seed, kl_samples, save_responses
+
+    def samplers(self, data_sampler, batch_size: int) -> tuple[GenerateSampler, GenerateSampler | None]:
+        """The answer sampler and the KL sampler (full distribution), with the data sampler's length limits."""
+        limits = {
+            "max_new_tokens": self.max_new_tokens or getattr(data_sampler, "max_new_tokens", 128),
+            "max_prompt_tokens": self.max_prompt_tokens or getattr(data_sampler, "max_prompt_tokens", 512),
+            "add_bos": getattr(data_sampler, "add_bos", True),
+            "batch_size": batch_size,
+            "progress": False,
+        }
+        answers = GenerateSampler(num_samples=self.samples_per_prompt, temperature=self.temperature,
+                                  top_k=self.top_k, **limits)  # fmt: skip
+        if not self.kl_samples:
+            return answers, None
+        return answers, GenerateSampler(num_samples=self.kl_samples, temperature=1.0, top_k=0, top_p=1.0, **limits)
+
+
+class EvaluationMetrics(nn.Module):
+    """The torchmetrics of one evaluation; ``compute()`` flattens them into ``{name: float}``.
+
+    Names: ``win_rate, tie_rate, loss_rate, invalid, count, reward_diff`` (policy vs reference, see
+    :class:`~bpo_lightning.metrics.WinTieLoss`), ``reward`` (mean evaluator score of the policy's answers),
+    ``proxy_reward`` (mean annotator score, when the annotator is not the evaluator), ``length`` (words),
+    ``tokens``, ``eos_rate``, ``repetition`` (repeated 3-gram rate), ``kl_initial``, ``kl_behavior`` and their
+    ``*_stderr`` (when KL samples were drawn).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outcome = WinTieLoss()
+        self.text = ResponseStats()
+        self.reward = MeanMetric(nan_strategy="ignore")
+        self.proxy_reward = MeanMetric(nan_strategy="ignore")
+        self.kl_initial = SequenceKL()
+        self.kl_behavior = SequenceKL()
+
+    def reset(self) -> None:
+        for metric in self.children():
+            metric.reset()
+
+    def compute(self) -> dict[str, float]:
+        out = {k: v.item() for k, v in self.outcome.compute().items()}
+        text = {k: v.item() for k, v in self.text.compute().items()}
+        out.update(length=text["mean_words"], tokens=text["mean_tokens"], eos_rate=text["eos_rate"],
+                   repetition=text["repeated_ngram_rate"])  # fmt: skip
+        for name in ("reward", "proxy_reward"):
+            metric = getattr(self, name)
+            if metric.update_count and metric.weight.item() > 0:  # not every answer may have a valid score
+                out[name] = metric.compute().item()
+        for name in ("kl_initial", "kl_behavior"):
+            metric = getattr(self, name)
+            if metric.update_count:
+                result = metric.compute()
+                out[name], out[f"{name}_stderr"] = result["kl"].item(), result["stderr"].item()
+        return out
+
+
+def _nan(scores: list) -> torch.Tensor:
+    return torch.tensor([math.nan if s is None else float(s) for s in scores], dtype=torch.float64)
+
+
+class _JoinedPairs:
+    """A judge seen as a scorer of "answer NUL reference" texts, so that its verdicts share the annotation cache."""
+
+    def __init__(self, judge: PairwiseAnnotator) -> None:
+        self.judge, self.identity = judge, judge.identity
+
+    def score(self, prompts: list[str], joined: list[str]) -> list[float]:
+        first, second = zip(*(text.split("\x00", 1) for text in joined), strict=True)
+        return self.judge.compare(prompts, list(first), list(second))
+
+
+@torch.no_grad()
+def evaluation_step(module, batch: list[tuple[int, dict]], data, metrics: EvaluationMetrics) -> list[dict]:
+    """Evaluate ``module``'s policy on one batch of ``(index, row)`` held-out prompts; update ``metrics`` and
+    return one record per answer (what ``save_responses`` writes).
+
+    ``data`` gives the evaluator, the training annotator (for the proxy reward), the annotation cache and the
+    sampler's length limits. A batch's seed is ``evaluation.seed`` plus its first prompt's index, so the same
+    batches give the same sampled answers (another ``data.eval_batch_size`` or process count gives other draws).
+    """
+    settings: Evaluation = module.evaluation
+    indices, rows = [i for i, _ in batch], [r for _, r in batch]
+    answer_sampler, kl_sampler = settings.samplers(data.sampler, batch_size=len(rows))
+    inputs = [model_input(r) for r in rows]
+    with module.policy_weights():  # an ensemble is evaluated through its merged adapter
+        answers = answer_sampler.sample(module.policy, module.tokenizer, inputs, seed=settings.seed + indices[0])
+    n = settings.samples_per_prompt
+    prompts = [r["prompt"] for r in rows for _ in range(n)]
+    references = [r["reference"] for r in rows for _ in range(n)]
+    responses = [a for group in answers.responses for a in group]
+    finished = [f for group in answers.finished for f in group]
+    tokens = [len(ids) for group in answers.response_ids for ids in group]
+    if isinstance(data.evaluator, PairwiseAnnotator):  # a verdict > 0 means the policy's answer wins
+        joined = [a + "\x00" + b for a, b in zip(responses, references, strict=True)]
+        scores = _nan(cached_score(_JoinedPairs(data.evaluator), data.cache, prompts, joined)[0])
+        reference_scores = torch.zeros_like(scores)
+    else:
+        scores = _nan(cached_score(data.evaluator, data.cache, prompts, responses)[0])
+        reference_scores = _nan(cached_score(data.evaluator, data.cache, prompts, references)[0])
+        metrics.reward.update(scores)
+    metrics.outcome.update(scores, reference_scores)
+    metrics.text.update(responses, finished, tokens)
+    proxy = None
+    if data.annotator is not data.evaluator and not isinstance(data.annotator, PairwiseAnnotator):
+        proxy = _nan(cached_score(data.annotator, data.cache, prompts, responses)[0])  # what training optimises
+        metrics.proxy_reward.update(proxy)
+    if kl_sampler is not None:
+        _update_kl(module, kl_sampler, inputs, settings.seed + 1_000_003 + indices[0], metrics)
+    return [
+        {"index": indices[k // n], "prompt": prompts[k], "reference": references[k], "response": responses[k],
+         "finished": finished[k], "score": _float(scores[k]), "reference_score": _float(reference_scores[k]),
+         **({"proxy_score": _float(proxy[k])} if proxy is not None else {})}
+        for k in range(len(responses))
+    ]  # fmt: skip
+
+
+def _float(x: torch.Tensor) -> float | None:
+    return None if x.isnan() else x.item()
+
+
+def _update_kl(module, sampler: GenerateSampler, inputs: list, seed: int, metrics: EvaluationMetrics) -> None:
+    """Monte-Carlo KL(policy‖initial) and KL(policy‖behavior) on answers sampled from the policy itself."""
+    with module.policy_weights():
+        draws = sampler.sample(module.policy, module.tokenizer, inputs, seed=seed)
+        policy = module.response_logps(draws)
+    with module.initial_weights():
+        initial = module.response_logps(draws)
+    metrics.kl_initial.update(policy, initial)
+    behavior = module.behavior_weights_for_evaluation()
+    if behavior is not None:
+        with behavior:
+            metrics.kl_behavior.update(policy, module.response_logps(draws))
+
+
+def response_batch(samples: Samples, pad_id: int, eos_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + response sequences of ``samples``, EOS appended where the model emitted it.
+
+    An answer cut at the length limit is scored as that prefix (no EOS): its probability under a model is the
+    probability of the prefix, so the KL estimate is over the truncated distributions both models induce.
+    """
+    seqs, starts = [], []
+    for prompt_ids, group, done in zip(samples.prompt_ids, samples.response_ids, samples.finished, strict=True):
+        for ids, finished in zip(group, done, strict=True):
+            seqs.append(prompt_ids + ids + ([eos_id] if finished else []))
+            starts.append(len(prompt_ids))
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (N, T)
+    attention_mask = torch.zeros_like(input_ids)
+    loss_mask = torch.zeros_like(input_ids)
+    for row, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        attention_mask[row, : len(seq)] = 1
+        loss_mask[row, start : len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def save_records(records: list[dict], path: Path) -> None:
+    """Write one evaluation's answer records as JSONL (atomically: a complete file or none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    tmp.replace(path)
 
 
 @rank_zero_only
@@ -24,81 +242,36 @@ def _say(line: str) -> None:
     print(line, flush=True)  # the report is the run's main output: stdout, once per job
 
 
+def _describe(result: dict) -> str:
+    line = f"eval win rate {result['win_rate']:.3f} (ties {result['tie_rate']:.3f})"
+    if "reward" in result:
+        line += f" | gold reward {result['reward']:+.3f}"
+    if "kl_initial" in result:
+        line += f" | KL(policy‖initial) {result['kl_initial']:.3f}"
+    if "kl_behavior" in result:
+        line += f" | KL(policy‖behavior) {result['kl_behavior']:.3f}"
+    return line
+
+
 class PhaseReport(L.Callback):
-    """Evaluates the policy before training and after every ``eval_every_n_phases`` phases, and prints a line per
-    phase: pairs kept/dropped, gold win rate vs the references, mean gold reward, KL(policy‖behavior).
+    """Prints a line per phase (pairs kept/dropped, evaluation, KL, time) and keeps the run's history in
+    ``report.json`` and ``plots/phases.png``.
+
+    Evaluations themselves run in Lightning's validation loop (``BPOModule.validation_step``): every
+    ``trainer.check_val_every_n_epoch`` phases, or every ``trainer.val_check_interval`` steps with
+    ``trainer.check_val_every_n_epoch: null``. This callback adds the evaluation before the first phase.
 
     Args:
-        eval_every_n_phases: evaluation frequency in phases (0 disables evaluation).
-        max_eval_prompts: evaluate on at most this many held-out prompts.
-        batch_size: prompts per ``generate`` call.
-        temperature: 0 for greedy decoding (the paper's protocol); > 0 evaluates samples at that temperature
-            (top-k 50), with a fixed seed, ``samples_per_prompt`` per prompt, each compared with the reference.
-        samples_per_prompt: responses per prompt when sampling.
+        evaluate_at_start: evaluate the initial policy before training (phase 0 of the history).
         plots: draw ``plots/phases.png`` in the run directory after every phase.
     """
 
-    def __init__(
-        self,
-        eval_every_n_phases: int = 1,
-        max_eval_prompts: int | None = None,
-        batch_size: int = 64,
-        temperature: float = 0.0,
-        samples_per_prompt: int = 1,
-        plots: bool = True,
-    ):
-        if temperature == 0 and samples_per_prompt != 1:
-            raise ValueError("report.samples_per_prompt must be 1 with greedy decoding (report.temperature: 0)")
-        self.eval_every_n_phases = eval_every_n_phases
-        self.max_eval_prompts = max_eval_prompts
-        self.batch_size = batch_size
-        self.temperature = temperature
-        self.samples_per_prompt = samples_per_prompt
+    def __init__(self, evaluate_at_start: bool = True, plots: bool = True) -> None:
+        self.evaluate_at_start = evaluate_at_start
         self.plots = plots
         self.history: list[dict] = []
-        self._reference_scores: torch.Tensor | None = None
+        self._pending: dict | None = None  # the evaluation at the end of the current phase
         self._phase_start = time.perf_counter()
-
-    def evaluate(self, trainer: L.Trainer, module) -> dict[str, float] | None:
-        dm = trainer.datamodule
-        rows = dm.eval_rows[: self.max_eval_prompts] if self.max_eval_prompts else dm.eval_rows
-        if not rows or self.eval_every_n_phases <= 0:
-            return None
-        prompts = [r["prompt"] for r in rows]
-        inputs = [model_input(r) for r in rows]
-        sampler = GenerateSampler(
-            num_samples=self.samples_per_prompt, temperature=self.temperature, max_new_tokens=dm.sampler.max_new_tokens,
-            batch_size=self.batch_size, max_prompt_tokens=getattr(dm.sampler, "max_prompt_tokens", 512), progress=False,
-        )  # fmt: skip
-        n = self.samples_per_prompt
-        with module.policy_weights():  # an ensemble is evaluated through its merged adapter
-            samples = sampler.sample(module.policy, module.tokenizer, inputs, seed=0)
-        responses = [r for group in samples.responses for r in group]
-        prompts = [p for p in prompts for _ in range(n)]
-        references = [r["reference"] for r in rows for _ in range(n)]
-        outcome = WinTieLoss()
-        if isinstance(dm.evaluator, PairwiseAnnotator):  # a judge: verdict > 0 means the policy's answer wins
-            scores = torch.tensor(dm.evaluator.compare(prompts, responses, references), dtype=torch.float64)
-            outcome.update(scores, torch.zeros_like(scores))  # no verdict (NaN) is counted as invalid
-        else:
-            if self._reference_scores is None:  # the references never change: score them once
-                self._reference_scores = torch.tensor(dm.evaluator.score(prompts, references), dtype=torch.float64)
-            scores = torch.tensor(dm.evaluator.score(prompts, responses), dtype=torch.float64)
-            outcome.update(scores, self._reference_scores)
-        text = ResponseStats()
-        text.update(responses, [f for group in samples.finished for f in group])
-        result = {k: v.item() for k, v in outcome.compute().items()}
-        stats = {k: v.item() for k, v in text.compute().items()}
-        result.update(
-            reward=scores.nanmean().item(),
-            length=stats["mean_words"],
-            repetition=stats["repeated_ngram_rate"],
-            eos_rate=stats["eos_rate"],
-        )
-        if dm.annotator is not dm.evaluator and not isinstance(dm.annotator, PairwiseAnnotator):
-            proxy = [s for s in dm.annotator.score(prompts, responses) if s == s]  # what training optimises
-            result["proxy_reward"] = sum(proxy) / len(proxy) if proxy else None
-        return result
 
     def save(self, trainer: L.Trainer) -> None:
         """Write ``report.json`` and ``plots/phases.png`` into the run directory (rank zero only)."""
@@ -114,46 +287,56 @@ class PhaseReport(L.Callback):
         if self.plots:
             plot_histories({run_dir.name: self.history}, run_dir / "plots" / "phases.png")
 
+    def _record(self, trainer: L.Trainer, entry: dict) -> None:
+        # evaluations arrive in order: entries at or after this point come from an interrupted earlier attempt
+        self.history = [h for h in self.history if h["phase"] < entry["phase"]] + [entry]
+        self.save(trainer)
+
     def on_fit_start(self, trainer: L.Trainer, module) -> None:
         self._phase_start = time.perf_counter()
         if trainer.ckpt_path is not None:  # resumed: the start was evaluated by the first run; keep its report
             path = trainer.datamodule.run_dir / "report.json"
             self.history = json.loads(path.read_text()) if path.exists() else []
             return
-        result = self.evaluate(trainer, module)
-        if result is not None:
-            self.history.append({"phase": 0, **result})
-            self.save(trainer)
-            if trainer.logger is not None:
-                trainer.logger.log_metrics({"eval/win_rate": result["win_rate"], "eval/reward": result["reward"]}, 0)
-            _say(
-                f"start     | eval win rate {result['win_rate']:.3f} (ties {result['tie_rate']:.3f}) "
-                f"| gold reward {result['reward']:+.3f} | length {result['length']:.1f} words"
-            )
+        dm = trainer.datamodule
+        if not self.evaluate_at_start or not dm.eval_rows:
+            return
+        result = module.evaluate(dm.eval_batches(trainer.global_rank, trainer.world_size), stage="start")
+        self._record(trainer, {"phase": 0, "step": 0, **result})
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({f"eval/{k}": v for k, v in result.items()}, step=0)
+        _say(f"start     | {_describe(result)} | length {result['length']:.1f} words")
         self._phase_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or module.last_evaluation is None:
+            return
+        epoch_loop = trainer.fit_loop.epoch_loop
+        total = max(trainer.num_training_batches, 1) if math.isfinite(trainer.num_training_batches) else None
+        done = epoch_loop.batch_progress.current.completed
+        at_end = total is None or done >= total
+        phase = trainer.current_epoch + (1.0 if at_end else done / total)
+        entry = {"phase": round(phase, 4), "step": trainer.global_step, **module.last_evaluation}
+        if at_end:
+            self._pending = entry  # printed and recorded with the phase's line
+            return
+        self._record(trainer, entry)
+        _say(f"step {trainer.global_step:<5}| phase {phase:.2f} | {_describe(entry)}")
 
     def on_train_epoch_end(self, trainer: L.Trainer, module) -> None:
         phase = trainer.current_epoch + 1
         summary = module.phase_summary()
         stats = module.phase_stats
         line = f"phase {phase}/{trainer.datamodule.num_phases} | pairs {stats.describe() if stats else '?'}"
-        entry = {"phase": phase, "kl": summary["behavior/kl"], "pairs": stats.kept if stats else None}
-        due = self.eval_every_n_phases > 0 and phase % self.eval_every_n_phases == 0
-        result = self.evaluate(trainer, module) if due else None
-        if result is not None:
-            entry.update(result)
-            module.log("eval/win_rate", result["win_rate"])
-            module.log("eval/reward", result["reward"])
-            module.log("eval/tie_rate", result["tie_rate"])
-            module.log("eval/length", result["length"])
-            module.log("eval/repetition", result["repetition"])
-            module.log("eval/eos_rate", result["eos_rate"])
-            module.log("eval/reward_diff", result["reward_diff"])
-            if result.get("proxy_reward") is not None:
-                module.log("eval/proxy_reward", result["proxy_reward"])
-            line += f" | eval win rate {result['win_rate']:.3f} | gold reward {result['reward']:+.3f}"
-        line += f" | KL(policy‖behavior) {summary['behavior/kl']:.4f} | {time.perf_counter() - self._phase_start:.1f}s"
-        self.history = [h for h in self.history if h["phase"] < phase] + [entry]  # a redone phase replaces its entry
-        self.save(trainer)
+        entry = {"phase": phase, "step": trainer.global_step, "kl": summary["behavior/kl"],
+                 "pairs": stats.kept if stats else None}  # fmt: skip
+        if self._pending is not None:
+            entry.update({k: v for k, v in self._pending.items() if k not in ("phase", "step")})
+            line += f" | {_describe(self._pending)}"
+            self._pending = None
+        else:  # no evaluation this phase: the training-time estimate on the phase's pairs
+            line += f" | KL(policy‖behavior) {summary['behavior/kl']:.4f} (train pairs)"
+        line += f" | {time.perf_counter() - self._phase_start:.1f}s"
+        self._record(trainer, entry)
         _say(line)
         self._phase_start = time.perf_counter()  # the next phase's time includes its data collection

@@ -27,6 +27,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from bpo_lightning.behavior import BehaviorUpdate, Frozen, HardSync, Snapshot, swapped_weights
+from bpo_lightning.evaluation import Evaluation, EvaluationMetrics, evaluation_step, response_batch, save_records
 from bpo_lightning.logprobs import sequence_logps
 from bpo_lightning.lora import MERGED, LoRA, active_adapter
 from bpo_lightning.losses import DPOLoss, PreferenceLoss
@@ -47,6 +48,7 @@ class BPOModule(L.LightningModule):
         behavior: how π_β follows the policy between phases (default ``HardSync``, i.e. BPO).
         reference: the loss's reference: ``behavior`` (BPO) or ``initial`` (the starting model).
         lora: train LoRA adapters (optionally the paper's K-member ensemble) instead of all weights.
+        evaluation: how held-out prompts are answered and scored (``bpo validate``/``bpo test``, and during fit).
         lr: AdamW learning rate (paper: 5e-5).
         betas: AdamW betas.
         eps: AdamW epsilon (paper: 1e-6).
@@ -66,6 +68,7 @@ class BPOModule(L.LightningModule):
         behavior: BehaviorUpdate | None = None,
         reference: Literal["behavior", "initial"] = "behavior",
         lora: LoRA | None = None,
+        evaluation: Evaluation | None = None,
         lr: float = 5e-5,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
@@ -82,20 +85,26 @@ class BPOModule(L.LightningModule):
             raise ValueError(f"model.reference must be 'behavior' or 'initial', got {reference!r}")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
-        self.save_hyperparameters(ignore=["policy", "loss", "behavior", "lora"])
+        self.save_hyperparameters(ignore=["policy", "loss", "behavior", "lora", "evaluation"])
         self.source = policy
         self.tokenizer = policy.tokenizer()
         self.loss = loss if loss is not None else DPOLoss()
         self.behavior = behavior if behavior is not None else HardSync()
         self.reference = reference
         self.lora = lora
+        self.evaluation = evaluation if evaluation is not None else Evaluation()
         self.policy: nn.Module | None = None
         self.initial: Snapshot | None = None  # only kept when something needs the initial weights
         self.behavior_snapshot: Snapshot | None = None  # None = the live policy (hard sync)
+        self.behavior_copy: Snapshot | None = None  # hard sync: π_β kept for evaluation KL only
         self.behavior_version = 0
         self.phases_started = 0
         self.phase_stats: PhaseStats | None = None
         self.step_metrics = nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in STEP_METRICS})
+        self.eval_metrics = EvaluationMetrics()
+        self.last_evaluation: dict[str, float] | None = None
+        self.checkpoint_step = 0  # training steps behind the weights (from a loaded checkpoint)
+        self._eval_records: list[dict] = []
 
     # --- model and behavior -------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -107,7 +116,7 @@ class BPOModule(L.LightningModule):
             for module in self.policy.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
-        if self.reference == "initial" or self.behavior.keeps_snapshot:
+        if self.reference == "initial" or self.behavior.keeps_snapshot or self.evaluation.kl_samples:
             device = "cpu" if self.hparams.offload_snapshots else None
             self.initial = {name: value.to(device, copy=True) for name, value in self._policy_state().items()}
         if self.behavior.keeps_snapshot:
@@ -119,6 +128,9 @@ class BPOModule(L.LightningModule):
             if self.phases_started > 0:  # at phase 0 every rule gives the initial model
                 self.behavior_snapshot = self.behavior.update(self._policy_state, self.behavior_snapshot)
                 self.behavior_version += not isinstance(self.behavior, Frozen)
+                if self.behavior_snapshot is None and self.evaluation.kl_samples:
+                    device = "cpu" if self.hparams.offload_snapshots else None
+                    self.behavior_copy = {n: v.to(device, copy=True) for n, v in self._policy_state().items()}
             self.phases_started += 1
         return self.behavior_version
 
@@ -155,6 +167,25 @@ class BPOModule(L.LightningModule):
         """Context in which ``self.policy`` computes as the current policy (the members' merge for an ensemble)."""
         return self._computing_as(None)
 
+    def initial_weights(self):
+        """Context in which ``self.policy`` computes as the initial model (needs ``self.initial``)."""
+        if self.initial is None:
+            raise RuntimeError("the initial weights were not kept (model.evaluation.kl_samples is 0)")
+        return self._computing_as(self.initial)
+
+    def behavior_weights_for_evaluation(self):
+        """Context computing as the current π_β for evaluation KL, or ``None`` when π_β's weights are not kept
+        (hard sync restored from a checkpoint written with ``kl_samples: 0``)."""
+        if self.phases_started == 0:
+            return self._computing_as(None)  # before the first phase π_β is the policy itself
+        if self.behavior_snapshot is not None:
+            return self._computing_as(self.behavior_snapshot)
+        if self.phases_started == 1:  # hard sync, first phase: π_β is the initial model
+            return self._computing_as(self.initial) if self.initial is not None else None
+        if self.behavior_copy is not None:
+            return self._computing_as(self.behavior_copy)
+        return None
+
     @torch.no_grad()
     def score_records(self, records: list[PreferenceRecord]) -> None:
         """Fill in the behavior and reference log-probabilities of a phase's pairs (π_β is frozen in a phase)."""
@@ -182,6 +213,19 @@ class BPOModule(L.LightningModule):
             out.extend(zip(sums[: len(chunk)], sums[len(chunk) :], strict=True))
         self.policy.train(was_training)
         return out
+
+    @torch.no_grad()
+    def response_logps(self, samples) -> torch.Tensor:
+        """log π(y|x) of sampled answers under the weights in effect, (N,) float64 (an EOS is scored where the
+        model emitted it)."""
+        batch = response_batch(samples, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+        was_training = self.policy.training
+        self.policy.eval()
+        size, out = self.hparams.scoring_batch_size, []
+        for start in range(0, batch["input_ids"].shape[0], size):
+            out.append(self._policy_logps({k: v[start : start + size] for k, v in batch.items()}).sums.double())
+        self.policy.train(was_training)
+        return torch.cat(out).cpu()
 
     def _policy_logps(self, batch: dict[str, torch.Tensor]):
         device = next(self.policy.parameters()).device
@@ -245,6 +289,56 @@ class BPOModule(L.LightningModule):
             self.log("data/cache_hits", float(self.phase_stats.cached))
         self.log("behavior/version", float(self.behavior_version))
 
+    # --- evaluation -------------------------------------------------------------------------------------------------
+    def validation_step(self, batch: list[tuple[int, dict]], batch_idx: int) -> None:
+        self._eval_records += evaluation_step(self, batch, self.trainer.datamodule, self.eval_metrics)
+
+    def test_step(self, batch: list[tuple[int, dict]], batch_idx: int) -> None:
+        self._eval_records += evaluation_step(self, batch, self.trainer.datamodule, self.eval_metrics)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_evaluation("fit" if self.trainer.state.fn == "fit" else "validate", "eval")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_evaluation("test", "test")
+
+    def evaluate(self, batches, stage: str = "evaluate") -> dict[str, float]:
+        """Evaluate on ``batches`` of ``(index, row)`` held-out prompts outside Lightning's loops (e.g. before
+        training); the same steps as ``validation_step``. Returns the metrics (also in ``last_evaluation``)."""
+        was_training = self.policy.training
+        self.policy.eval()
+        self._start_evaluation()
+        for batch in batches:
+            self._eval_records += evaluation_step(self, batch, self.trainer.datamodule, self.eval_metrics)
+        result = self._end_evaluation(stage, None)
+        self.policy.train(was_training)
+        return result
+
+    def _start_evaluation(self) -> None:
+        self.eval_metrics.reset()
+        self._eval_records = []
+
+    def _end_evaluation(self, stage: str, prefix: str | None) -> dict[str, float]:
+        """Reduce the metrics (across processes), log them under ``prefix/`` and save the answers."""
+        self.last_evaluation = self.eval_metrics.compute()
+        if prefix is not None:
+            for name, value in self.last_evaluation.items():
+                self.log(f"{prefix}/{name}", value)
+        trainer = self.trainer
+        if self.evaluation.save_responses and self._eval_records and not trainer.sanity_checking:
+            rank = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+            step = trainer.global_step if trainer.state.fn == "fit" else self.checkpoint_step
+            name = f"{stage}_step{step:07d}{rank}.jsonl"
+            save_records(self._eval_records, trainer.datamodule.run_dir / "evaluations" / name)
+        self._eval_records = []
+        return self.last_evaluation
+
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(self._param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
@@ -288,12 +382,17 @@ class BPOModule(L.LightningModule):
         state = {"behavior_version": self.behavior_version, "phases_started": self.phases_started}
         if self.behavior_snapshot is not None and self.behavior_snapshot is not self.initial:
             state["behavior_snapshot"] = {k: v.cpu() for k, v in self.behavior_snapshot.items()}  # e.g. EMA
+        if self.behavior_copy is not None:  # lets `bpo validate` report KL(policy‖behavior) for a hard-synced run
+            state["behavior_copy"] = {k: v.cpu() for k, v in self.behavior_copy.items()}
         checkpoint["bpo"] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("bpo", {})
+        self.checkpoint_step = checkpoint.get("global_step", 0)
         self.behavior_version = state.get("behavior_version", 0)
         self.phases_started = state.get("phases_started", 0)
+        device = "cpu" if self.hparams.offload_snapshots else self.device
         if "behavior_snapshot" in state:
-            device = "cpu" if self.hparams.offload_snapshots else self.device
             self.behavior_snapshot = {k: v.to(device) for k, v in state["behavior_snapshot"].items()}
+        if "behavior_copy" in state:
+            self.behavior_copy = {k: v.to(device) for k, v in state["behavior_copy"].items()}

@@ -16,22 +16,29 @@ PANELS = (
     ("win_rate", "win rate vs reference"),
     ("reward", "evaluator (gold) reward"),
     ("proxy_reward", "annotator (proxy) reward"),
-    ("kl", "KL(policy‖behavior), phase mean"),
+    ("kl_initial", "KL(policy‖initial)"),
+    ("kl_behavior", "KL(policy‖behavior)"),
+    ("kl", "KL(policy‖behavior), training pairs"),
     ("length", "response length (words)"),
     ("repetition", "repeated 3-gram rate"),
 )
 
 
 def plot_histories(histories: dict[str, list[dict]], out: str | Path) -> Path:
-    """One row of panels (see ``PANELS``), one line per run, phases on the x axis. Panels no run has are left out."""
+    """A grid of panels (see ``PANELS``), one line per run, phases on the x axis (evaluations every N steps fall
+    between phases). Panels no run has are left out."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
     panels = [(k, t) for k, t in PANELS if any(h.get(k) is not None for hs in histories.values() for h in hs)]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.4), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels, strict=False):
+    cols = min(max(len(panels), 1), 4)
+    rows = -(-max(len(panels), 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (key, title) in zip(axes.flat, panels, strict=False):
         for name, history in histories.items():
             points = [(h["phase"], h[key]) for h in history if h.get(key) is not None]
             if points:
@@ -39,7 +46,8 @@ def plot_histories(histories: dict[str, list[dict]], out: str | Path) -> Path:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("phase (0 = start)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    if panels:
+        axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,13 +38,17 @@ class CountingAnnotator(Annotator):
         return "CountingAnnotator:gold"
 
 
-def make_run(root, sft_dir, *, budget=32, num_phases=2, max_epochs=None, callbacks=(), annotator=None, **module_args):
-    """A tiny BPO run on CPU: module, datamodule, trainer (no logger, no progress bars)."""
+def make_run(
+    root, sft_dir, *, budget=32, num_phases=2, max_epochs=None, callbacks=(), annotator=None, eval_prompts=0,
+    trainer_args=None, **module_args,
+):
+    """A tiny BPO run on CPU: module, datamodule, trainer (no logger, no progress bars). ``eval_prompts`` > 0
+    evaluates on that many held-out prompts after every phase (and, with a ``PhaseReport``, at the start)."""
     module = BPOModule(policy=Pretrained(str(sft_dir)), lr=module_args.pop("lr", 1e-3), **module_args)
     data = OnlineDataModule(
         prompts=ReviewPrompts("prompts"),
         annotator=annotator or CountingAnnotator(),
-        eval_prompts=ReviewPrompts("eval", limit=16),
+        eval_prompts=ReviewPrompts("eval", limit=eval_prompts) if eval_prompts else None,
         sampler=GenerateSampler(max_new_tokens=16, batch_size=16, progress=False),
         budget=budget,
         num_phases=num_phases,
@@ -62,6 +66,7 @@ def make_run(root, sft_dir, *, budget=32, num_phases=2, max_epochs=None, callbac
         enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
         callbacks=list(callbacks),
         gradient_clip_val=1.0,
+        **(trainer_args or {}),
     )
     return module, data, trainer
 

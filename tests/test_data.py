@@ -335,10 +335,17 @@ def test_a_judge_annotates_and_evaluates_a_run(tmp_path, sft_dir):
     from bpo_lightning.evaluation import PhaseReport
 
     judge, report = LongerIsBetter(), PhaseReport()
-    module, data, trainer = make_run(tmp_path, sft_dir, budget=16, num_phases=1, annotator=judge, callbacks=[report])
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=16, num_phases=1, annotator=judge, callbacks=[report],
+                                     eval_prompts=16)  # fmt: skip
     trainer.fit(module, datamodule=data)
     assert data.stats[0].kept > 0
-    last = judge.compared[-16:]  # the final evaluation: 16 held-out (policy answer, reference) comparisons
-    wins = sum(len(a) > len(b) and "?" not in a + b for a, b in last) / 16
-    assert report.history[-1]["win_rate"] == pytest.approx(wins)
+    # the final evaluation: 16 held-out (policy answer, reference) verdicts, saved with the answers
+    saved = [json.loads(line) for line in (tmp_path / "evaluations" / f"fit_step{trainer.global_step:07d}.jsonl")
+             .read_text().splitlines()]  # fmt: skip
+    assert len(saved) == 16
+    for r in saved:
+        expected = None if "?" in r["response"] + r["reference"] else float(len(r["response"]) - len(r["reference"]))
+        assert r["score"] == expected and r["reference_score"] == 0.0
+    valid = [r for r in saved if r["score"] is not None]
+    assert report.history[-1]["win_rate"] == pytest.approx(sum(r["score"] > 0 for r in valid) / len(valid))
     assert report.history[0]["phase"] == 0 and report.history[-1]["phase"] == 1

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from bpo_lightning import EMA, DPOLoss, Frozen, HardSync
 from bpo_lightning.data import pair_batch
+from bpo_lightning.evaluation import Evaluation
 from bpo_lightning.logprobs import sequence_logps
 from bpo_lightning.store import PhaseStore
 
@@ -84,7 +85,8 @@ def run(tmp_path, sft_dir, **kwargs):
 
 @pytest.mark.slow
 def test_bpo_regenerates_once_per_phase_and_behavior_follows_policy(tmp_path, sft_dir):
-    module, data, recorder = run(tmp_path, sft_dir, budget=48, num_phases=3, behavior=HardSync())
+    no_kl = Evaluation(kl_samples=0)  # evaluation KL off: nothing needs a weight copy
+    module, data, recorder = run(tmp_path, sft_dir, budget=48, num_phases=3, behavior=HardSync(), evaluation=no_kl)
     annotator = data.annotator
     # each phase sampled and annotated its own 16 prompts, and each prompt in one annotator call only
     assert sorted(data.stats) == [0, 1, 2] and all(s.prompts == 16 for s in data.stats.values())
@@ -106,7 +108,7 @@ def test_bpo_regenerates_once_per_phase_and_behavior_follows_policy(tmp_path, sf
     initial_chosen, _ = fresh_logps(sft_dir, records, module.tokenizer)
     assert not torch.allclose(torch.tensor([r.behavior_chosen_logps for r in records]), initial_chosen, atol=1e-3)
     # hard sync keeps no weight copy at all
-    assert module.initial is None and module.behavior_snapshot is None
+    assert module.initial is None and module.behavior_snapshot is None and module.behavior_copy is None
 
 
 @pytest.mark.slow

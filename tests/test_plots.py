@@ -24,12 +24,12 @@ def test_run_writes_report_and_figure_and_compare_reads_them(tmp_path, sft_dir, 
     report = PhaseReport()
     proxy = RuleAnnotator("bpo_lightning.tasks.reviews:proxy_reward")
     module, data, trainer = make_run(tmp_path / "a", sft_dir, budget=16, num_phases=2, callbacks=[report],
-                                     annotator=proxy)  # fmt: skip
+                                     annotator=proxy, eval_prompts=16)  # fmt: skip
     data.evaluator = RuleAnnotator("bpo_lightning.tasks.reviews:gold_reward")
     trainer.fit(module, datamodule=data)
     history = json.loads((tmp_path / "a" / "report.json").read_text())
     assert [h["phase"] for h in history] == [0, 1, 2]
-    assert all("win_rate" in h and "proxy_reward" in h and "length" in h for h in history)
+    assert all("win_rate" in h and "proxy_reward" in h and "length" in h and "kl_initial" in h for h in history)
     assert all("kl" in h and "pairs" in h for h in history[1:])
     assert (tmp_path / "a" / "plots" / "phases.png").stat().st_size > 5000
     monkeypatch.setattr("sys.argv", ["bpo"])
