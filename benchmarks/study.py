@@ -7,8 +7,9 @@
 Regimes (bpo_spec §1.2): offline DPO (F = 1), on-policy DPO (F = T, reference = initial), BPO with F ∈ {2, 4, T};
 losses DPO, IPO, SLiC; full fine-tuning, a 5-member LoRA ensemble and a single LoRA. Each
 finished run appends one line to ``benchmarks/results/study.jsonl`` (per-prompt gold outcomes included), so an
-interrupted study resumes where it stopped. Evaluation: the final policy, 2 samples per held-out prompt
-(temperature 1, fixed seed), gold reward vs the prompt's reference, strict win.
+interrupted study resumes where it stopped. Evaluation: the framework's own (``bpo_lightning.evaluation``) on the
+final policy, 2 samples per held-out prompt (temperature 1, fixed seed), gold reward vs the prompt's reference,
+strict win.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ import torch
 
 from bpo_lightning import DPOLoss, Frozen, HardSync, IPOLoss, RuleAnnotator, SLiCLoss
 from bpo_lightning.data import OnlineDataModule
+from bpo_lightning.evaluation import Evaluation, EvaluationMetrics, evaluation_step
 from bpo_lightning.lora import LoRA
-from bpo_lightning.metrics import ResponseStats
 from bpo_lightning.module import BPOModule
 from bpo_lightning.policy import EmbeddedSFT
 from bpo_lightning.prompts import ReviewPrompts
 from bpo_lightning.sampling import GenerateSampler
-from bpo_lightning.tasks.reviews import gold_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "study.jsonl"
@@ -77,7 +77,7 @@ def run_one(spec: dict, budget: int, batch: int, eval_prompts: int, work: Path) 
     )  # fmt: skip
     data = OnlineDataModule(
         prompts=ReviewPrompts("prompts"), annotator=RuleAnnotator("bpo_lightning.tasks.reviews:gold_reward"),
-        sampler=GenerateSampler(max_new_tokens=48, batch_size=64, max_prompt_tokens=64, progress=False),
+        sampler=sampler(),
         budget=budget, num_phases=regime["phases"], batch_size=batch, seed=spec["seed"], annotation_cache=None,
     )  # fmt: skip
     trainer = L.Trainer(
@@ -91,27 +91,30 @@ def run_one(spec: dict, budget: int, batch: int, eval_prompts: int, work: Path) 
 
 
 def evaluate(module: BPOModule, limit: int) -> dict:
-    rows = ReviewPrompts("eval", limit=limit).load("eval")
-    sampler = GenerateSampler(num_samples=2, max_new_tokens=48, batch_size=64, max_prompt_tokens=64, progress=False)
-    with module.policy_weights():
-        samples = sampler.sample(module.policy, module.tokenizer, [r["prompt"] for r in rows], seed=0)
-    outcomes, answers, finished = [], [], []
-    for row, group, done in zip(rows, samples.responses, samples.finished, strict=True):
-        reference = gold_reward(row["prompt"], row["reference"])
-        outcomes.append([float(gold_reward(row["prompt"], answer) > reference) for answer in group])
-        answers.extend(group)
-        finished.extend(done)
-    stats = ResponseStats()
-    stats.update(answers, finished)
-    text = {k: v.item() for k, v in stats.compute().items()}
-    gold = [gold_reward(r["prompt"], a) for r, group in zip(rows, samples.responses, strict=True) for a in group]
+    """The framework's evaluation (``bpo_lightning.evaluation``) of the final policy, with per-prompt outcomes."""
+    module.evaluation = Evaluation(temperature=1.0, samples_per_prompt=2, kl_samples=0, save_responses=False)
+    data = OnlineDataModule(
+        prompts=ReviewPrompts("prompts"), annotator=RuleAnnotator("bpo_lightning.tasks.reviews:gold_reward"),
+        eval_prompts=ReviewPrompts("eval", limit=limit), sampler=sampler(), annotation_cache=None, eval_batch_size=64,
+    )  # fmt: skip
+    data.setup("validate")
+    metrics = EvaluationMetrics()
+    records = [r for batch in data.eval_batches() for r in evaluation_step(module, batch, data, metrics)]
+    result = metrics.compute()
+    outcomes: dict[int, list[float]] = {}
+    for r in records:
+        outcomes.setdefault(r["index"], []).append(float(r["score"] > r["reference_score"]))
     return {
-        "win_rate": sum(map(sum, outcomes)) / (2 * len(rows)),
-        "gold": sum(gold) / len(gold),
-        "length": text["mean_words"],
-        "repetition": text["repeated_ngram_rate"],
-        "outcomes": outcomes,  # per prompt, per sample: 1 = beats the reference
+        "win_rate": result["win_rate"],
+        "gold": result["reward"],
+        "length": result["length"],
+        "repetition": result["repetition"],
+        "outcomes": list(outcomes.values()),  # per prompt, per sample: 1 = beats the reference
     }
+
+
+def sampler() -> GenerateSampler:
+    return GenerateSampler(max_new_tokens=48, batch_size=64, max_prompt_tokens=64, progress=False)
 
 
 def bootstrap_ci(runs: list[dict], draws: int = 2000, seed: int = 0) -> tuple[float, float]:

@@ -103,8 +103,8 @@ class EvaluationMetrics(nn.Module):
         super().__init__()
         self.outcome = WinTieLoss()
         self.text = ResponseStats()
-        self.reward = MeanMetric(nan_strategy="ignore")
-        self.proxy_reward = MeanMetric(nan_strategy="ignore")
+        self.reward = MeanMetric(nan_strategy="ignore").set_dtype(torch.float64)
+        self.proxy_reward = MeanMetric(nan_strategy="ignore").set_dtype(torch.float64)
         self.kl_initial = SequenceKL()
         self.kl_behavior = SequenceKL()
 

@@ -150,6 +150,19 @@ def test_kl_estimates_match_exact_kl_of_one_token_answers_and_follow_the_behavio
     assert result["kl_initial"] > result["kl_behavior"]  # two perturbations away from the start, one from π_β
 
 
+def test_held_out_prompts_split_into_batches_and_across_processes():
+    data = OnlineDataModule(prompts=ReviewPrompts("prompts"), annotator=Length(), eval_prompts=ReviewPrompts("eval"),
+                            test_prompts=ReviewPrompts("eval", limit=5), max_eval_prompts=10, eval_batch_size=3)
+    data.setup("test")
+    assert len(data.eval_rows) == 10 and len(data.test_rows) == 5 and data.pool is None  # no training pool read
+    assert [len(b) for b in data.eval_batches()] == [3, 3, 3, 1]
+    shards = [[i for batch in data.eval_batches(rank, 3) for i, _ in batch] for rank in range(3)]
+    assert sorted(i for shard in shards for i in shard) == list(range(10))  # every prompt once over 3 processes
+    assert [i for i, _ in next(iter(data.test_dataloader()))] == [0, 1, 2]
+    with pytest.raises(ValueError, match="data.eval_batch_size must be >= 1, got 0"):
+        OnlineDataModule(prompts=ReviewPrompts("prompts"), annotator=Length(), eval_batch_size=0)
+
+
 def test_validate_needs_held_out_prompts(tmp_path, sft_dir):
     module, data, trainer = make_run(tmp_path, sft_dir)
     with pytest.raises(ValueError, match="bpo validate: data.eval_prompts is not set"):
