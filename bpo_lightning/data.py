@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from bpo_lightning.annotation import Annotator, PairwiseAnnotator
 from bpo_lightning.cache import AnnotationCache, cached_score
+from bpo_lightning.logprobs import right_padded
 from bpo_lightning.plugins import get_plugins
 from bpo_lightning.prompts import PromptSource, model_input
 from bpo_lightning.sampling import GenerateSampler, Sampler, Samples
@@ -334,14 +335,7 @@ def pair_batch(records: list[PreferenceRecord], pad_id: int, eos_id: int) -> dic
         for r in records:
             seqs.append(r.prompt_ids + getattr(r, side) + [eos_id])
             prompt_lens.append(len(r.prompt_ids))
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (2B, T)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, (seq, n_prompt) in enumerate(zip(seqs, prompt_lens, strict=True)):
-        input_ids[row, : len(seq)] = torch.tensor(seq)
-        attention_mask[row, : len(seq)] = 1
-        loss_mask[row, n_prompt : len(seq)] = 1
+    batch = right_padded(seqs, prompt_lens, pad_id)
 
     def both(name: str) -> torch.Tensor:
         values = [getattr(r, f"{name}_chosen_logps") for r in records] + [
@@ -349,10 +343,6 @@ def pair_batch(records: list[PreferenceRecord], pad_id: int, eos_id: int) -> dic
         ]
         return torch.tensor(values, dtype=torch.float32)
 
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "loss_mask": loss_mask,
-        "behavior_logps": both("behavior"),  # (2B,)
-        "reference_logps": both("reference"),  # (2B,)
-    }
+    batch["behavior_logps"] = both("behavior")  # (2B,)
+    batch["reference_logps"] = both("reference")  # (2B,)
+    return batch

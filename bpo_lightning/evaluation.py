@@ -25,6 +25,7 @@ from torchmetrics import MeanMetric
 
 from bpo_lightning.annotation import PairwiseAnnotator
 from bpo_lightning.cache import cached_score
+from bpo_lightning.logprobs import right_padded
 from bpo_lightning.metrics import ResponseStats, SequenceKL, WinTieLoss
 from bpo_lightning.prompts import model_input
 from bpo_lightning.sampling import GenerateSampler, Samples
@@ -218,15 +219,7 @@ def response_batch(samples: Samples, pad_id: int, eos_id: int) -> dict[str, torc
         for ids, finished in zip(group, done, strict=True):
             seqs.append(prompt_ids + ids + ([eos_id] if finished else []))
             starts.append(len(prompt_ids))
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (N, T)
-    attention_mask = torch.zeros_like(input_ids)
-    loss_mask = torch.zeros_like(input_ids)
-    for row, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
-        input_ids[row, : len(seq)] = torch.tensor(seq)
-        attention_mask[row, : len(seq)] = 1
-        loss_mask[row, start : len(seq)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    return right_padded(seqs, starts, pad_id)
 
 
 def save_records(records: list[dict], path: Path) -> None:

@@ -54,3 +54,17 @@ def sequence_logps(
     logps = token_logps(logits[:, :-1], input_ids[:, 1:], chunk_size)  # position t predicts token t+1
     mask = loss_mask[:, 1:].to(logps.dtype)
     return SequenceLogps((logps * mask).sum(-1), mask.sum(-1))
+
+
+def right_padded(sequences: list[list[int]], starts: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token id lists into ``input_ids``, ``attention_mask`` and ``loss_mask`` (N, T); ``loss_mask``
+    marks each sequence's tokens from ``starts[i]`` on (the response: prompt tokens come before)."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+        loss_mask[row, start : len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
