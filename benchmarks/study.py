@@ -160,24 +160,39 @@ def report(results: list[dict], out: Path, command: str) -> str:
 
 
 def plot(groups: dict, path: Path) -> None:
+    """Win rate with 95 % CIs per loss · regime: full fine-tuning (left), LoRA ensemble next to single LoRA (right);
+    the dashed line is the SFT start."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 8), squeeze=False)
-    for ax, params in zip(axes[0], ("full", "LoRA"), strict=True):
-        keys = sorted((k for k in groups if k[0].startswith(params)), key=lambda k: (k[0], k[1], list(groups).index(k)))
-        labels = [f"{k[1]} · {k[2]}" + ("" if params == "full" else f" · {k[0]}") for k in keys]
-        means = [sum(r["win_rate"] for r in groups[k]) / len(groups[k]) for k in keys]
-        cis = [bootstrap_ci(groups[k]) for k in keys]
-        errors = [[m - lo for m, (lo, _) in zip(means, cis, strict=True)],
-                  [hi - m for m, (_, hi) in zip(means, cis, strict=True)]]  # fmt: skip
-        ax.barh(range(len(keys)), means, xerr=errors, color="tab:blue", alpha=0.8)
-        ax.set_yticks(range(len(keys)), labels, fontsize=7)
-        ax.set_xlabel("gold win rate vs reference (95% CI)")
-        ax.set_title("full fine-tuning" if params == "full" else "LoRA: ensemble (x5) vs single (x1)", fontsize=10)
+    order = sorted(regimes(1, 1), key=lambda r: r.startswith("on-policy"))  # offline, BPO F = 2, 4, T, on-policy
+    cells = [(loss, regime) for loss in LOSSES for regime in order]
+    start = groups.get(("full", "-", START))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 7), squeeze=False, sharey=True)
+    panels = (("full fine-tuning", [("full", "tab:blue")]),
+              ("LoRA: ensemble (K = 5) vs single", [("LoRA x5", "tab:orange"), ("LoRA x1", "tab:blue")]))  # fmt: skip
+    for ax, (title, variants) in zip(axes[0], panels, strict=True):
+        height = 0.8 / len(variants)
+        for v, (params, color) in enumerate(variants):
+            rows = [(i, groups[(params, *cell)]) for i, cell in enumerate(cells) if (params, *cell) in groups]
+            if not rows:
+                continue
+            ys = [i - 0.4 + height * (v + 0.5) for i, _ in rows]
+            means = [sum(r["win_rate"] for r in runs) / len(runs) for _, runs in rows]
+            cis = [bootstrap_ci(runs) for _, runs in rows]
+            errors = [[m - lo for m, (lo, _) in zip(means, cis, strict=True)],
+                      [hi - m for m, (_, hi) in zip(means, cis, strict=True)]]  # fmt: skip
+            ax.barh(ys, means, height=height, xerr=errors, color=color, alpha=0.85, label=params)
+        if start:
+            ax.axvline(start[0]["win_rate"], color="gray", linestyle="--", linewidth=1, label="SFT start")
+        ax.set_yticks(range(len(cells)), [f"{loss} · {regime}" for loss, regime in cells], fontsize=8)
+        ax.set_xlabel("gold win rate vs reference (mean over seeds, 95% bootstrap CI)")
+        ax.set_title(title, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=3)
+    axes[0][0].invert_yaxis()  # shared: the first cell on top in both panels
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
