@@ -218,3 +218,45 @@ def test_bpo_validate_and_test_reproduce_the_fits_final_evaluation(tmp_path, mon
     assert (run / "metrics.csv").read_bytes() == fit_metrics  # the fit's own log is untouched
     saved = {p.name for p in (run / "evaluations").iterdir()}
     assert {"validate_step0000004.jsonl", "test_step0000004.jsonl", "fit_step0000004.jsonl"} <= saved
+
+
+def test_a_reward_model_evaluates_and_references_are_scored_once(tmp_path, sft_dir):
+    """A locally built sequence-classification reward model as evaluator, through the annotation cache."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    from bpo_lightning import RewardModelAnnotator
+
+    tok = AutoTokenizer.from_pretrained(sft_dir)
+    config = GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=32, n_head=2, num_labels=1,
+                        pad_token_id=tok.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+
+    class CountingRM(RewardModelAnnotator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scored = []
+
+        def score(self, prompts, responses):
+            self.scored.extend(responses)
+            return super().score(prompts, responses)
+
+    rm = CountingRM(str(tmp_path / "rm"), batch_size=4, max_length=64, device="cpu")
+    module = _module(sft_dir, kl_samples=0)  # greedy: the same answers every time
+    data = _data(annotator=Length(), evaluator=rm, limit=6)
+    data.annotation_cache = str(tmp_path / "cache.sqlite")
+    metrics = EvaluationMetrics()
+    records = [r for batch in data.eval_batches() for r in evaluation_step(module, batch, data, metrics)]
+    prompts = [r["prompt"] for r in records]
+    direct = RewardModelAnnotator(str(tmp_path / "rm"), batch_size=1, max_length=64, device="cpu")
+    expected = direct.score(prompts, [r["response"] for r in records])
+    assert [r["score"] for r in records] == pytest.approx(expected, abs=1e-5)
+    assert [r["reference_score"] for r in records] == pytest.approx(
+        direct.score(prompts, [r["reference"] for r in records]), abs=1e-5)  # fmt: skip
+    wins = sum(r["score"] > r["reference_score"] for r in records)
+    assert metrics.compute()["win_rate"] == pytest.approx(wins / 6)
+    calls = len(rm.scored)
+    for batch in data.eval_batches():  # a second evaluation of the same policy: everything comes from the cache
+        evaluation_step(module, batch, data, EvaluationMetrics())
+    assert len(rm.scored) == calls
