@@ -43,6 +43,23 @@ class PairwiseAnnotator(Annotator):
         raise TypeError(f"{self.identity} compares pairs of responses; it has no per-response score")
 
 
+class JoinedPairs:
+    """A pairwise annotator seen as a scorer of ``join_pair(first, second)`` texts, so that its verdicts go
+    through the same per-(prompt, text) annotation cache as scores do."""
+
+    def __init__(self, judge: PairwiseAnnotator) -> None:
+        self.judge = judge
+        self.identity = judge.identity
+
+    @staticmethod
+    def join(first: str, second: str) -> str:
+        return first + "\x00" + second
+
+    def score(self, prompts: list[str], joined: list[str]) -> list[float]:
+        first, second = zip(*(text.split("\x00", 1) for text in joined), strict=True)
+        return self.judge.compare(prompts, list(first), list(second))
+
+
 def import_callable(path: str, key: str) -> Callable:
     """Import ``package.module:function`` (or ``package.module.function``); ``key`` names the config entry."""
     module_name, sep, attr = path.partition(":")

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from bpo_lightning.annotation import Annotator, PairwiseAnnotator
+from bpo_lightning.annotation import Annotator, JoinedPairs, PairwiseAnnotator
 from bpo_lightning.cache import AnnotationCache, cached_score
 from bpo_lightning.logprobs import right_padded
 from bpo_lightning.plugins import get_plugins
@@ -253,9 +253,12 @@ def annotate(
             row["status"] = None  # decided once scored
             queries.extend((row, i) for i in distinct)
     if isinstance(annotator, PairwiseAnnotator):
-        queries, annotator = _as_pair_queries(queries), _PairScores(annotator)
+        queries, annotator = _as_pair_queries(queries), JoinedPairs(annotator)
     prompts = [row["prompt"] for row, _ in queries]
-    responses = [row["responses"][i] if isinstance(i, int) else _join(row, i) for row, i in queries]
+    responses = [
+        row["responses"][i] if isinstance(i, int) else JoinedPairs.join(row["responses"][i[0]], row["responses"][i[1]])
+        for row, i in queries
+    ]
     scores, fresh = cached_score(annotator, cache, prompts, responses) if queries else ([], [])
     fresh = set(fresh)
     for k, ((row, i), score) in enumerate(zip(queries, scores, strict=True)):
@@ -280,22 +283,6 @@ def _as_pair_queries(queries: list[tuple[dict, int]]) -> list[tuple[dict, tuple[
     for row, i in queries:
         pairs.setdefault(id(row), [row]).append(i)
     return [(row, (a, b)) for row, a, b in pairs.values()]
-
-
-def _join(row: dict, pair: tuple[int, int]) -> str:
-    return row["responses"][pair[0]] + "\x00" + row["responses"][pair[1]]
-
-
-class _PairScores:
-    """A pairwise annotator seen as a scorer of "first NUL second" texts, so that verdicts share the cache."""
-
-    def __init__(self, judge: PairwiseAnnotator) -> None:
-        self.judge = judge
-        self.identity = judge.identity
-
-    def score(self, prompts: list[str], joined: list[str]) -> list[float]:
-        first, second = zip(*(text.split("\x00", 1) for text in joined), strict=True)
-        return self.judge.compare(prompts, list(first), list(second))
 
 
 def _distinct(texts: list[str]) -> list[int]:

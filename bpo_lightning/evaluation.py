@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torchmetrics import MeanMetric
 
-from bpo_lightning.annotation import PairwiseAnnotator
+from bpo_lightning.annotation import JoinedPairs, PairwiseAnnotator
 from bpo_lightning.cache import cached_score
 from bpo_lightning.logprobs import right_padded
 from bpo_lightning.metrics import ResponseStats, SequenceKL, WinTieLoss
@@ -134,17 +134,6 @@ def _nan(scores: list) -> torch.Tensor:
     return torch.tensor([math.nan if s is None else float(s) for s in scores], dtype=torch.float64)
 
 
-class _JoinedPairs:
-    """A judge seen as a scorer of "answer NUL reference" texts, so that its verdicts share the annotation cache."""
-
-    def __init__(self, judge: PairwiseAnnotator) -> None:
-        self.judge, self.identity = judge, judge.identity
-
-    def score(self, prompts: list[str], joined: list[str]) -> list[float]:
-        first, second = zip(*(text.split("\x00", 1) for text in joined), strict=True)
-        return self.judge.compare(prompts, list(first), list(second))
-
-
 @torch.no_grad()
 def evaluation_step(module, batch: list[tuple[int, dict]], data, metrics: EvaluationMetrics) -> list[dict]:
     """Evaluate ``module``'s policy on one batch of ``(index, row)`` held-out prompts; update ``metrics`` and
@@ -167,8 +156,8 @@ def evaluation_step(module, batch: list[tuple[int, dict]], data, metrics: Evalua
     finished = [f for group in answers.finished for f in group]
     tokens = [len(ids) for group in answers.response_ids for ids in group]
     if isinstance(data.evaluator, PairwiseAnnotator):  # a verdict > 0 means the policy's answer wins
-        joined = [a + "\x00" + b for a, b in zip(responses, references, strict=True)]
-        scores = _nan(cached_score(_JoinedPairs(data.evaluator), data.cache, prompts, joined)[0])
+        joined = [JoinedPairs.join(a, b) for a, b in zip(responses, references, strict=True)]
+        scores = _nan(cached_score(JoinedPairs(data.evaluator), data.cache, prompts, joined)[0])
         reference_scores = torch.zeros_like(scores)
     else:
         scores = _nan(cached_score(data.evaluator, data.cache, prompts, responses)[0])
