@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from bpo_lightning.annotation import Annotator, JoinedPairs, PairwiseAnnotator
 from bpo_lightning.cache import AnnotationCache, cached_score
@@ -158,12 +158,16 @@ class OnlineDataModule(L.LightningDataModule):
         return self._eval_loader(self.test_rows)
 
     def _eval_loader(self, rows: list[dict]) -> DataLoader:
-        """``(index, row)`` batches in order; Lightning shards them across processes."""
-        return DataLoader(list(enumerate(rows)), batch_size=self.eval_batch_size, shuffle=False, collate_fn=list)
+        """``(index, row)`` batches in order, this process's share only (no padding, unlike Lightning's default
+        distributed sampler, which would count repeated prompts twice)."""
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        return DataLoader(list(enumerate(rows)), batch_size=self.eval_batch_size, collate_fn=list,
+                          sampler=Shard(len(rows), rank, world))  # fmt: skip
 
     def eval_batches(self, rank: int = 0, world_size: int = 1) -> list[list[tuple[int, dict]]]:
-        """This process's share of the validation prompts as ``(index, row)`` batches (outside Lightning's loops)."""
-        items = list(enumerate(self.eval_rows))[rank::world_size]
+        """This process's share of the validation prompts as ``(index, row)`` batches (outside Lightning's loops),
+        the same share ``val_dataloader`` gives."""
+        items = [(i, self.eval_rows[i]) for i in Shard(len(self.eval_rows), rank, world_size)]
         return [items[i : i + self.eval_batch_size] for i in range(0, len(items), self.eval_batch_size)]
 
     def collect(self, phase: int) -> list[PreferenceRecord]:
@@ -221,6 +225,21 @@ class OnlineDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self.phases_collected = state["phases_collected"]
+
+
+class Shard(DistributedSampler):
+    """Positions ``rank, rank + world_size, …`` of ``n`` items, in order and without padding: every held-out prompt
+    is evaluated exactly once across processes. A ``DistributedSampler``, so Lightning keeps it as it is."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.rank, self.num_replicas = n, rank, world_size
+        self.epoch = 0
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.num_replicas))
 
 
 class SeededShuffle(torch.utils.data.Sampler[int]):

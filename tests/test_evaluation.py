@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_run
+from torch.utils.data import DistributedSampler
 
 from bpo_lightning import GenerateSampler, RuleAnnotator
 from bpo_lightning.annotation import Annotator
@@ -158,6 +159,9 @@ def test_held_out_prompts_split_into_batches_and_across_processes():
     assert [len(b) for b in data.eval_batches()] == [3, 3, 3, 1]
     shards = [[i for batch in data.eval_batches(rank, 3) for i, _ in batch] for rank in range(3)]
     assert sorted(i for shard in shards for i in shard) == list(range(10))  # every prompt once over 3 processes
+    assert [len(s) for s in shards] == [4, 3, 3]  # no padding: nothing is counted twice
+    loader = data._eval_loader(data.eval_rows)
+    assert isinstance(loader.sampler, DistributedSampler)  # Lightning keeps it instead of a padding sampler
     assert [i for i, _ in next(iter(data.test_dataloader()))] == [0, 1, 2]
     with pytest.raises(ValueError, match="data.eval_batch_size must be >= 1, got 0"):
         OnlineDataModule(prompts=ReviewPrompts("prompts"), annotator=Length(), eval_batch_size=0)
