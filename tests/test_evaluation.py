@@ -196,15 +196,18 @@ def _last_row(path: Path, key: str) -> dict:
 
 
 @pytest.mark.slow
-def test_bpo_validate_and_test_reproduce_the_fits_final_evaluation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("members", [0, 3], ids=["full", "lora-ensemble"])
+def test_bpo_validate_and_test_reproduce_the_fits_final_evaluation(tmp_path, monkeypatch, members):
     monkeypatch.setattr("sys.argv", ["bpo"])  # arguments come from the list below
     run = tmp_path / "run"
+    lora = ["--model.lora=bpo_lightning.lora.LoRA", "--model.lora.r=4", f"--model.lora.members={members}",
+            "--model.lr=5e-3"]  # fmt: skip
     main([
         "fit", "--config", QUICKSTART, f"--trainer.default_root_dir={run}",
         f"--model.policy.init_args.cache_dir={tmp_path / 'cache'}", "--model.policy.init_args.steps=40",
         "--data.budget=32", "--data.num_phases=2", "--data.batch_size=8",
         "--data.sampler.init_args.max_new_tokens=16", "--data.sampler.init_args.progress=false",
-        "--data.max_eval_prompts=8",
+        "--data.max_eval_prompts=8", *(lora if members else []),
     ])  # fmt: skip
     fit_metrics = (run / "metrics.csv").read_bytes()
     final = json.loads((run / "report.json").read_text())[-1]
