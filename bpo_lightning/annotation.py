@@ -60,6 +60,13 @@ class JoinedPairs:
         return self.judge.compare(prompts, list(first), list(second))
 
 
+def resolve_device(device: str) -> str:
+    """``"auto"`` → ``"cuda"`` when CUDA is available, else ``"cpu"``; any other value as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def import_callable(path: str, key: str) -> Callable:
     """Import ``package.module:function`` (or ``package.module.function``); ``key`` names the config entry."""
     module_name, sep, attr = path.partition(":")
@@ -135,9 +142,7 @@ class RewardModelAnnotator(Annotator):
         self.max_length = max_length
         self.pair_encoding = pair_encoding
         self.label_index = label_index
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(device))
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or name_or_path, trust_remote_code=trust_remote_code)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             name_or_path, trust_remote_code=trust_remote_code

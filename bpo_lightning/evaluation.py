@@ -29,6 +29,7 @@ from bpo_lightning.logprobs import right_padded
 from bpo_lightning.metrics import ResponseStats, SequenceKL, WinTieLoss
 from bpo_lightning.prompts import model_input
 from bpo_lightning.sampling import GenerateSampler, Samples
+from bpo_lightning.store import atomic_write
 
 
 class Evaluation:
@@ -214,9 +215,7 @@ def response_batch(samples: Samples, pad_id: int, eos_id: int) -> dict[str, torc
 def save_records(records: list[dict], path: Path) -> None:
     """Write one evaluation's answer records as JSONL (atomically: a complete file or none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 @rank_zero_only
@@ -263,9 +262,7 @@ class PhaseReport(L.Callback):
 
         run_dir = trainer.datamodule.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "report.json.tmp"
-        tmp.write_text(json.dumps(self.history, indent=1))
-        tmp.replace(run_dir / "report.json")
+        atomic_write(run_dir / "report.json", json.dumps(self.history, indent=1))
         if self.plots:
             plot_histories({run_dir.name: self.history}, run_dir / "plots" / "phases.png")
 

@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from bpo_lightning.annotation import PairwiseAnnotator
+from bpo_lightning.annotation import PairwiseAnnotator, resolve_device
 from bpo_lightning.hookspecs import hookimpl
 
 KEY = "data.annotator.init_args"
@@ -368,7 +368,7 @@ class LocalJudge(LLMJudge):
         self.name_or_path = name_or_path
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.device = torch.device(resolve_device(device))
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:

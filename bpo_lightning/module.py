@@ -203,15 +203,12 @@ class BPOModule(L.LightningModule):
     def _sequence_logps(self, records: list[PreferenceRecord]) -> list[tuple[float, float]]:
         from bpo_lightning.data import pair_batch
 
-        was_training = self.policy.training
-        self.policy.eval()
+        size, pad, eos = self.hparams.scoring_batch_size, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        chunks = [records[start : start + size] for start in range(0, len(records), size)]
         out = []
-        for start in range(0, len(records), self.hparams.scoring_batch_size):
-            chunk = records[start : start + self.hparams.scoring_batch_size]
-            batch = pair_batch(chunk, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
-            sums = self._policy_logps(batch).sums.tolist()  # (2b,)
+        for chunk, sums in zip(chunks, self._logp_sums(pair_batch(c, pad, eos) for c in chunks), strict=True):
+            sums = sums.tolist()  # (2b,): chosen then rejected
             out.extend(zip(sums[: len(chunk)], sums[len(chunk) :], strict=True))
-        self.policy.train(was_training)
         return out
 
     @torch.no_grad()
@@ -219,13 +216,18 @@ class BPOModule(L.LightningModule):
         """log π(y|x) of sampled answers under the weights in effect, (N,) float64 (an EOS is scored where the
         model emitted it)."""
         batch = response_batch(samples, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+        size, n = self.hparams.scoring_batch_size, len(batch["input_ids"])
+        chunks = ({k: v[start : start + size] for k, v in batch.items()} for start in range(0, n, size))
+        return torch.cat([sums.double() for sums in self._logp_sums(chunks)]).cpu()
+
+    def _logp_sums(self, batches) -> list[torch.Tensor]:
+        """Summed response log-probs of each batch, in eval mode (no dropout); the training mode is restored."""
         was_training = self.policy.training
         self.policy.eval()
-        size, out = self.hparams.scoring_batch_size, []
-        for start in range(0, batch["input_ids"].shape[0], size):
-            out.append(self._policy_logps({k: v[start : start + size] for k, v in batch.items()}).sums.double())
-        self.policy.train(was_training)
-        return torch.cat(out).cpu()
+        try:
+            return [self._policy_logps(batch).sums for batch in batches]
+        finally:
+            self.policy.train(was_training)
 
     def _policy_logps(self, batch: dict[str, torch.Tensor]):
         device = next(self.policy.parameters()).device
@@ -291,10 +293,10 @@ class BPOModule(L.LightningModule):
 
     # --- evaluation -------------------------------------------------------------------------------------------------
     def validation_step(self, batch: list[tuple[int, dict]], batch_idx: int) -> None:
-        self._eval_records += evaluation_step(self, batch, self.trainer.datamodule, self.eval_metrics)
+        self._evaluate_batch(batch)
 
     def test_step(self, batch: list[tuple[int, dict]], batch_idx: int) -> None:
-        self._eval_records += evaluation_step(self, batch, self.trainer.datamodule, self.eval_metrics)
+        self._evaluate_batch(batch)
 
     def on_validation_epoch_start(self) -> None:
         self._start_evaluation()
@@ -311,14 +313,13 @@ class BPOModule(L.LightningModule):
     def evaluate(self, batches, stage: str = "evaluate") -> dict[str, float]:
         """Evaluate on ``batches`` of ``(index, row)`` held-out prompts outside Lightning's loops (e.g. before
         training); the same steps as ``validation_step``. Returns the metrics (also in ``last_evaluation``)."""
-        was_training = self.policy.training
-        self.policy.eval()
         self._start_evaluation()
         for batch in batches:
-            self._eval_records += evaluation_step(self, batch, self.trainer.datamodule, self.eval_metrics)
-        result = self._end_evaluation(stage, None)
-        self.policy.train(was_training)
-        return result
+            self._evaluate_batch(batch)
+        return self._end_evaluation(stage, None)
+
+    def _evaluate_batch(self, batch: list[tuple[int, dict]]) -> None:
+        self._eval_records += evaluation_step(self, batch, self.trainer.datamodule, self.eval_metrics)
 
     def _start_evaluation(self) -> None:
         self.eval_metrics.reset()

@@ -37,7 +37,7 @@ class PhaseStore:
         """Refuse data that a different setup produced in this run directory."""
         if not self.meta_path.exists():
             self.root.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.meta_path, json.dumps({"provenance": provenance, "complete": False}, indent=1))
+            atomic_write(self.meta_path, json.dumps({"provenance": provenance, "complete": False}, indent=1))
             return
         saved = json.loads(self.meta_path.read_text())["provenance"]
         diff = [k for k in _MUST_MATCH if saved.get(k) != provenance.get(k)]
@@ -73,9 +73,9 @@ class PhaseStore:
             os.fsync(f.fileno())
 
     def write_pairs(self, records: list[PreferenceRecord], stats: PhaseStats, provenance: dict) -> None:
-        _atomic_write(self.pairs_path, "".join(json.dumps(r.to_json()) + "\n" for r in records))
+        atomic_write(self.pairs_path, "".join(json.dumps(r.to_json()) + "\n" for r in records))
         meta = {"provenance": provenance, "complete": True, "stats": _stats_json(stats)}
-        _atomic_write(self.meta_path, json.dumps(meta, indent=1))
+        atomic_write(self.meta_path, json.dumps(meta, indent=1))
 
     def load_pairs(self) -> tuple[list[PreferenceRecord], PhaseStats]:
         records = [PreferenceRecord.from_json(json.loads(line)) for line in self.pairs_path.read_text().splitlines()]
@@ -88,7 +88,8 @@ def _stats_json(stats: PhaseStats) -> dict:
             "annotated": stats.annotated, "cached": stats.cached}  # fmt: skip
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a complete file or the old one, never half."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
