@@ -11,43 +11,15 @@ regimes is only how π_β is updated at a phase start:
   at phase starts; bpo_spec §3.2 item 4).
 
 Copies are *snapshots*: dicts of the trainable tensors only (the full weights in full fine-tuning, the adapter
-weights with LoRA), swapped into the policy when needed, so no second model object ever exists.
+weights with LoRA, this process's shards under ZeRO-3), swapped into the policy when needed
+(``weights.TrainableWeights``), so no second model object ever exists.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
-from torch import nn
 
 Snapshot = dict[str, torch.Tensor]
-
-
-@contextmanager
-def swapped_weights(model: nn.Module, snapshot: Snapshot | None) -> Iterator[None]:
-    """Temporarily load ``snapshot`` into ``model``'s parameters; restore the originals on exit.
-
-    ``None`` means "the model as it is" (nothing is copied).
-    """
-    if snapshot is None:
-        yield
-        return
-    params = dict(model.named_parameters())
-    missing = sorted(set(snapshot) - set(params))
-    if missing:
-        raise KeyError(f"snapshot has parameters the model lacks: {missing[:5]}")
-    backup = {name: params[name].detach().to("cpu", copy=True) for name in snapshot}
-    with torch.no_grad():
-        for name, value in snapshot.items():
-            params[name].copy_(value)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, value in backup.items():
-                params[name].copy_(value)
 
 
 class BehaviorUpdate:

@@ -6,26 +6,27 @@
     behavior update → sample → annotate → drop identical / tied / unscored → pairs → behavior log-probs → DataLoader
 
 Each prompt of the fixed annotation budget is used once: the pool is shuffled once with the seed and split into
-``num_phases`` consecutive blocks. Everything is written to ``<run_dir>/data`` as it is produced (see ``store``).
+``num_phases`` consecutive blocks. The collection itself, split across processes, lives in ``collection``;
+everything is written to ``<run_dir>/data`` as it is produced (see ``store``). ``data.batch_size`` is the *global*
+number of pairs per optimizer step: with N processes each takes every N-th pair of the step.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from bpo_lightning.annotation import Annotator, JoinedPairs, PairwiseAnnotator
-from bpo_lightning.cache import AnnotationCache, cached_score
+from bpo_lightning.annotation import Annotator, PairwiseAnnotator
+from bpo_lightning.cache import AnnotationCache
+from bpo_lightning.collection import annotate, collect_phase, global_batches  # noqa: F401 (annotate: API)
+from bpo_lightning.distributed import Ranks
 from bpo_lightning.logprobs import right_padded
 from bpo_lightning.plugins import get_plugins
-from bpo_lightning.prompts import PromptSource, model_input
-from bpo_lightning.sampling import GenerateSampler, Sampler, Samples
-from bpo_lightning.store import PhaseStore
+from bpo_lightning.prompts import PromptSource
+from bpo_lightning.sampling import GenerateSampler, Sampler
 from bpo_lightning.types import PhaseStats, PreferenceRecord
 
 
@@ -43,7 +44,7 @@ class OnlineDataModule(L.LightningDataModule):
         sampler: draws responses from the behavior LLM; defaults to ``GenerateSampler()``.
         budget: number of prompts annotated over the whole run (default: the whole pool).
         num_phases: F, the number of collection phases; set ``trainer.max_epochs`` to the same value.
-        batch_size: preference pairs per optimisation step.
+        batch_size: preference pairs per optimizer step, over all processes (each process takes its share).
         seed: shuffles the pool once and seeds sampling.
         run_dir: where phase data is written; defaults to ``trainer.default_root_dir``.
         annotation_cache: SQLite file of cached annotator scores; ``auto`` is ``<run_dir>/annotations.sqlite``, a
@@ -138,14 +139,22 @@ class OnlineDataModule(L.LightningDataModule):
                 f"trainer.max_epochs asks for phase {phase + 1}, but data.num_phases is {self.num_phases}: "
                 "set both to the same value"
             )
-        records = self.collect(phase)
+        ranks = Ranks.of(self.trainer)
         module = self.trainer.lightning_module
-        return DataLoader(
-            records,
-            batch_size=self.batch_size,
-            sampler=SeededShuffle(len(records), self.seed * 1000 + phase),
-            collate_fn=lambda rows: pair_batch(rows, module.tokenizer.pad_token_id, module.tokenizer.eos_token_id),
-        )
+        if module.policy is None:  # asked before the model exists (DeepSpeed, to guess a micro-batch size)
+            return DataLoader([], batch_size=max(1, self.batch_size // ranks.world))
+        records = self.collect(phase)
+        plan = global_batches(len(records), self.batch_size, self.seed * 1000 + phase, ranks)
+        pad, eos = module.tokenizer.pad_token_id, module.tokenizer.eos_token_id
+
+        def collate(item: tuple[list[int], int]) -> dict[str, torch.Tensor]:
+            mine, total = item
+            if ranks.world == 1:
+                return pair_batch([records[i] for i in mine], pad, eos)
+            return weighted_pair_batch(records, mine, total, ranks.world, pad, eos)
+
+        # batch_size=None: each item is one step's share; a DistributedSampler subclass, so Lightning keeps it
+        return DataLoader(plan, batch_size=None, sampler=Shard(len(plan)), collate_fn=collate)
 
     def val_dataloader(self) -> DataLoader:
         if not self.eval_rows:
@@ -171,54 +180,15 @@ class OnlineDataModule(L.LightningDataModule):
         return [items[i : i + self.eval_batch_size] for i in range(0, len(items), self.eval_batch_size)]
 
     def collect(self, phase: int) -> list[PreferenceRecord]:
-        """Build (or reload) one phase's preference pairs."""
+        """Build (or reload) one phase's preference pairs, split across processes (``collection``)."""
         module = self.trainer.lightning_module
-        version = module.start_phase(phase)  # the behavior snapshot happens here, right before sampling
-        provenance = {
-            "phase": phase,
-            "behavior_version": version,
-            "sampler": self.sampler.settings(),
-            "annotator": self.annotator.identity,
-            "seed": self.seed,
-            "reference": module.reference,
-        }
-        store = PhaseStore(self.run_dir / "data", phase)
-        store.check(provenance)
-        hooks = get_plugins().hook
-        if store.complete():
-            records, stats = store.load_pairs()
-        else:
-            hooks.on_phase_start(phase=phase, behavior_version=version)
-            records, stats = self._sample_and_annotate(phase, version, store)
-            module.score_records(records)
-            store.write_pairs(records, stats, provenance)
+        records, stats = collect_phase(self, module, phase, Ranks.of(self.trainer))
         self.stats[phase] = stats
         self.phases_collected = max(self.phases_collected, phase + 1)
         module.phase_stats = stats
-        hooks.on_pairs_ready(phase=phase, pairs=tuple(records), stats=stats, run_dir=self.run_dir)
+        if self.trainer.global_rank == 0:
+            get_plugins().hook.on_pairs_ready(phase=phase, pairs=tuple(records), stats=stats, run_dir=self.run_dir)
         return records
-
-    def _sample_and_annotate(self, phase: int, version: int, store: PhaseStore):
-        module = self.trainer.lightning_module
-        done = store.load_samples()
-        todo = [i for i in self.phase_indices(phase) if i not in done]
-        seed = self.seed * 1_000_003 + phase * 10_007
-        with module.behavior_weights():
-            batches = self.sampler.sample_batches(
-                module.policy, module.tokenizer, [model_input(self.pool[i]) for i in todo], seed=seed
-            )
-            for start, samples in batches:
-                rows = annotate(self.annotator, todo[start:], self.pool, samples, self.cache)
-                store.append_samples(rows)
-                done.update((row["index"], row) for row in rows)
-        stats = PhaseStats(phase)
-        records = []
-        for index in self.phase_indices(phase):
-            row = done[index]
-            stats.count(row["status"], row.get("annotated", 0), row.get("cached", 0))
-            if row["status"] == "kept":
-                records.append(record_from_row(row, phase, version))
-        return records, stats
 
     def state_dict(self) -> dict:
         return {"phases_collected": self.phases_collected}
@@ -256,81 +226,6 @@ class SeededShuffle(torch.utils.data.Sampler[int]):
         return self.n
 
 
-def annotate(
-    annotator: Annotator, indices: list[int], pool: list[dict], samples: Samples, cache: AnnotationCache | None = None
-) -> list[dict]:
-    """Score each prompt's distinct responses in one annotator call; identical responses are not annotated, and
-    responses the cache knows are not sent to the annotator."""
-    rows, queries = [], []
-    blocks = zip(indices, samples.prompt_ids, samples.responses, samples.response_ids, strict=False)
-    for index, prompt_ids, texts, ids in blocks:  # `indices` may run past this block
-        row = {"index": index, "prompt": pool[index]["prompt"], "prompt_ids": prompt_ids, "responses": texts,
-               "response_ids": ids, "scores": [None] * len(texts), "status": "identical"}  # fmt: skip
-        rows.append(row)
-        distinct = _distinct(texts)
-        if len(distinct) >= 2:
-            row["status"] = None  # decided once scored
-            queries.extend((row, i) for i in distinct)
-    if isinstance(annotator, PairwiseAnnotator):
-        queries, annotator = _as_pair_queries(queries), JoinedPairs(annotator)
-    prompts = [row["prompt"] for row, _ in queries]
-    responses = [
-        row["responses"][i] if isinstance(i, int) else JoinedPairs.join(row["responses"][i[0]], row["responses"][i[1]])
-        for row, i in queries
-    ]
-    scores, fresh = cached_score(annotator, cache, prompts, responses) if queries else ([], [])
-    fresh = set(fresh)
-    for k, ((row, i), score) in enumerate(zip(queries, scores, strict=True)):
-        key = "annotated" if k in fresh else "cached"
-        if isinstance(i, tuple):  # a verdict on the pair (first, second): +1, −1, 0 or NaN
-            row["verdict"] = None if math.isnan(score) else float(score)
-            score = math.nan if math.isnan(score) else (score > 0) - (score < 0)
-            row["scores"][i[0]], row["scores"][i[1]] = (None, None) if math.isnan(score) else (score, -score)
-            row[key] = row.get(key, 0) + 2
-            continue
-        row["scores"][i] = None if score is None or math.isnan(score) else float(score)  # NaN -> null in JSON
-        row[key] = row.get(key, 0) + 1
-    for row in rows:
-        if row["status"] is None:
-            row["status"] = _choose(row)
-    return rows
-
-
-def _as_pair_queries(queries: list[tuple[dict, int]]) -> list[tuple[dict, tuple[int, int]]]:
-    """(row, response) queries → one (row, (first, second)) query per row, for a pairwise annotator."""
-    pairs: dict[int, list] = {}
-    for row, i in queries:
-        pairs.setdefault(id(row), [row]).append(i)
-    return [(row, (a, b)) for row, a, b in pairs.values()]
-
-
-def _distinct(texts: list[str]) -> list[int]:
-    return [i for i, text in enumerate(texts) if text not in texts[:i]]
-
-
-def _choose(row: dict) -> str:
-    """Best vs worst response by score (strict: equal scores carry no preference)."""
-    scored = [(row["scores"][i], i) for i in _distinct(row["responses"])]
-    if any(score is None for score, _ in scored):
-        warnings.warn(f"annotator gave no score (NaN) for prompt #{row['index']}; the prompt is dropped", stacklevel=3)
-        return "annotator_nan"
-    (best, c), (worst, r) = max(scored), min(scored)
-    if best == worst:
-        return "tie"
-    row["chosen"], row["rejected"] = c, r
-    return "kept"
-
-
-def record_from_row(row: dict, phase: int, version: int) -> PreferenceRecord:
-    c, r = row["chosen"], row["rejected"]
-    return PreferenceRecord(
-        phase=phase, index=row["index"], prompt=row["prompt"], chosen=row["responses"][c],
-        rejected=row["responses"][r], chosen_score=row["scores"][c], rejected_score=row["scores"][r],
-        prompt_ids=row["prompt_ids"], chosen_ids=row["response_ids"][c], rejected_ids=row["response_ids"][r],
-        behavior_version=version,
-    )  # fmt: skip
-
-
 def pair_batch(records: list[PreferenceRecord], pad_id: int, eos_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch of 2B sequences, chosen first then rejected: prompt + response + EOS.
 
@@ -351,4 +246,20 @@ def pair_batch(records: list[PreferenceRecord], pad_id: int, eos_id: int) -> dic
 
     batch["behavior_logps"] = both("behavior")  # (2B,)
     batch["reference_logps"] = both("reference")  # (2B,)
+    return batch
+
+
+def weighted_pair_batch(
+    records: list[PreferenceRecord], mine: list[int], total: int, world: int, pad_id: int, eos_id: int
+) -> dict[str, torch.Tensor]:
+    """One process's share of a global step of ``total`` pairs over ``world`` processes.
+
+    ``pair_weight`` (B,) is 1 for real pairs and 0 for the stand-in pair of an empty share; ``loss_scale`` is
+    ``world / total``: with gradients averaged over processes, Σ_processes (world/total)·Σ_own ℓ / world is the mean
+    loss over the step's ``total`` pairs, whatever their split.
+    """
+    rows = [records[i] for i in mine] or [records[0]]
+    batch = pair_batch(rows, pad_id, eos_id)
+    batch["pair_weight"] = torch.tensor([1.0 if mine else 0.0] * len(rows))  # (B,)
+    batch["loss_scale"] = torch.tensor(world / total)
     return batch

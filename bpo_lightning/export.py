@@ -20,12 +20,13 @@ def export_policy(module, out_dir: str | Path) -> Path:
     """Save ``module``'s current policy into ``out_dir``. LoRA layers are merged in and removed, which changes
     ``module.policy``: export from a module that is done training (as ``bpo export`` does)."""
     from bpo_lightning.lora import MERGED
+    from bpo_lightning.weights import EnsembleWeights
 
     out = Path(out_dir)
     model = module.policy
     if module.lora is not None:
-        if module.ensemble:
-            module.lora.load_merged(model, module.lora.merged_state(model))
+        if isinstance(module.weights, EnsembleWeights):
+            module.lora.load_merged(model, module.weights.state())
             model = model.merge_and_unload(adapter_names=[MERGED])
         else:
             model = model.merge_and_unload()

@@ -17,8 +17,6 @@ log-probabilities are computed once, when a phase's pairs are built (``score_rec
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Literal
 
 import lightning as L
@@ -26,14 +24,16 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from bpo_lightning.behavior import BehaviorUpdate, Frozen, HardSync, Snapshot, swapped_weights
+from bpo_lightning.behavior import BehaviorUpdate, Frozen, HardSync, Snapshot
+from bpo_lightning.distributed import Ranks, gathered, outside_zero_init, zero3_integration
 from bpo_lightning.evaluation import Evaluation, EvaluationMetrics, evaluation_step, response_batch, save_records
 from bpo_lightning.logprobs import sequence_logps
-from bpo_lightning.lora import MERGED, LoRA, active_adapter
+from bpo_lightning.lora import LoRA
 from bpo_lightning.losses import DPOLoss, PreferenceLoss
 from bpo_lightning.metrics import importance_kl_terms
 from bpo_lightning.policy import PolicySource
 from bpo_lightning.types import PhaseStats, PreferenceRecord
+from bpo_lightning.weights import TrainableWeights, localize, policy_weights
 
 STEP_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
                 "logps/rejected", "behavior/kl", "loss")  # fmt: skip
@@ -94,6 +94,8 @@ class BPOModule(L.LightningModule):
         self.lora = lora
         self.evaluation = evaluation if evaluation is not None else Evaluation()
         self.policy: nn.Module | None = None
+        self.weights: TrainableWeights | None = None  # which weights compute as "the policy" (weights.py)
+        self._zero3 = None  # transformers' view of a ZeRO-3 config, kept alive while the model is used
         self.initial: Snapshot | None = None  # only kept when something needs the initial weights
         self.behavior_snapshot: Snapshot | None = None  # None = the live policy (hard sync)
         self.behavior_copy: Snapshot | None = None  # hard sync: π_β kept for evaluation KL only
@@ -110,50 +112,48 @@ class BPOModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
+        self._zero3 = zero3_integration(self._trainer.strategy if self._trainer is not None else None)
         policy = self.source.model()
-        self.policy = (self.lora.wrap(policy) if self.lora is not None else policy).train()
+        if self.lora is not None:
+            with outside_zero_init():  # PEFT initialises whole tensors; DeepSpeed partitions them at start-up
+                policy = self.lora.wrap(policy)
+        self.policy = policy.train()
+        self.weights = policy_weights(self.policy, self.lora)
         if self.hparams.disable_dropout:
             for module in self.policy.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
         if self.reference == "initial" or self.behavior.keeps_snapshot or self.evaluation.kl_samples:
-            device = "cpu" if self.hparams.offload_snapshots else None
-            self.initial = {name: value.to(device, copy=True) for name, value in self._policy_state().items()}
+            self.initial = self._copy(self.weights.state())
         if self.behavior.keeps_snapshot:
             self.behavior_snapshot = self.behavior.initial_snapshot(self.initial)
+
+    def _copy(self, state: Snapshot) -> Snapshot:
+        device = "cpu" if self.hparams.offload_snapshots else None
+        return {name: value.to(device, copy=True) for name, value in state.items()}
 
     def start_phase(self, phase: int) -> int:
         """Update π_β for ``phase`` (once per phase, also across a resume) and return its version."""
         while self.phases_started <= phase:
             if self.phases_started > 0:  # at phase 0 every rule gives the initial model
-                self.behavior_snapshot = self.behavior.update(self._policy_state, self.behavior_snapshot)
+                if self.behavior_snapshot is not None:
+                    localize(self.policy, self.behavior_snapshot)  # EMA averages this process's shards
+                self.behavior_snapshot = self.behavior.update(self.weights.state, self.behavior_snapshot)
                 self.behavior_version += not isinstance(self.behavior, Frozen)
                 if self.behavior_snapshot is None and self.evaluation.kl_samples:
-                    device = "cpu" if self.hparams.offload_snapshots else None
-                    self.behavior_copy = {n: v.to(device, copy=True) for n, v in self._policy_state().items()}
+                    self.behavior_copy = self._copy(self.weights.state())
             self.phases_started += 1
         return self.behavior_version
 
-    @property
-    def ensemble(self) -> bool:
-        return self.lora is not None and self.lora.members > 1
+    def trainable_state(self) -> Snapshot:
+        """CPU copies of the trainable tensors, whole (under ZeRO-3 every process must call this: it gathers)."""
+        named = [(n, p) for n, p in self.policy.named_parameters() if p.requires_grad]
+        with gathered([p for _, p in named]):
+            return {n: p.detach().to("cpu", copy=True) for n, p in named}
 
-    def _policy_state(self) -> Snapshot:
-        """The weights that define the current policy: the trainable tensors, or the members' merge."""
-        if self.ensemble:
-            return self.lora.merged_state(self.policy)
-        return {n: p.detach() for n, p in self.policy.named_parameters() if p.requires_grad}
-
-    @contextmanager
-    def _computing_as(self, snapshot: Snapshot | None) -> Iterator[None]:
-        """``self.policy`` computes as the model ``snapshot`` describes (``None``: the current policy)."""
-        if not self.ensemble:
-            with swapped_weights(self.policy, snapshot):
-                yield
-            return
-        self.lora.load_merged(self.policy, snapshot if snapshot is not None else self._policy_state())
-        with active_adapter(self.policy, MERGED):
-            yield
+    def _computing_as(self, snapshot: Snapshot | None):
+        """Context in which ``self.policy`` computes as the model ``snapshot`` describes (``None``: the policy)."""
+        return self.weights.computing_as(snapshot)
 
     def behavior_weights(self):
         """Context in which ``self.policy`` computes as π_β."""
@@ -205,11 +205,22 @@ class BPOModule(L.LightningModule):
 
         size, pad, eos = self.hparams.scoring_batch_size, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         chunks = [records[start : start + size] for start in range(0, len(records), size)]
+        real = len(chunks)
+        if self.lockstep:  # ZeRO-3: as many forwards as the busiest process, the extra ones discarded
+            stand_in = records[:1] or [PreferenceRecord(0, -1, "", "", "", 0.0, 0.0, [eos], [eos], [eos], 0)]
+            chunks += [stand_in] * (Ranks.of(self.trainer).most(real) - real)
         out = []
-        for chunk, sums in zip(chunks, self._logp_sums(pair_batch(c, pad, eos) for c in chunks), strict=True):
+        for chunk, sums in zip(chunks[:real], self._logp_sums(pair_batch(c, pad, eos) for c in chunks), strict=False):
             sums = sums.tolist()  # (2b,): chosen then rejected
             out.extend(zip(sums[: len(chunk)], sums[len(chunk) :], strict=True))
         return out
+
+    @property
+    def lockstep(self) -> bool:
+        """Whether every forward pass is collective (ZeRO-3 over several processes): each process must then make
+        the same number of ``generate`` and forward calls."""
+        trainer = self._trainer
+        return trainer is not None and trainer.world_size > 1 and bool(getattr(trainer.strategy, "zero_stage_3", 0))
 
     @torch.no_grad()
     def response_logps(self, samples) -> torch.Tensor:
@@ -236,13 +247,11 @@ class BPOModule(L.LightningModule):
 
     # --- training ---------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if not self.ensemble:
-            return self._member_step(batch, log=True)
-        # every member trains on the same pairs with its own loss against the merged reference; the members'
+        # an ensemble's members train on the same pairs, each with its own loss against the merged reference; their
         # parameters are disjoint, so the sum's gradient for member k is the gradient of its own loss
         losses = []
-        for k, name in enumerate(self.lora.names):
-            with active_adapter(self.policy, name):
+        for k, member in enumerate(self.weights.members()):
+            with member:
                 losses.append(self._member_step(batch, log=k == 0))
         return torch.stack(losses).sum()
 
@@ -253,19 +262,26 @@ class BPOModule(L.LightningModule):
         if self.loss.average_log_prob:  # IPO: per-token means
             policy, reference = logps.means(), reference / logps.counts.clamp(min=1)
         out = self.loss(policy[:n], policy[n:], reference[:n], reference[n:])
-        loss = out.losses.mean()
-        if not log:
+        if "pair_weight" in batch:  # a share of a global step over several processes (data.weighted_pair_batch)
+            real = batch["pair_weight"] > 0
+            loss = (out.losses * batch["pair_weight"]).sum() * batch["loss_scale"]
+        else:
+            real = slice(None)
+            loss = out.losses.mean()
+        if not log or (isinstance(real, torch.Tensor) and not real.any()):  # a stand-in pair only: nothing to log
             return loss
+        chosen, rejected = out.chosen_rewards[real], out.rejected_rewards[real]
+        kl = importance_kl_terms(logps.sums.detach(), batch["behavior_logps"]).float()  # (2B,)
         self._log_step({
-            "loss": loss.detach(),
-            "rewards/chosen": out.chosen_rewards,
-            "rewards/rejected": out.rejected_rewards,
-            "rewards/margin": out.chosen_rewards - out.rejected_rewards,
-            "rewards/accuracy": (out.chosen_rewards > out.rejected_rewards).float(),
-            "logps/chosen": logps.sums[:n].detach(),
-            "logps/rejected": logps.sums[n:].detach(),
+            "loss": out.losses[real].detach().mean(),
+            "rewards/chosen": chosen,
+            "rewards/rejected": rejected,
+            "rewards/margin": chosen - rejected,
+            "rewards/accuracy": (chosen > rejected).float(),
+            "logps/chosen": logps.sums[:n][real].detach(),
+            "logps/rejected": logps.sums[n:][real].detach(),
             # KL(π‖π_β) from π_β's samples: E_β[r·log r − r + 1], r = π/π_β; each term ≥ 0, exactly 0 when π = π_β
-            "behavior/kl": importance_kl_terms(logps.sums.detach(), batch["behavior_logps"]).float(),
+            "behavior/kl": torch.cat([kl[:n][real], kl[n:][real]]),
         })  # fmt: skip
         return loss
 
@@ -358,13 +374,10 @@ class BPOModule(L.LightningModule):
 
     def _param_groups(self) -> list[dict]:
         """One group per ensemble member (a single optimizer, as DeepSpeed requires), else one group."""
-        named = [(n, p) for n, p in self.policy.named_parameters() if p.requires_grad]
-        if not self.ensemble:
-            return [{"params": [p for _, p in named]}]
-        return [{"params": [p for n, p in named if f".{m}." in n], "name": m} for m in self.lora.names]
+        return self.weights.param_groups()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if not self.ensemble or not gradient_clip_val:
+        if not self.weights.clip_separately() or not gradient_clip_val:
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         for group in optimizer.param_groups:  # each member is clipped on its own, as with one optimizer each
             torch.nn.utils.clip_grad_norm_(group["params"], gradient_clip_val)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -66,6 +67,12 @@ class PhaseStore:
         return rows
 
     def append_samples(self, rows: list[dict]) -> None:
+        """Append rows, first cutting a torn last line (a job killed mid-append) so every line stays whole."""
+        if self.samples_path.exists():
+            with self.samples_path.open("rb+") as f:
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
         with self.samples_path.open("a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
@@ -88,8 +95,18 @@ def _stats_json(stats: PhaseStats) -> dict:
             "annotated": stats.annotated, "cached": stats.cached}  # fmt: skip
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: a complete file or the old one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")  # unique per writer
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # the mode a plain open() would give, not mkstemp's 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

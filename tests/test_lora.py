@@ -91,12 +91,13 @@ def test_ensemble_keeps_one_base_model_and_no_gradient_through_the_merge(tmp_pat
 
 def test_members_are_clipped_one_by_one():
     from bpo_lightning.module import BPOModule
+    from bpo_lightning.weights import EnsembleWeights
 
     a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
     a.grad, b.grad = torch.full((4,), 3.0), torch.full((4,), 0.1)  # norms 6.0 and 0.2
     optimizer = torch.optim.AdamW([{"params": [a]}, {"params": [b]}])
     module = BPOModule.__new__(BPOModule)
-    module.lora = LoRA(members=2)
+    module.weights = EnsembleWeights(torch.nn.Linear(1, 1), LoRA(members=2))
     BPOModule.configure_gradient_clipping(module, optimizer, gradient_clip_val=1.0)
     assert_close(a.grad.norm(), torch.tensor(1.0))  # clipped to 1 on its own
     assert_close(b.grad, torch.full((4,), 0.1))  # untouched: its norm is below 1 (a global clip would shrink it)

@@ -1,0 +1,209 @@
+"""Collecting one phase's preference pairs, once, across every training process.
+
+    behavior update → sample → annotate → persist → pairs → behavior/reference log-probs → save
+
+The phase's prompts are cut into *blocks* of ``sampler.batch_size`` consecutive positions. Block ``b`` is always
+sampled as a whole with the seed ``phase_seed + b · block_size``, so a block's responses depend neither on the
+number of processes nor on what a killed run had already saved: 1 or N processes, fresh or resumed, draw the same
+samples. Process ``r`` of ``N`` samples and annotates blocks ``r, r + N, …``; after every round of blocks the new
+rows are gathered and process 0 (the only writer) appends them to ``samples.jsonl``. Pairs are then split across
+processes for the behavior/reference forwards, gathered again, and process 0 writes ``pairs.jsonl``: every process
+ends with the same records and the same ``PhaseStats``, so what each logs is already the total.
+
+Observation hooks (``on_phase_start``, ``on_pairs_ready``) fire on process 0 only, once per phase.
+
+Under ZeRO-3 every forward pass is collective: every process must call ``generate`` and the scoring forwards the
+same number of times. ``Lockstep`` pads the rounds with forwards whose results are discarded (and not counted).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from bpo_lightning.annotation import Annotator, JoinedPairs, PairwiseAnnotator
+from bpo_lightning.cache import AnnotationCache, cached_score
+from bpo_lightning.distributed import Ranks
+from bpo_lightning.plugins import get_plugins
+from bpo_lightning.prompts import model_input
+from bpo_lightning.sampling import Samples
+from bpo_lightning.store import PhaseStore
+from bpo_lightning.types import PhaseStats, PreferenceRecord
+
+
+def collect_phase(data, module, phase: int, ranks: Ranks) -> tuple[list[PreferenceRecord], PhaseStats]:
+    """Build (or reload) one phase's preference pairs; every process returns the same records and stats."""
+    version = module.start_phase(phase)  # the behavior update happens here, right before sampling
+    provenance = {
+        "phase": phase,
+        "behavior_version": version,
+        "sampler": data.sampler.settings(),
+        "annotator": data.annotator.identity,
+        "seed": data.seed,
+        "reference": module.reference,
+    }
+    store = PhaseStore(data.run_dir / "data", phase)
+    problem = None
+    if ranks.rank == 0:
+        try:
+            store.check(provenance)
+        except RuntimeError as err:
+            problem = str(err)
+    problem = ranks.broadcast(problem)  # every process stops, not only the one that read the files
+    if problem:
+        raise RuntimeError(problem)
+    if store.complete():
+        return store.load_pairs()
+    if ranks.rank == 0:
+        get_plugins().hook.on_phase_start(phase=phase, behavior_version=version)
+    rows = sample_and_annotate(data, module, phase, store, ranks)
+    stats, records = PhaseStats(phase), []
+    for index in data.phase_indices(phase):
+        row = rows[index]
+        stats.count(row["status"], row.get("annotated", 0), row.get("cached", 0))
+        if row["status"] == "kept":
+            records.append(record_from_row(row, phase, version))
+    score_shared(module, records, ranks)
+    if ranks.rank == 0:
+        store.write_pairs(records, stats, provenance)
+    ranks.barrier()  # the phase is on disk before any process moves on
+    return records, stats
+
+
+def sample_and_annotate(data, module, phase: int, store: PhaseStore, ranks: Ranks) -> dict[int, dict]:
+    """Every prompt of the phase sampled and annotated exactly once across processes; rows by pool index."""
+    done = store.load_samples()  # a resumed phase keeps what was saved
+    positions = list(data.phase_indices(phase))
+    size = max(1, int(getattr(data.sampler, "batch_size", 16)))
+    blocks = [positions[start : start + size] for start in range(0, len(positions), size)]
+    phase_seed = data.seed * 1_000_003 + phase * 10_007
+    lockstep = module.lockstep
+    with module.behavior_weights():
+        for first in range(0, len(blocks), ranks.world):  # one round: a block per process
+            b = first + ranks.rank
+            block = blocks[b] if b < len(blocks) else []
+            rows: list[dict] = []
+            if any(index not in done for index in block):
+                prompts = [model_input(data.pool[index]) for index in block]
+                samples = _sample_block(data.sampler, module, prompts, phase_seed + b * size)
+                todo = [k for k, index in enumerate(block) if index not in done]
+                rows = annotate(data.annotator, [block[k] for k in todo], data.pool, _subset(samples, todo), data.cache)
+            elif lockstep:  # ZeRO-3: this process's share of every collective generate, results discarded
+                _sample_block(data.sampler, module, [model_input(data.pool[positions[0]])], phase_seed)
+            new = [row for part in ranks.gather(rows) for row in part]
+            if ranks.rank == 0 and new:
+                store.append_samples(new)
+            done.update((row["index"], row) for row in new)
+    return done
+
+
+def _sample_block(sampler, module, prompts: list, seed: int) -> Samples:
+    """One block sampled as a whole (its seed and composition fix its responses)."""
+    return sampler.sample(module.policy, module.tokenizer, prompts, seed=seed)
+
+
+def _subset(samples: Samples, keep: list[int]) -> Samples:
+    return Samples(*([getattr(samples, name)[k] for k in keep]
+                     for name in ("prompt_ids", "response_ids", "responses", "finished")))  # fmt: skip
+
+
+def score_shared(module, records: list[PreferenceRecord], ranks: Ranks) -> None:
+    """Behavior/reference log-probs of ``records``: each process scores every N-th pair, then all are shared."""
+    mine = records[ranks.rank :: ranks.world]
+    module.score_records(mine)
+    if ranks.world == 1:
+        return
+    scored = {r.index: r for part in ranks.gather(mine) for r in part}
+    for r in records:
+        s = scored[r.index]
+        r.behavior_chosen_logps, r.behavior_rejected_logps = s.behavior_chosen_logps, s.behavior_rejected_logps
+        r.reference_chosen_logps, r.reference_rejected_logps = s.reference_chosen_logps, s.reference_rejected_logps
+
+
+def annotate(
+    annotator: Annotator, indices: list[int], pool: list[dict], samples: Samples, cache: AnnotationCache | None = None
+) -> list[dict]:
+    """Score each prompt's distinct responses in one annotator call; identical responses are not annotated, and
+    responses the cache knows are not sent to the annotator."""
+    rows, queries = [], []
+    blocks = zip(indices, samples.prompt_ids, samples.responses, samples.response_ids, strict=False)
+    for index, prompt_ids, texts, ids in blocks:  # `indices` may run past this block
+        row = {"index": index, "prompt": pool[index]["prompt"], "prompt_ids": prompt_ids, "responses": texts,
+               "response_ids": ids, "scores": [None] * len(texts), "status": "identical"}  # fmt: skip
+        rows.append(row)
+        distinct = _distinct(texts)
+        if len(distinct) >= 2:
+            row["status"] = None  # decided once scored
+            queries.extend((row, i) for i in distinct)
+    if isinstance(annotator, PairwiseAnnotator):
+        queries, annotator = _as_pair_queries(queries), JoinedPairs(annotator)
+    prompts = [row["prompt"] for row, _ in queries]
+    responses = [
+        row["responses"][i] if isinstance(i, int) else JoinedPairs.join(row["responses"][i[0]], row["responses"][i[1]])
+        for row, i in queries
+    ]
+    scores, fresh = cached_score(annotator, cache, prompts, responses) if queries else ([], [])
+    fresh = set(fresh)
+    for k, ((row, i), score) in enumerate(zip(queries, scores, strict=True)):
+        key = "annotated" if k in fresh else "cached"
+        if isinstance(i, tuple):  # a verdict on the pair (first, second): +1, −1, 0 or NaN
+            row["verdict"] = None if math.isnan(score) else float(score)
+            score = math.nan if math.isnan(score) else (score > 0) - (score < 0)
+            row["scores"][i[0]], row["scores"][i[1]] = (None, None) if math.isnan(score) else (score, -score)
+            row[key] = row.get(key, 0) + 2
+            continue
+        row["scores"][i] = None if score is None or math.isnan(score) else float(score)  # NaN -> null in JSON
+        row[key] = row.get(key, 0) + 1
+    for row in rows:
+        if row["status"] is None:
+            row["status"] = _choose(row)
+    return rows
+
+
+def _as_pair_queries(queries: list[tuple[dict, int]]) -> list[tuple[dict, tuple[int, int]]]:
+    """(row, response) queries → one (row, (first, second)) query per row, for a pairwise annotator."""
+    pairs: dict[int, list] = {}
+    for row, i in queries:
+        pairs.setdefault(id(row), [row]).append(i)
+    return [(row, (a, b)) for row, a, b in pairs.values()]
+
+
+def _distinct(texts: list[str]) -> list[int]:
+    return [i for i, text in enumerate(texts) if text not in texts[:i]]
+
+
+def _choose(row: dict) -> str:
+    """Best vs worst response by score (strict: equal scores carry no preference)."""
+    scored = [(row["scores"][i], i) for i in _distinct(row["responses"])]
+    if any(score is None for score, _ in scored):
+        warnings.warn(f"annotator gave no score (NaN) for prompt #{row['index']}; the prompt is dropped", stacklevel=3)
+        return "annotator_nan"
+    (best, c), (worst, r) = max(scored), min(scored)
+    if best == worst:
+        return "tie"
+    row["chosen"], row["rejected"] = c, r
+    return "kept"
+
+
+def record_from_row(row: dict, phase: int, version: int) -> PreferenceRecord:
+    c, r = row["chosen"], row["rejected"]
+    return PreferenceRecord(
+        phase=phase, index=row["index"], prompt=row["prompt"], chosen=row["responses"][c],
+        rejected=row["responses"][r], chosen_score=row["scores"][c], rejected_score=row["scores"][r],
+        prompt_ids=row["prompt_ids"], chosen_ids=row["response_ids"][c], rejected_ids=row["response_ids"][r],
+        behavior_version=version,
+    )  # fmt: skip
+
+
+def global_batches(n: int, batch_size: int, seed: int, ranks: Ranks) -> list[tuple[list[int], int]]:
+    """This process's share of every optimizer step: ``(positions, pairs in the whole step)``.
+
+    The phase's ``n`` pairs are shuffled once with ``seed`` and cut into steps of ``batch_size`` pairs (the *global*
+    batch); process ``r`` takes every N-th pair of each step. A process whose share of the last, short step is empty
+    gets the step's first pair with weight 0 (every process must take part in every step).
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    steps = [order[start : start + batch_size] for start in range(0, n, batch_size)]
+    return [(step[ranks.rank :: ranks.world], len(step)) for step in steps]

@@ -1,0 +1,118 @@
+"""What training on several processes needs beyond Lightning: the collectives of collection, and ZeRO-3 gathers.
+
+``Ranks`` is this process's place among the training processes (a no-op for one process). ``gathered`` makes
+ZeRO-3-partitioned parameters whole for the duration of a block (and, with ``modify=True``, writes changes made
+on process 0 back into every partition); without ZeRO-3 it does nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the training processes, and the collectives collection needs."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def of(cls, trainer) -> Ranks:
+        if trainer is None or trainer.world_size == 1:
+            return cls()
+        return cls(trainer.global_rank, trainer.world_size)
+
+    def gather(self, obj) -> list:
+        """``obj`` of every process, in rank order, on every process."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        """Process 0's ``obj`` on every process."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def most(self, n: int) -> int:
+        """The largest ``n`` over processes."""
+        return max(self.gather(n))
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter: each process holds a shard, and the tensor itself is empty outside a gather."""
+    return hasattr(param, "ds_id")
+
+
+@contextmanager
+def gathered(params: Iterable[torch.Tensor], modify: bool = False) -> Iterator[None]:
+    """Whole ZeRO-3 parameters inside the block (every process must enter it); with ``modify``, in-place changes
+    are written back to the partitions. Parameters that are not partitioned pass through untouched."""
+    partitioned = [p for p in params if is_partitioned(p)]
+    if not partitioned:
+        with nullcontext():
+            yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None):
+        yield
+
+
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The part of ``param`` that this process holds and forwards read: the tensor itself, or under ZeRO-3 its
+    shard (``ds_tensor``; small parameters that ZeRO-3 keeps whole on every process are the tensor itself).
+
+    Snapshots of the behavior, initial and EMA models are made of these: 1/N of the weights per process, swapped
+    and averaged locally, element by element, with no communication.
+    """
+    if is_partitioned(param) and not getattr(param, "ds_persist", False):
+        return param.ds_tensor.data
+    return param.data
+
+
+def zero3_integration(strategy):
+    """When ``strategy`` runs ZeRO-3, register its DeepSpeed config with transformers and return the object that
+    must stay alive while the model is used (transformers keeps a weak reference): ``from_pretrained`` and
+    ``from_config`` then fill each process's partitions, and ``generate`` keeps the processes in step
+    (``synced_gpus``). Otherwise ``None``."""
+    if not getattr(strategy, "zero_stage_3", False):
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    config = dict(strategy.config)
+    config.setdefault("train_micro_batch_size_per_gpu", 1)  # set by Lightning only later; not used by loading
+    return HfDeepSpeedConfig(config)
+
+
+@contextmanager
+def outside_zero_init() -> Iterator[None]:
+    """Create modules inside the block as ordinary tensors even within ZeRO-3's ``zero.Init`` (e.g. LoRA adapters,
+    initialised by PEFT on whole tensors); DeepSpeed partitions them when the engine starts."""
+    try:
+        from deepspeed.runtime.zero import partition_parameters as zero
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        yield
+        return
+    active = zero.top_level_context is not None
+    if active:
+        zero.shutdown_init_context()
+    try:
+        yield
+    finally:
+        if active:
+            zero.restore_init_context()
