@@ -80,7 +80,7 @@ def sample_and_annotate(data, module, phase: int, store: PhaseStore, ranks: Rank
     blocks = [positions[start : start + size] for start in range(0, len(positions), size)]
     phase_seed = data.seed * 1_000_003 + phase * 10_007
     lockstep = module.lockstep
-    with module.behavior_weights():
+    with module.behavior_weights(), module.precision_context():
         for first in range(0, len(blocks), ranks.world):  # one round: a block per process
             b = first + ranks.rank
             block = blocks[b] if b < len(blocks) else []

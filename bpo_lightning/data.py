@@ -168,15 +168,20 @@ class OnlineDataModule(L.LightningDataModule):
 
     def _eval_loader(self, rows: list[dict]) -> DataLoader:
         """``(index, row)`` batches in order, this process's share only (no padding, unlike Lightning's default
-        distributed sampler, which would count repeated prompts twice)."""
+        distributed sampler, which would count repeated prompts twice). With several processes every share has the
+        same length: short ones end with a stand-in ``(-1, row)`` that is answered, for the collective forwards
+        (ZeRO-3) and metric reductions, and then discarded."""
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        return DataLoader(list(enumerate(rows)), batch_size=self.eval_batch_size, collate_fn=list,
-                          sampler=Shard(len(rows), rank, world))  # fmt: skip
+        pad = world > 1
+        return DataLoader([*enumerate(rows), (-1, rows[0])], batch_size=self.eval_batch_size, collate_fn=list,
+                          sampler=Shard(len(rows), rank, world, pad=pad))  # fmt: skip
 
     def eval_batches(self, rank: int = 0, world_size: int = 1) -> list[list[tuple[int, dict]]]:
         """This process's share of the validation prompts as ``(index, row)`` batches (outside Lightning's loops),
         the same share ``val_dataloader`` gives."""
-        items = [(i, self.eval_rows[i]) for i in Shard(len(self.eval_rows), rank, world_size)]
+        rows = self.eval_rows
+        shard = Shard(len(rows), rank, world_size, pad=world_size > 1)
+        items = [(i, rows[i]) if i < len(rows) else (-1, rows[0]) for i in shard]
         return [items[i : i + self.eval_batch_size] for i in range(0, len(items), self.eval_batch_size)]
 
     def collect(self, phase: int) -> list[PreferenceRecord]:
@@ -199,31 +204,22 @@ class OnlineDataModule(L.LightningDataModule):
 
 class Shard(DistributedSampler):
     """Positions ``rank, rank + world_size, …`` of ``n`` items, in order and without padding: every held-out prompt
-    is evaluated exactly once across processes. A ``DistributedSampler``, so Lightning keeps it as it is."""
+    is evaluated exactly once across processes. A ``DistributedSampler``, so Lightning keeps it as it is.
 
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.rank, self.num_replicas = n, rank, world_size
+    With ``pad``, every process gets ``⌈n / world_size⌉`` positions; the missing ones are ``n`` (a stand-in item)."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, pad: bool = False) -> None:
+        self.n, self.rank, self.num_replicas, self.pad = n, rank, world_size, pad
         self.epoch = 0
 
     def __iter__(self):
-        return iter(range(self.rank, self.n, self.num_replicas))
+        own = list(range(self.rank, self.n, self.num_replicas))
+        return iter(own + [self.n] * (len(self) - len(own)))
 
     def __len__(self) -> int:
+        if self.pad:
+            return -(-self.n // self.num_replicas)
         return len(range(self.rank, self.n, self.num_replicas))
-
-
-class SeededShuffle(torch.utils.data.Sampler[int]):
-    """A permutation fixed by its seed, the same on every iteration: a resumed run sees the order of the
-    uninterrupted one, however often Lightning iterates the loader."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed = n, seed
-
-    def __iter__(self):
-        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist())
-
-    def __len__(self) -> int:
-        return self.n
 
 
 def pair_batch(records: list[PreferenceRecord], pad_id: int, eos_id: int) -> dict[str, torch.Tensor]:

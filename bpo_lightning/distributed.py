@@ -74,15 +74,24 @@ def gathered(params: Iterable[torch.Tensor], modify: bool = False) -> Iterator[N
 
 
 def local_tensor(param: torch.Tensor) -> torch.Tensor:
-    """The part of ``param`` that this process holds and forwards read: the tensor itself, or under ZeRO-3 its
-    shard (``ds_tensor``; small parameters that ZeRO-3 keeps whole on every process are the tensor itself).
+    """The part of ``param`` this process holds: the tensor itself, or under ZeRO-3 its shard (``ds_tensor``, which
+    the optimizer updates and every forward gathers from; a whole copy that ZeRO-3 keeps of a small, "persistent"
+    parameter is refreshed from the shards).
 
     Snapshots of the behavior, initial and EMA models are made of these: 1/N of the weights per process, swapped
     and averaged locally, element by element, with no communication.
     """
-    if is_partitioned(param) and not getattr(param, "ds_persist", False):
-        return param.ds_tensor.data
-    return param.data
+    return param.ds_tensor.data if is_partitioned(param) else param.data
+
+
+def release_whole(params: Iterable[torch.Tensor]) -> None:
+    """Drop the whole copies ZeRO-3 holds of ``params`` (after their shards were written), so the next forward
+    gathers them again from the shards instead of using stale values."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    for param in params:
+        if is_partitioned(param) and param.ds_status == ZeroParamStatus.AVAILABLE:
+            param.partition(has_been_updated=False)
 
 
 def zero3_integration(strategy):

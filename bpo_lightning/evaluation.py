@@ -119,15 +119,19 @@ class EvaluationMetrics(nn.Module):
         text = {k: v.item() for k, v in self.text.compute().items()}
         out.update(length=text["mean_words"], tokens=text["mean_tokens"], eos_rate=text["eos_rate"],
                    repetition=text["repeated_ngram_rate"])  # fmt: skip
+        # every process decides alike: compute() reduces across processes, so none may skip it alone
         for name in ("reward", "proxy_reward"):
             metric = getattr(self, name)
-            if metric.update_count and metric.weight.item() > 0:  # not every answer may have a valid score
-                out[name] = metric.compute().item()
+            if metric.update_count:
+                value = metric.compute().item()
+                if not math.isnan(value):  # NaN: no answer had a valid score
+                    out[name] = value
         for name in ("kl_initial", "kl_behavior"):
             metric = getattr(self, name)
             if metric.update_count:
                 result = metric.compute()
-                out[name], out[f"{name}_stderr"] = result["kl"].item(), result["stderr"].item()
+                if result["count"].item() > 0:
+                    out[name], out[f"{name}_stderr"] = result["kl"].item(), result["stderr"].item()
         return out
 
 
@@ -150,12 +154,16 @@ def evaluation_step(module, batch: list[tuple[int, dict]], data, metrics: Evalua
     inputs = [model_input(r) for r in rows]
     with module.policy_weights():  # an ensemble is evaluated through its merged adapter
         answers = answer_sampler.sample(module.policy, module.tokenizer, inputs, seed=settings.seed + indices[0])
+    if kl_sampler is not None:  # before anything is dropped: under ZeRO-3 every process answers as many prompts
+        _update_kl(module, kl_sampler, inputs, settings.seed + 1_000_003 + indices[0], metrics, indices)
+    real = [k for k, i in enumerate(indices) if i >= 0]  # index -1: a stand-in that kept the processes in step
+    indices, rows = [indices[k] for k in real], [rows[k] for k in real]  # may be none: metrics get empty updates
     n = settings.samples_per_prompt
     prompts = [r["prompt"] for r in rows for _ in range(n)]
     references = [r["reference"] for r in rows for _ in range(n)]
-    responses = [a for group in answers.responses for a in group]
-    finished = [f for group in answers.finished for f in group]
-    tokens = [len(ids) for group in answers.response_ids for ids in group]
+    responses = [answers.responses[k][j] for k in real for j in range(n)]
+    finished = [answers.finished[k][j] for k in real for j in range(n)]
+    tokens = [len(answers.response_ids[k][j]) for k in real for j in range(n)]
     if isinstance(data.evaluator, PairwiseAnnotator):  # a verdict > 0 means the policy's answer wins
         joined = [JoinedPairs.join(a, b) for a, b in zip(responses, references, strict=True)]
         scores = _nan(cached_score(JoinedPairs(data.evaluator), data.cache, prompts, joined)[0])
@@ -170,8 +178,6 @@ def evaluation_step(module, batch: list[tuple[int, dict]], data, metrics: Evalua
     if data.annotator is not data.evaluator and not isinstance(data.annotator, PairwiseAnnotator):
         proxy = _nan(cached_score(data.annotator, data.cache, prompts, responses)[0])  # what training optimises
         metrics.proxy_reward.update(proxy)
-    if kl_sampler is not None:
-        _update_kl(module, kl_sampler, inputs, settings.seed + 1_000_003 + indices[0], metrics)
     return [
         {"index": indices[k // n], "prompt": prompts[k], "reference": references[k], "response": responses[k],
          "finished": finished[k], "score": _float(scores[k]), "reference_score": _float(reference_scores[k]),
@@ -184,18 +190,23 @@ def _float(x: torch.Tensor) -> float | None:
     return None if x.isnan() else x.item()
 
 
-def _update_kl(module, sampler: GenerateSampler, inputs: list, seed: int, metrics: EvaluationMetrics) -> None:
-    """Monte-Carlo KL(policy‖initial) and KL(policy‖behavior) on answers sampled from the policy itself."""
+def _update_kl(
+    module, sampler: GenerateSampler, inputs: list, seed: int, metrics: EvaluationMetrics, indices: list[int]
+) -> None:
+    """Monte-Carlo KL(policy‖initial) and KL(policy‖behavior) on answers sampled from the policy itself (stand-in
+    prompts, index -1, are sampled and scored with the others, then left out)."""
+    real = torch.tensor([i >= 0 for i in indices]).repeat_interleave(sampler.num_samples)  # (N·k,)
     with module.policy_weights():
         draws = sampler.sample(module.policy, module.tokenizer, inputs, seed=seed)
         policy = module.response_logps(draws)
     with module.initial_weights():
         initial = module.response_logps(draws)
-    metrics.kl_initial.update(policy, initial)
+    metrics.kl_initial.update(policy[real], initial[real])  # empty for a batch of stand-ins: still counted as updated
     behavior = module.behavior_weights_for_evaluation()
     if behavior is not None:
         with behavior:
-            metrics.kl_behavior.update(policy, module.response_logps(draws))
+            other = module.response_logps(draws)
+        metrics.kl_behavior.update(policy[real], other[real])
 
 
 def response_batch(samples: Samples, pad_id: int, eos_id: int) -> dict[str, torch.Tensor]:
@@ -240,7 +251,7 @@ class PhaseReport(L.Callback):
 
     Evaluations themselves run in Lightning's validation loop (``BPOModule.validation_step``): every
     ``trainer.check_val_every_n_epoch`` phases, or every ``trainer.val_check_interval`` steps with
-    ``trainer.check_val_every_n_epoch: null``. This callback adds the evaluation before the first phase.
+    ``trainer.check_val_every_n_epoch: null``. This callback adds the evaluation before the first training step.
 
     Args:
         evaluate_at_start: evaluate the initial policy before training (phase 0 of the history).
@@ -271,7 +282,9 @@ class PhaseReport(L.Callback):
         self.history = [h for h in self.history if h["phase"] < entry["phase"]] + [entry]
         self.save(trainer)
 
-    def on_fit_start(self, trainer: L.Trainer, module) -> None:
+    def on_train_start(self, trainer: L.Trainer, module) -> None:
+        # not on_fit_start: with DeepSpeed, Lightning restores a checkpoint only after on_fit_start, so only here
+        # does every strategy know whether this fit resumes
         self._phase_start = time.perf_counter()
         if trainer.ckpt_path is not None:  # resumed: the start was evaluated by the first run; keep its report
             path = trainer.datamodule.run_dir / "report.json"

@@ -17,6 +17,7 @@ log-probabilities are computed once, when a phase's pairs are built (``score_rec
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Literal
 
 import lightning as L
@@ -33,7 +34,7 @@ from bpo_lightning.losses import DPOLoss, PreferenceLoss
 from bpo_lightning.metrics import importance_kl_terms
 from bpo_lightning.policy import PolicySource
 from bpo_lightning.types import PhaseStats, PreferenceRecord
-from bpo_lightning.weights import TrainableWeights, localize, policy_weights
+from bpo_lightning.weights import TrainableWeights, localize, policy_weights, whole
 
 STEP_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
                 "logps/rejected", "behavior/kl", "loss")  # fmt: skip
@@ -186,15 +187,21 @@ class BPOModule(L.LightningModule):
             return self._computing_as(self.behavior_copy)
         return None
 
+    def precision_context(self):
+        """The numeric precision training forwards run in (e.g. bf16 autocast), for forwards outside Lightning's
+        loops: sampling and scoring a phase, so that h = 0 at a phase start also under mixed precision."""
+        trainer = self._trainer
+        return trainer.precision_plugin.forward_context() if trainer is not None else nullcontext()
+
     @torch.no_grad()
     def score_records(self, records: list[PreferenceRecord]) -> None:
         """Fill in the behavior and reference log-probabilities of a phase's pairs (π_β is frozen in a phase)."""
-        with self.behavior_weights():
+        with self.behavior_weights(), self.precision_context():
             behavior = self._sequence_logps(records)
         if self.reference == "behavior":
             reference = behavior
         else:
-            with self.reference_weights():
+            with self.reference_weights(), self.precision_context():
                 reference = self._sequence_logps(records)
         for r, (bc, br), (rc, rr) in zip(records, behavior, reference, strict=True):
             r.behavior_chosen_logps, r.behavior_rejected_logps = bc, br
@@ -394,10 +401,12 @@ class BPOModule(L.LightningModule):
     # --- checkpoints ------------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = {"behavior_version": self.behavior_version, "phases_started": self.phases_started}
+        # whole tensors (ZeRO-3 shards are gathered; every process runs this hook): a checkpoint does not depend on
+        # the number of processes, and each process cuts its own shard again when it resumes
         if self.behavior_snapshot is not None and self.behavior_snapshot is not self.initial:
-            state["behavior_snapshot"] = {k: v.cpu() for k, v in self.behavior_snapshot.items()}  # e.g. EMA
+            state["behavior_snapshot"] = whole(self.policy, self.behavior_snapshot)  # e.g. EMA
         if self.behavior_copy is not None:  # lets `bpo validate` report KL(policy‖behavior) for a hard-synced run
-            state["behavior_copy"] = {k: v.cpu() for k, v in self.behavior_copy.items()}
+            state["behavior_copy"] = whole(self.policy, self.behavior_copy)
         checkpoint["bpo"] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bpo_lightning.behavior import Snapshot
-from bpo_lightning.distributed import gathered, is_partitioned, local_tensor
+from bpo_lightning.distributed import gathered, is_partitioned, local_tensor, release_whole
 from bpo_lightning.lora import MERGED, LoRA, active_adapter
 
 
@@ -48,6 +48,23 @@ def localize(model: nn.Module, snapshot: Snapshot) -> Snapshot:
     return snapshot
 
 
+def whole(model: nn.Module, snapshot: Snapshot) -> Snapshot:
+    """CPU copies of ``snapshot`` with every ZeRO-3 shard gathered back into its whole tensor (every process must
+    call this under ZeRO-3); other tensors are copied as they are."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name, value in snapshot.items():
+        param = params.get(name)
+        if param is None or not is_partitioned(param) or value.shape == param.ds_shape:
+            out[name] = value.cpu()
+            continue
+        group, local = param.ds_process_group, value.to(param.ds_tensor.device)  # NCCL gathers device tensors
+        shards = [torch.empty_like(local) for _ in range(dist.get_world_size(group=group))]
+        dist.all_gather(shards, local.contiguous(), group=group)
+        out[name] = torch.cat(shards)[: param.ds_numel].reshape(param.ds_shape).cpu()
+    return out
+
+
 @contextmanager
 def swapped_weights(model: nn.Module, snapshot: Snapshot | None) -> Iterator[None]:
     """Temporarily load ``snapshot`` into ``model``'s parameters (their local parts under ZeRO-3); restore the
@@ -62,15 +79,18 @@ def swapped_weights(model: nn.Module, snapshot: Snapshot | None) -> Iterator[Non
     localize(model, snapshot)
     targets = {name: local_tensor(params[name]) for name in snapshot}
     backup = {name: target.to("cpu", copy=True) for name, target in targets.items()}
+    swapped = [params[name] for name in snapshot]
     with torch.no_grad():
         for name, value in snapshot.items():
             targets[name].copy_(value)
+    release_whole(swapped)
     try:
         yield
     finally:
         with torch.no_grad():
             for name, value in backup.items():
                 targets[name].copy_(value)
+        release_whole(swapped)
 
 
 class TrainableWeights:

@@ -3,7 +3,8 @@
 Lightning's CPU launcher re-executes ``sys.argv`` for every extra process, so multi-process fits cannot run inside
 pytest itself. Each process writes what it observed into ``--out``:
 
-- ``calls.rank<r>.json``: every (prompt, response) the annotator scored on that process;
+- ``calls.rank<r>.json``: every (prompt, response) the annotator scored on that process (appended by a resumed run);
+- ``initial.pt`` (process 0): the trainable weights before the first step;
 - ``weights.pt`` (process 0): the final policy weights (the trainable tensors; gathered under ZeRO-3);
 - ``stats.json`` (process 0): per-phase ``PhaseStats`` and the number of optimizer steps;
 - ``hooks.rank<r>.json``: the observation hooks that fired on that process.
@@ -14,6 +15,7 @@ pytest itself. Each process writes what it observed into ``--out``:
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +29,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_deepspeed import CPUDeepSpeedStrategy  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from bpo_lightning import EMA, Frozen, HardSync, hookimpl  # noqa: E402
 from bpo_lightning.annotation import Annotator  # noqa: E402
@@ -42,13 +45,19 @@ from bpo_lightning.tasks import reviews  # noqa: E402
 
 
 class CountingAnnotator(Annotator):
-    """The review task's gold reward, recording every (prompt, response) it scores."""
+    """The review task's gold reward, recording every (prompt, response) it scores in ``log`` (a resumed run adds
+    to it); with ``kill_at`` it kills the whole job (every process, SIGKILL) at its ``kill_at``-th invocation."""
 
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
+    def __init__(self, log: Path, kill_at: int = 0) -> None:
+        self.log, self.kill_at, self.invocations = log, kill_at, 0
+        self.calls: list[list[str]] = json.loads(log.read_text()) if log.exists() else []
 
     def score(self, prompts, responses):
+        self.invocations += 1
+        if self.invocations == self.kill_at:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
         self.calls.extend([p, r] for p, r in zip(prompts, responses, strict=True))
+        self.log.write_text(json.dumps(self.calls))
         return [reviews.gold_reward(p, r) for p, r in zip(prompts, responses, strict=True)]
 
     @property
@@ -67,6 +76,18 @@ class HookLog:
     @hookimpl
     def on_pairs_ready(self, phase, pairs):
         self.events.append(["on_pairs_ready", phase, len(pairs)])
+
+
+class SaveInitial(L.Callback):
+    """The trainable weights before the first step, gathered (every process takes part), saved by process 0."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer, module):
+        state = module.trainable_state()
+        if trainer.global_rank == 0 and not self.path.exists():
+            torch.save(state, self.path)
 
 
 def strategy(name: str):
@@ -91,16 +112,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-prompts", type=int, default=0)
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--kill-at", type=int, default=0, help="process 0 kills the job at its N-th annotation")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     args = parser.parse_args()
 
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.kill_at and os.environ.get("LOCAL_RANK", "0") != "0":
+        args.kill_at = 0  # process 0 kills the job
     hooks = HookLog()
     get_plugins().manager.register(hooks)
     behavior = {"HardSync": HardSync(), "Frozen": Frozen(), "EMA": EMA(decay=0.5)}[args.behavior]
     lora = LoRA(r=4, alpha=8, members=args.members) if args.members else None
-    module = BPOModule(policy=Pretrained(args.sft), behavior=behavior, lora=lora, lr=1e-3,
+    module = BPOModule(policy=Pretrained(args.sft), behavior=behavior, lora=lora, lr=args.lr,
                        evaluation=Evaluation(kl_samples=1 if args.eval_prompts else 0))  # fmt: skip
-    annotator = CountingAnnotator()
+    annotator = CountingAnnotator(out / f"calls.rank{os.environ.get('LOCAL_RANK', '0')}.json", args.kill_at)
     data = OnlineDataModule(
         prompts=ReviewPrompts("prompts"),
         annotator=annotator,
@@ -123,16 +150,15 @@ def main() -> None:
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
         num_sanity_val_steps=0,
         gradient_clip_val=1.0,
-        callbacks=[PhaseReport(plots=False)] if args.eval_prompts else [],
+        callbacks=[SaveInitial(out / "initial.pt"), ModelCheckpoint(dirpath=out / "run" / "ckpt", save_last=True),
+                   *([PhaseReport(plots=False)] if args.eval_prompts else [])],
         limit_val_batches=None if args.eval_prompts else 0,
     )
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path="last" if args.resume else None)
 
     rank = trainer.global_rank
-    (out / f"calls.rank{rank}.json").write_text(json.dumps(annotator.calls))
     (out / f"hooks.rank{rank}.json").write_text(json.dumps(hooks.events))
     state = module.trainable_state()  # every process takes part (ZeRO-3 gathers)
     if rank == 0:

@@ -1,0 +1,271 @@
+"""Training on several processes: DDP and DeepSpeed ZeRO-2/3 on CPU (gloo) give the result of one process.
+
+Every multi-process fit runs ``tests/distributed/fit.py`` in a subprocess of its own session (Lightning's CPU
+launcher re-executes ``sys.argv`` for the extra processes). DeepSpeed runs through a test-only strategy that lifts
+the stock strategy's CUDA-only guards (``tests/distributed/cpu_deepspeed.py``).
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CountingAnnotator, make_run
+from torch.testing import assert_close
+
+from bpo_lightning.collection import global_batches
+from bpo_lightning.data import Shard, weighted_pair_batch
+from bpo_lightning.distributed import Ranks
+from bpo_lightning.evaluation import Evaluation, EvaluationMetrics, evaluation_step
+from bpo_lightning.store import PhaseStore, atomic_write
+from bpo_lightning.types import PreferenceRecord
+
+SCRIPT = Path(__file__).parent / "distributed" / "fit.py"
+HANG_GUARD_S = 900  # a run takes ~10-25 s; this only turns a deadlock into a failure instead of a stalled suite
+
+
+class Run:
+    """What one fit (all of its processes) left in its output folder."""
+
+    def __init__(self, out: Path, returncode: int, output: str) -> None:
+        self.out, self.returncode, self.output = out, returncode, output
+
+    @property
+    def weights(self) -> dict:
+        return torch.load(self.out / "weights.pt")
+
+    @property
+    def initial(self) -> dict:
+        return torch.load(self.out / "initial.pt")
+
+    @property
+    def stats(self) -> dict:
+        return json.loads((self.out / "stats.json").read_text())
+
+    def calls(self) -> list[tuple[str, str]]:
+        """Every (prompt, response) scored, over all processes, sorted."""
+        return sorted(tuple(c) for f in self.out.glob("calls.rank*.json") for c in json.loads(f.read_text()))
+
+    def hooks(self, rank: int) -> list:
+        return json.loads((self.out / f"hooks.rank{rank}.json").read_text())
+
+
+def fit(out: Path, sft_dir: Path, *args: str, killed: bool = False) -> Run:
+    """Run the fit script; the whole process group is killed if it outlives the hang guard."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [sys.executable, str(SCRIPT), "--sft", str(sft_dir), "--out", str(out), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=HANG_GUARD_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{' '.join(args)}: no result after {HANG_GUARD_S} s (a deadlock?)\n{output[-3000:]}")
+    run = Run(out, proc.returncode, output)
+    if killed:
+        assert proc.returncode == -signal.SIGKILL, output[-3000:]
+    else:
+        assert proc.returncode == 0, output[-3000:]
+    return run
+
+
+_SINGLE: dict[tuple, Run] = {}
+
+
+def single(tmp_path_factory, sft_dir, *args: str) -> Run:
+    """The one-process run of a setup (computed once per session)."""
+    if args not in _SINGLE:
+        _SINGLE[args] = fit(tmp_path_factory.mktemp("single"), sft_dir, *args)
+    return _SINGLE[args]
+
+
+SETUPS = {  # strategy, arguments: each behavior, full fine-tuning and the LoRA ensemble, every strategy
+    "ddp-bpo-eval": ("ddp", ("--eval-prompts", "5")),
+    "ddp-bpo-lora-ensemble": ("ddp", ("--members", "3")),
+    "zero2-ema": ("zero2", ("--behavior", "EMA")),
+    "zero3-bpo-eval": ("zero3", ("--eval-prompts", "5")),
+    "zero3-offline": ("zero3", ("--behavior", "Frozen")),
+    "zero3-ema-lora-ensemble": ("zero3", ("--behavior", "EMA", "--members", "3")),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_two_processes_equal_one_process(setup, tmp_path, tmp_path_factory, sft_dir):
+    strategy, args = SETUPS[setup]
+    one = single(tmp_path_factory, sft_dir, *args)
+    two = fit(tmp_path, sft_dir, *args, "--strategy", strategy, "--devices", "2")
+    # the same final weights (float tolerance: gradients are summed in another order), and training moved them
+    moved = max((one.weights[k] - one.initial[k]).abs().max().item() for k in one.weights)
+    assert moved > 1e-3
+    assert one.weights.keys() == two.weights.keys()
+    for name, value in one.weights.items():
+        assert_close(two.weights[name], value, atol=1e-5, rtol=0, msg=name)
+    # every prompt was annotated exactly once, across processes: the same scores were asked for as by one process
+    assert two.calls() == one.calls() and len(two.calls()) > 0
+    assert two.stats["phases"] == one.stats["phases"]  # pairs kept, dropped, annotations paid and cached
+    assert two.stats["steps"] == one.stats["steps"] == 4  # a global batch of 8 pairs, split over the processes
+    for phase in range(2):  # each prompt's row written once, by one writer
+        rows = PhaseStore(two.out / "run" / "data", phase).samples_path.read_text().splitlines()
+        indices = [json.loads(row)["index"] for row in rows]
+        assert sorted(indices) == list(range(phase * 16, phase * 16 + 16))
+        pairs = PhaseStore(two.out / "run" / "data", phase).load_pairs()[0]
+        assert len(pairs) == one.stats["phases"][str(phase)]["kept"]
+    # observation hooks fire once per phase, on process 0
+    assert two.hooks(0) == one.hooks(0) and [e[0] for e in two.hooks(0)] == ["on_phase_start", "on_pairs_ready"] * 2
+    assert two.hooks(1) == []
+    if "--eval-prompts" in args:  # 5 held-out prompts over 2 processes: no hang, each prompt counted once
+        e1, e2 = one.stats["evaluation"], two.stats["evaluation"]
+        assert e2["count"] == e1["count"] == 5
+        for key in ("win_rate", "tie_rate", "reward", "length"):  # greedy answers: the same as one process
+            assert math.isclose(e2[key], e1[key], abs_tol=1e-9), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_killed_job_resumes_to_the_uninterrupted_weights(strategy, tmp_path, tmp_path_factory, sft_dir):
+    """SIGKILL to every process during phase 2 (process 0's 3rd annotator call), then ``ckpt_path="last"``."""
+    args = ("--strategy", strategy, "--devices", "2")
+    uninterrupted = fit(tmp_path / "full", sft_dir, *args)
+    fit(tmp_path / "split", sft_dir, *args, "--kill-at", "3", killed=True)
+    assert (tmp_path / "split" / "run" / "data" / "phase_0000.pairs.jsonl").exists()  # phase 1 was complete
+    assert not (tmp_path / "split" / "run" / "data" / "phase_0001.pairs.jsonl").exists()  # killed inside phase 2
+    resumed = fit(tmp_path / "split", sft_dir, *args, "--resume")
+    for name, value in uninterrupted.weights.items():
+        assert_close(resumed.weights[name], value, atol=1e-5, rtol=0, msg=name)
+    assert resumed.calls() == uninterrupted.calls()  # killed + resumed runs paid for no score twice
+
+
+# --- the pieces, in one process ---------------------------------------------------------------------------------------
+
+
+def test_global_batches_split_each_step_over_processes():
+    one = global_batches(11, 4, seed=3, ranks=Ranks())
+    assert [total for _, total in one] == [4, 4, 3]
+    for world in (2, 3, 5):
+        shares = [global_batches(11, 4, seed=3, ranks=Ranks(r, world)) for r in range(world)]
+        for step, (pairs, total) in enumerate(one):
+            assert sorted(i for s in shares for i in s[step][0]) == sorted(pairs)  # the same pairs in every step
+            assert all(s[step][1] == total for s in shares)
+    # 5 processes, a last step of 3 pairs: two processes have nothing of it (they get a stand-in of weight 0)
+    assert [len(global_batches(11, 4, 3, Ranks(r, 5))[2][0]) for r in range(5)] == [1, 1, 1, 0, 0]
+
+
+def test_weighted_shares_average_to_the_global_mean():
+    """Σ_processes loss_scale·Σ_own w·ℓ, averaged over processes as DDP averages gradients, is the step's mean."""
+    records = [PreferenceRecord(0, i, "p", "c", "r", 1.0, 0.0, [1], [2], [3], 0, -1.0, -2.0, -1.0, -2.0)
+               for i in range(3)]  # fmt: skip
+    losses = torch.tensor([0.3, 0.7, 1.1])  # per-pair losses of the step's 3 pairs
+    world = 4
+    total = 0.0
+    for rank in range(world):
+        mine = [0, 1, 2][rank::world]
+        batch = weighted_pair_batch(records, mine, 3, world, pad_id=0, eos_id=0)
+        own = losses[mine] if mine else torch.zeros(1)  # a stand-in pair's loss is weighted 0
+        total += (own * batch["pair_weight"]).sum() * batch["loss_scale"]
+        assert batch["pair_weight"].tolist() == ([1.0] * len(mine) or [0.0])
+    assert_close(total / world, losses.mean())
+
+
+def test_shards_with_stand_ins_have_equal_length():
+    assert [list(Shard(5, r, 2, pad=True)) for r in range(2)] == [[0, 2, 4], [1, 3, 5]]  # 5: the stand-in
+    assert [list(Shard(5, r, 2)) for r in range(2)] == [[0, 2, 4], [1, 3]]
+    assert list(Shard(1, 2, 3, pad=True)) == [1]  # fewer prompts than processes: a stand-in only
+
+
+def test_stand_in_prompts_are_answered_but_not_counted(tmp_path, sft_dir):
+    module, data, trainer = make_run(tmp_path, sft_dir, eval_prompts=3, evaluation=Evaluation(kl_samples=2))
+    data.annotation_cache = None
+    data.setup("validate")
+    module.configure_model()
+    rows = data.eval_rows
+    plain, padded = EvaluationMetrics(), EvaluationMetrics()
+    records = evaluation_step(module, list(enumerate(rows)), data, plain)
+    with_stand_in = evaluation_step(module, [*enumerate(rows), (-1, rows[0])], data, padded)
+    assert records == with_stand_in  # the stand-in leaves no record
+    a, b = plain.compute(), padded.compute()
+    assert a["count"] == b["count"] == 3 and a["win_rate"] == b["win_rate"] and a["reward"] == b["reward"]
+    # only stand-ins: the metrics are updated (every process must take part in their reduction) with nothing
+    empty = EvaluationMetrics()
+    assert evaluation_step(module, [(-1, rows[0])], data, empty) == []
+    assert empty.compute()["count"] == 0 and "kl_initial" not in empty.compute()
+
+
+def test_concurrent_writers_never_share_a_temporary_file(tmp_path):
+    """Two writers replacing one file 200 times each (the race two processes had on one fixed temporary name)."""
+    path, errors = tmp_path / "phase_0000.json", []
+
+    def write(tag: str) -> None:
+        for i in range(200):
+            try:
+                atomic_write(path, json.dumps({"writer": tag, "i": i}))
+            except OSError as err:  # pragma: no cover - the failure this test guards against
+                errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(tag,)) for tag in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and json.loads(path.read_text())["i"] == 199
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phase_0000.json"]  # no temporary file left behind
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # the mode a plain open() gives
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_an_append_after_a_torn_line_keeps_every_line_whole(tmp_path):
+    store = PhaseStore(tmp_path, 0)
+    store.append_samples([{"index": 0}])
+    with store.samples_path.open("a") as f:
+        f.write('{"index": 1, "respo')  # a job killed mid-append
+    store.append_samples([{"index": 1}, {"index": 2}])
+    assert [json.loads(line)["index"] for line in store.samples_path.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_the_loader_asked_for_before_the_model_exists_collects_nothing(tmp_path, sft_dir):
+    """DeepSpeed asks for the training loader before ``configure_model`` to guess a micro-batch size."""
+    annotator = CountingAnnotator()
+    module, data, trainer = make_run(tmp_path, sft_dir, annotator=annotator)
+    data.trainer = trainer
+    trainer.strategy.connect(module)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    assert loader.batch_sampler.batch_size == 8 and len(loader.dataset) == 0
+    assert annotator.calls == [] and not (tmp_path / "data").exists()
+
+
+@pytest.mark.slow
+def test_bf16_mixed_behavior_log_probs_are_computed_as_training_computes(tmp_path, sft_dir):
+    """Stored π_β log-probs come from forwards under the same autocast as training's (before, they were float32:
+    |h| at a phase start reached 0.09 here). h at the first step of a phase is then 0 up to bf16 rounding; the
+    forwards differ only in padding width (scoring chunks vs shuffled training batches)."""
+    from test_loop import FirstBatchOfPhase, RecordingDPOLoss, fresh_logps, load_pairs
+
+    recorder = FirstBatchOfPhase()
+    module, data, trainer = make_run(tmp_path, sft_dir, callbacks=[recorder], loss=RecordingDPOLoss(),
+                                     evaluation=Evaluation(kl_samples=0), scoring_batch_size=64,
+                                     trainer_args={"precision": "bf16-mixed"})  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    h = module.loss.margins[recorder.first_call[0]]
+    assert_close(h, torch.zeros_like(h), atol=0, rtol=0)  # the same inputs in phase 1's first step: exactly 0
+    records = load_pairs(tmp_path, 1)
+    stored = torch.tensor([r.behavior_chosen_logps for r in records])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the policy as phase 2 began, one chunk, under autocast
+        autocast, _ = fresh_logps(sft_dir, records, module.tokenizer, recorder.end_weights[0])
+    float32, _ = fresh_logps(sft_dir, records, module.tokenizer, recorder.end_weights[0])
+    assert_close(stored, autocast, atol=1e-5, rtol=0)
+    assert (stored - float32).abs().max() > 1e-3  # the check can tell the two precisions apart
+    h = module.loss.margins[recorder.first_call[1]]
+    assert h.abs().max() < 0.05  # bf16 rounding of sums of ~10 token log-probs, not a float32/bf16 mismatch
