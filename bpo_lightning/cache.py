@@ -27,7 +27,8 @@ class AnnotationCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path)
+        # several training processes write to one file: wait for each other's short transactions
+        self._db = sqlite3.connect(self.path, timeout=60.0)
         self._db.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, identity TEXT, score REAL)")
 
     def get(self, identity: str, prompts: list[str], responses: list[str]) -> list[float | None]:

@@ -61,6 +61,25 @@ class BPOCLI(LightningCLI):
                 logger.init_args.version = self.subcommand
 
 
+    def before_validate(self) -> None:
+        self._consolidate_deepspeed_checkpoint()
+
+    def before_test(self) -> None:
+        self._consolidate_deepspeed_checkpoint()
+
+    def _consolidate_deepspeed_checkpoint(self) -> None:
+        """``--ckpt_path`` may be a DeepSpeed checkpoint folder from a multi-process fit: evaluated with any other
+        strategy (e.g. one process), it is consolidated into a single file first."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        from bpo_lightning.export import consolidated
+
+        config = self.config_init[self.subcommand]
+        ckpt = config.get("ckpt_path")
+        if ckpt and Path(ckpt).is_dir() and not isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            config["ckpt_path"] = str(consolidated(ckpt))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = None if argv is None else list(argv)  # None: LightningCLI reads sys.argv itself
     argv = sys.argv[1:] if argv is None else list(argv)

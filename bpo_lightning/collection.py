@@ -54,11 +54,14 @@ def collect_phase(data, module, phase: int, ranks: Ranks) -> tuple[list[Preferen
     problem = ranks.broadcast(problem)  # every process stops, not only the one that read the files
     if problem:
         raise RuntimeError(problem)
-    if store.complete():
-        return store.load_pairs()
+    # process 0 reads the run directory for everyone (other nodes need not share its filesystem)
+    saved = (store.load_pairs() if store.complete() else store.load_samples()) if ranks.rank == 0 else None
+    saved = ranks.broadcast(saved)
+    if isinstance(saved, tuple):  # the phase is complete: its pairs and stats
+        return saved
     if ranks.rank == 0:
         get_plugins().hook.on_phase_start(phase=phase, behavior_version=version)
-    rows = sample_and_annotate(data, module, phase, store, ranks)
+    rows = sample_and_annotate(data, module, phase, store, ranks, done=saved)
     stats, records = PhaseStats(phase), []
     for index in data.phase_indices(phase):
         row = rows[index]
@@ -72,15 +75,17 @@ def collect_phase(data, module, phase: int, ranks: Ranks) -> tuple[list[Preferen
     return records, stats
 
 
-def sample_and_annotate(data, module, phase: int, store: PhaseStore, ranks: Ranks) -> dict[int, dict]:
-    """Every prompt of the phase sampled and annotated exactly once across processes; rows by pool index."""
-    done = store.load_samples()  # a resumed phase keeps what was saved
+def sample_and_annotate(
+    data, module, phase: int, store: PhaseStore, ranks: Ranks, done: dict[int, dict]
+) -> dict[int, dict]:
+    """Every prompt of the phase sampled and annotated exactly once across processes; rows by pool index, starting
+    from the rows a killed run had saved (``done``)."""
     positions = list(data.phase_indices(phase))
     size = max(1, int(getattr(data.sampler, "batch_size", 16)))
     blocks = [positions[start : start + size] for start in range(0, len(positions), size)]
     phase_seed = data.seed * 1_000_003 + phase * 10_007
     lockstep = module.lockstep
-    with module.behavior_weights(), module.precision_context():
+    with module.behavior_weights(), module.precision_context(), module.sampling_context():
         for first in range(0, len(blocks), ranks.world):  # one round: a block per process
             b = first + ranks.rank
             block = blocks[b] if b < len(blocks) else []

@@ -94,6 +94,12 @@ def release_whole(params: Iterable[torch.Tensor]) -> None:
             param.partition(has_been_updated=False)
 
 
+def offloads_optimizer(strategy) -> bool:
+    """Whether a DeepSpeed strategy keeps the optimizer states in CPU memory (ZeRO-Offload)."""
+    config = getattr(strategy, "config", None) or {}
+    return bool(config.get("zero_optimization", {}).get("offload_optimizer"))
+
+
 def zero3_integration(strategy):
     """When ``strategy`` runs ZeRO-3, register its DeepSpeed config with transformers and return the object that
     must stay alive while the model is used (transformers keeps a weak reference): ``from_pretrained`` and
@@ -125,3 +131,18 @@ def outside_zero_init() -> Iterator[None]:
     finally:
         if active:
             zero.restore_init_context()
+
+
+@contextmanager
+def gathered_for_generation(strategy) -> Iterator[None]:
+    """Under ZeRO-3, the whole model on every process for the block, with DeepSpeed's per-layer hooks off
+    (DeepSpeed's ``unwrap_model_for_generation``): one gather instead of one per layer and decoding step. Needs
+    the whole model to fit in one device's memory. Elsewhere a no-op."""
+    engine = getattr(strategy, "model", None) if getattr(strategy, "zero_stage_3", False) else None
+    if engine is None or not hasattr(engine, "optimizer"):  # not ZeRO-3, or the engine is not started yet
+        yield
+        return
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(engine):
+        yield

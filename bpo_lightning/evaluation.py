@@ -114,6 +114,15 @@ class EvaluationMetrics(nn.Module):
         for metric in self.children():
             metric.reset()
 
+    def _apply(self, fn, recurse: bool = True):
+        """Follow the module's device, never its dtype: a ``module.to(torch.float32)`` (what DeepSpeed's precision
+        does to the whole module) must not turn float64 sums into float32 ones."""
+
+        def device_only(t: torch.Tensor) -> torch.Tensor:
+            return t.to(fn(t.detach()[:0] if t.dim() else t.detach().reshape(1)[:0]).device)
+
+        return super()._apply(device_only, recurse)
+
     def compute(self) -> dict[str, float]:
         out = {k: v.item() for k, v in self.outcome.compute().items()}
         text = {k: v.item() for k, v in self.text.compute().items()}
@@ -152,7 +161,7 @@ def evaluation_step(module, batch: list[tuple[int, dict]], data, metrics: Evalua
     indices, rows = [i for i, _ in batch], [r for _, r in batch]
     answer_sampler, kl_sampler = settings.samplers(data.sampler, batch_size=len(rows))
     inputs = [model_input(r) for r in rows]
-    with module.policy_weights():  # an ensemble is evaluated through its merged adapter
+    with module.policy_weights(), module.sampling_context():  # an ensemble is evaluated through its merged adapter
         answers = answer_sampler.sample(module.policy, module.tokenizer, inputs, seed=settings.seed + indices[0])
     if kl_sampler is not None:  # before anything is dropped: under ZeRO-3 every process answers as many prompts
         _update_kl(module, kl_sampler, inputs, settings.seed + 1_000_003 + indices[0], metrics, indices)
@@ -197,7 +206,8 @@ def _update_kl(
     prompts, index -1, are sampled and scored with the others, then left out)."""
     real = torch.tensor([i >= 0 for i in indices]).repeat_interleave(sampler.num_samples)  # (N·k,)
     with module.policy_weights():
-        draws = sampler.sample(module.policy, module.tokenizer, inputs, seed=seed)
+        with module.sampling_context():
+            draws = sampler.sample(module.policy, module.tokenizer, inputs, seed=seed)
         policy = module.response_logps(draws)
     with module.initial_weights():
         initial = module.response_logps(draws)

@@ -3,6 +3,9 @@
     bpo export --run runs/quickstart --out exported/     # last checkpoint of a run
     bpo export --run runs/quickstart --ckpt runs/quickstart/checkpoints/phase-1.ckpt --out exported/
 
+A checkpoint is a ``.ckpt`` file or, from a DeepSpeed run, the folder DeepSpeed writes under that name: its ZeRO
+partitions are consolidated first (any number of processes wrote it; the export needs none).
+
 LoRA adapters are merged into the base weights (for an ensemble: the merge of the members, as evaluated), so the
 folder loads with ``AutoModelForCausalLM.from_pretrained`` and needs neither PEFT nor bpo-lightning.
 """
@@ -10,6 +13,10 @@ folder loads with ``AutoModelForCausalLM.from_pretrained`` and needs neither PEF
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -35,6 +42,32 @@ def export_policy(module, out_dir: str | Path) -> Path:
     return out
 
 
+def load_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint as one dict: a ``.ckpt`` file, or the folder DeepSpeed writes (its ZeRO partitions are
+    consolidated into whole float32 weights; the Lightning and bpo state of process 0 come along)."""
+    path = Path(path)
+    if not path.is_dir():
+        return torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint never runs code on load
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # it prints a line
+        return convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "checkpoint.pt")
+
+
+def consolidated(path: str | Path) -> Path:
+    """``path`` itself for a checkpoint file; for a DeepSpeed checkpoint folder, a single-file copy beside it
+    (``<folder>.consolidated.ckpt``, made once), which any strategy loads."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    target = path.with_name(path.name + ".consolidated.ckpt")
+    if not target.exists() or target.stat().st_mtime < path.stat().st_mtime:
+        tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+        torch.save(load_checkpoint(path), tmp)
+        os.replace(tmp, target)
+    return target
+
+
 def module_from_run(run_dir: str | Path, ckpt: str | Path | None = None):
     """Rebuild a run's ``BPOModule`` from its saved ``config.yaml`` and load a checkpoint (default: last)."""
     from jsonargparse import ArgumentParser
@@ -53,7 +86,7 @@ def module_from_run(run_dir: str | Path, ckpt: str | Path | None = None):
     config = parser.parse_object({"model": yaml.safe_load(config_path.read_text())["model"]})
     module = parser.instantiate_classes(config).model
     module.configure_model()
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(ckpt)
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
     return module

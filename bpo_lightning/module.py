@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from functools import partial
 from typing import Literal
 
 import lightning as L
@@ -26,7 +27,14 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from bpo_lightning.behavior import BehaviorUpdate, Frozen, HardSync, Snapshot
-from bpo_lightning.distributed import Ranks, gathered, outside_zero_init, zero3_integration
+from bpo_lightning.distributed import (
+    Ranks,
+    gathered,
+    gathered_for_generation,
+    offloads_optimizer,
+    outside_zero_init,
+    zero3_integration,
+)
 from bpo_lightning.evaluation import Evaluation, EvaluationMetrics, evaluation_step, response_batch, save_records
 from bpo_lightning.logprobs import sequence_logps
 from bpo_lightning.lora import LoRA
@@ -60,6 +68,9 @@ class BPOModule(L.LightningModule):
         logprob_chunk_size: positions per chunk of the log-softmax (memory vs speed).
         scoring_batch_size: pairs per forward pass when behavior/reference log-probs are computed.
         offload_snapshots: keep behavior/initial weight snapshots in CPU memory.
+        gather_for_sampling: under ZeRO-3, gather the whole policy on every process while it samples (once per
+            phase, and per evaluation batch) instead of layer by layer at every decoding step: much faster, but the
+            whole model must fit in one GPU's memory.
     """
 
     def __init__(
@@ -80,6 +91,7 @@ class BPOModule(L.LightningModule):
         logprob_chunk_size: int = 128,
         scoring_batch_size: int = 32,
         offload_snapshots: bool = True,
+        gather_for_sampling: bool = False,
     ) -> None:
         super().__init__()
         if reference not in ("behavior", "initial"):
@@ -192,6 +204,12 @@ class BPOModule(L.LightningModule):
         loops: sampling and scoring a phase, so that h = 0 at a phase start also under mixed precision."""
         trainer = self._trainer
         return trainer.precision_plugin.forward_context() if trainer is not None else nullcontext()
+
+    def sampling_context(self):
+        """Context for ``generate`` calls: the whole model gathered under ZeRO-3 with ``gather_for_sampling``."""
+        if not self.hparams.gather_for_sampling or self._trainer is None:
+            return nullcontext()
+        return gathered_for_generation(self._trainer.strategy)
 
     @torch.no_grad()
     def score_records(self, records: list[PreferenceRecord]) -> None:
@@ -365,8 +383,13 @@ class BPOModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self._param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
-                                      weight_decay=hp.weight_decay)  # fmt: skip
+        adamw = torch.optim.AdamW
+        if offloads_optimizer(self.trainer.strategy):  # ZeRO-Offload steps on CPU: DeepSpeed's AdamW kernel
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            adamw = partial(DeepSpeedCPUAdam, adamw_mode=True)
+        optimizer = adamw(self._param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+                          weight_decay=hp.weight_decay)  # fmt: skip
         total = self._planned_steps()
 
         def factor(step: int) -> float:

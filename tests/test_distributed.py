@@ -89,25 +89,39 @@ def single(tmp_path_factory, sft_dir, *args: str) -> Run:
 SETUPS = {  # strategy, arguments: each behavior, full fine-tuning and the LoRA ensemble, every strategy
     "ddp-bpo-eval": ("ddp", ("--eval-prompts", "5")),
     "ddp-bpo-lora-ensemble": ("ddp", ("--members", "3")),
-    "zero2-ema": ("zero2", ("--behavior", "EMA")),
+    "zero2-ema-lora-ensemble": ("zero2", ("--behavior", "EMA", "--members", "3")),
     "zero3-bpo-eval": ("zero3", ("--eval-prompts", "5")),
     "zero3-offline": ("zero3", ("--behavior", "Frozen")),
-    "zero3-ema-lora-ensemble": ("zero3", ("--behavior", "EMA", "--members", "3")),
+    "zero3-ema": ("zero3", ("--behavior", "EMA")),
+    "zero3-bpo-lora-ensemble": ("zero3", ("--members", "3")),
+    "zero3-ema-gathered-sampling": ("zero3", ("--behavior", "EMA", "--gather-for-sampling", "--eval-prompts", "5")),
 }
+
+
+_TWO: dict[str, Run] = {}
+
+
+def two_processes(tmp_path_factory, sft_dir, setup: str) -> Run:
+    """The two-process run of a setup (computed once per session)."""
+    if setup not in _TWO:
+        strategy, args = SETUPS[setup]
+        _TWO[setup] = fit(tmp_path_factory.mktemp(setup), sft_dir, *args, "--strategy", strategy, "--devices", "2")
+    return _TWO[setup]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setup", list(SETUPS))
-def test_two_processes_equal_one_process(setup, tmp_path, tmp_path_factory, sft_dir):
+def test_two_processes_equal_one_process(setup, tmp_path_factory, sft_dir):
     strategy, args = SETUPS[setup]
     one = single(tmp_path_factory, sft_dir, *args)
-    two = fit(tmp_path, sft_dir, *args, "--strategy", strategy, "--devices", "2")
+    two = two_processes(tmp_path_factory, sft_dir, setup)
     # the same final weights (float tolerance: gradients are summed in another order), and training moved them
+    atol = 1e-5
     moved = max((one.weights[k] - one.initial[k]).abs().max().item() for k in one.weights)
-    assert moved > 1e-3
+    assert moved > 30 * atol, moved
     assert one.weights.keys() == two.weights.keys()
     for name, value in one.weights.items():
-        assert_close(two.weights[name], value, atol=1e-5, rtol=0, msg=name)
+        assert_close(two.weights[name], value, atol=atol, rtol=0, msg=name)
     # every prompt was annotated exactly once, across processes: the same scores were asked for as by one process
     assert two.calls() == one.calls() and len(two.calls()) > 0
     assert two.stats["phases"] == one.stats["phases"]  # pairs kept, dropped, annotations paid and cached
@@ -130,17 +144,58 @@ def test_two_processes_equal_one_process(setup, tmp_path, tmp_path_factory, sft_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])
-def test_killed_job_resumes_to_the_uninterrupted_weights(strategy, tmp_path, tmp_path_factory, sft_dir):
-    """SIGKILL to every process during phase 2 (process 0's 3rd annotator call), then ``ckpt_path="last"``."""
-    args = ("--strategy", strategy, "--devices", "2")
+def test_killed_job_resumes_to_the_uninterrupted_weights(strategy, tmp_path, sft_dir):
+    """24 prompts per phase in blocks of 8: 3 blocks, 2 rounds over 2 processes. SIGKILL to every process at
+    process 0's 4th annotator call (phase 2, second round: the first round's rows are saved), then resume."""
+    args = ("--strategy", strategy, "--devices", "2", "--budget", "48")
     uninterrupted = fit(tmp_path / "full", sft_dir, *args)
-    fit(tmp_path / "split", sft_dir, *args, "--kill-at", "3", killed=True)
-    assert (tmp_path / "split" / "run" / "data" / "phase_0000.pairs.jsonl").exists()  # phase 1 was complete
-    assert not (tmp_path / "split" / "run" / "data" / "phase_0001.pairs.jsonl").exists()  # killed inside phase 2
+    fit(tmp_path / "split", sft_dir, *args, "--kill-at", "4", killed=True)
+    data = tmp_path / "split" / "run" / "data"
+    assert (data / "phase_0000.pairs.jsonl").exists() and not (data / "phase_0001.pairs.jsonl").exists()
+    assert len(PhaseStore(data, 1).load_samples()) == 16  # killed inside phase 2, with its first round saved
     resumed = fit(tmp_path / "split", sft_dir, *args, "--resume")
     for name, value in uninterrupted.weights.items():
         assert_close(resumed.weights[name], value, atol=1e-5, rtol=0, msg=name)
-    assert resumed.calls() == uninterrupted.calls()  # killed + resumed runs paid for no score twice
+    assert resumed.calls() == uninterrupted.calls()  # killed + resumed runs asked for no score twice
+    assert resumed.stats["phases"] == uninterrupted.stats["phases"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup", ["zero3-ema", "zero3-bpo-lora-ensemble"])
+def test_export_from_a_deepspeed_checkpoint_folder(setup, tmp_path, tmp_path_factory, sft_dir):
+    """The folder DeepSpeed wrote under ``last.ckpt`` (ZeRO-3 partitions of 2 processes) is consolidated: its
+    weights are the trained ones, the exported model decodes greedily like the trained policy."""
+    from transformers import AutoModelForCausalLM
+
+    from bpo_lightning.export import consolidated, export_policy, load_checkpoint
+    from bpo_lightning.lora import LoRA
+    from bpo_lightning.module import BPOModule
+    from bpo_lightning.policy import Pretrained
+
+    two = two_processes(tmp_path_factory, sft_dir, setup)
+    folder = two.out / "run" / "ckpt" / "last.ckpt"
+    assert folder.is_dir()
+    checkpoint = load_checkpoint(folder)
+    weights = two.weights
+    for name, value in weights.items():
+        assert_close(checkpoint["state_dict"][f"policy.{name}"], value, atol=0, rtol=0, msg=name)
+    assert checkpoint["bpo"]["phases_started"] == 2
+    lora = LoRA(r=4, alpha=8, members=3) if "--members" in SETUPS[setup][1] else None
+    module = BPOModule(policy=Pretrained(str(sft_dir)), lora=lora)
+    module.configure_model()
+    module.load_state_dict(checkpoint["state_dict"])
+    if "EMA" in SETUPS[setup][1]:  # the EMA behavior is saved whole, not as process 0's shard of each tensor
+        params = dict(module.policy.named_parameters())
+        snapshot = checkpoint["bpo"]["behavior_snapshot"]
+        assert snapshot.keys() == module.weights.state().keys()
+        assert all(v.shape == params[k].shape for k, v in snapshot.items())
+    prompt = module.tokenizer("hotel review : we checked in late .", return_tensors="pt")
+    with module.policy_weights():
+        expected = module.policy.generate(**prompt, max_new_tokens=12, do_sample=False)
+    exported = AutoModelForCausalLM.from_pretrained(export_policy(module, tmp_path / "exported"))
+    assert torch.equal(exported.generate(**prompt, max_new_tokens=12, do_sample=False), expected)
+    file = consolidated(folder)  # what `bpo validate/test --ckpt_path <folder>` loads without DeepSpeed
+    assert torch.load(file, weights_only=True)["state_dict"].keys() == checkpoint["state_dict"].keys()
 
 
 # --- the pieces, in one process ---------------------------------------------------------------------------------------

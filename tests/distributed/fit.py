@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--kill-at", type=int, default=0, help="process 0 kills the job at its N-th annotation")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    parser.add_argument("--gather-for-sampling", action="store_true", help="ZeRO-3: sample with whole weights")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -126,7 +127,8 @@ def main() -> None:
     behavior = {"HardSync": HardSync(), "Frozen": Frozen(), "EMA": EMA(decay=0.5)}[args.behavior]
     lora = LoRA(r=4, alpha=8, members=args.members) if args.members else None
     module = BPOModule(policy=Pretrained(args.sft), behavior=behavior, lora=lora, lr=args.lr,
-                       evaluation=Evaluation(kl_samples=1 if args.eval_prompts else 0))  # fmt: skip
+                       evaluation=Evaluation(kl_samples=1 if args.eval_prompts else 0),
+                       gather_for_sampling=args.gather_for_sampling)  # fmt: skip
     annotator = CountingAnnotator(out / f"calls.rank{os.environ.get('LOCAL_RANK', '0')}.json", args.kill_at)
     data = OnlineDataModule(
         prompts=ReviewPrompts("prompts"),
