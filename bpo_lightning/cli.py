@@ -48,7 +48,7 @@ class BPOCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.logger in (None, True):  # default: CSV metrics in the run directory
             config.trainer.logger = Namespace(
-                class_path="lightning.pytorch.loggers.CSVLogger",
+                class_path="bpo_lightning.logs.RunCSVLogger",
                 init_args=Namespace(save_dir=config.trainer.default_root_dir, name="", version=""),
             )
         if config.checkpoint.dirpath is None:  # the same folder for fit, validate and test
@@ -60,6 +60,17 @@ class BPOCLI(LightningCLI):
             if logger.init_args.get("version") in (None, ""):
                 logger.init_args.version = self.subcommand
 
+
+    def before_fit(self) -> None:
+        """Refuse a run directory that holds another run (``identity``), before anything in it is written."""
+        from bpo_lightning.identity import RunMismatch, check_run_dir, fingerprint
+
+        config = self.config["fit"]
+        try:
+            check_run_dir(config.data.run_dir or config.trainer.default_root_dir, fingerprint(config))
+        except RunMismatch as err:
+            print(f"bpo: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     def before_validate(self) -> None:
         self._consolidate_deepspeed_checkpoint()

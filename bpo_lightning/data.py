@@ -167,20 +167,21 @@ class OnlineDataModule(L.LightningDataModule):
         return self._eval_loader(self.test_rows)
 
     def _eval_loader(self, rows: list[dict]) -> DataLoader:
-        """``(index, row)`` batches in order, this process's share only (no padding, unlike Lightning's default
-        distributed sampler, which would count repeated prompts twice). With several processes every share has the
-        same length: short ones end with a stand-in ``(-1, row)`` that is answered, for the collective forwards
-        (ZeRO-3) and metric reductions, and then discarded."""
+        """``(index, row)`` batches in order, this process's share of whole batches (``Shard``; unlike Lightning's
+        default distributed sampler, no prompt is repeated and counted twice). With several processes every process
+        gets as many batches: one short ends with a stand-in ``(-1, row)`` that is answered, for the collective
+        forwards (ZeRO-3) and metric reductions, and then discarded."""
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         pad = world > 1
+        shard = Shard(len(rows), rank, world, pad=pad, block=self.eval_batch_size)
         return DataLoader([*enumerate(rows), (-1, rows[0])], batch_size=self.eval_batch_size, collate_fn=list,
-                          sampler=Shard(len(rows), rank, world, pad=pad))  # fmt: skip
+                          sampler=shard)  # fmt: skip
 
     def eval_batches(self, rank: int = 0, world_size: int = 1) -> list[list[tuple[int, dict]]]:
         """This process's share of the validation prompts as ``(index, row)`` batches (outside Lightning's loops),
         the same share ``val_dataloader`` gives."""
         rows = self.eval_rows
-        shard = Shard(len(rows), rank, world_size, pad=world_size > 1)
+        shard = Shard(len(rows), rank, world_size, pad=world_size > 1, block=self.eval_batch_size)
         items = [(i, rows[i]) if i < len(rows) else (-1, rows[0]) for i in shard]
         return [items[i : i + self.eval_batch_size] for i in range(0, len(items), self.eval_batch_size)]
 
@@ -203,23 +204,27 @@ class OnlineDataModule(L.LightningDataModule):
 
 
 class Shard(DistributedSampler):
-    """Positions ``rank, rank + world_size, …`` of ``n`` items, in order and without padding: every held-out prompt
-    is evaluated exactly once across processes. A ``DistributedSampler``, so Lightning keeps it as it is.
+    """This process's share of ``n`` held-out items: blocks of ``block`` consecutive positions, block ``b`` on
+    process ``b mod world_size``, in order and without repeats, so every prompt is evaluated exactly once and a
+    batch (one block) is the same batch — the same seeded samples — on any number of processes. A
+    ``DistributedSampler``, so Lightning keeps it as it is.
 
-    With ``pad``, every process gets ``⌈n / world_size⌉`` positions; the missing ones are ``n`` (a stand-in item)."""
+    With ``pad``, every process gets as many blocks: a process one block short ends with position ``n`` (a
+    stand-in item)."""
 
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1, pad: bool = False) -> None:
-        self.n, self.rank, self.num_replicas, self.pad = n, rank, world_size, pad
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, pad: bool = False, block: int = 1) -> None:
+        self.n, self.rank, self.num_replicas, self.pad, self.block = n, rank, world_size, pad, block
         self.epoch = 0
 
     def __iter__(self):
-        own = list(range(self.rank, self.n, self.num_replicas))
-        return iter(own + [self.n] * (len(self) - len(own)))
+        starts = range(self.rank * self.block, self.n, self.num_replicas * self.block)
+        own = [i for start in starts for i in range(start, min(start + self.block, self.n))]
+        blocks = -(-self.n // self.block)
+        short = self.pad and len(starts) < -(-blocks // self.num_replicas)
+        return iter(own + [self.n] * short)
 
     def __len__(self) -> int:
-        if self.pad:
-            return -(-self.n // self.num_replicas)
-        return len(range(self.rank, self.n, self.num_replicas))
+        return sum(1 for _ in iter(self))
 
 
 def pair_batch(records: list[PreferenceRecord], pad_id: int, eos_id: int) -> dict[str, torch.Tensor]:

@@ -253,8 +253,11 @@ class BPOModule(L.LightningModule):
         model emitted it)."""
         batch = response_batch(samples, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
         size, n = self.hparams.scoring_batch_size, len(batch["input_ids"])
-        chunks = ({k: v[start : start + size] for k, v in batch.items()} for start in range(0, n, size))
-        return torch.cat([sums.double() for sums in self._logp_sums(chunks)]).cpu()
+        chunks = [{k: v[start : start + size] for k, v in batch.items()} for start in range(0, n, size)]
+        real = len(chunks)
+        if self.lockstep:  # ZeRO-3: as many forwards as the busiest process, the extra ones discarded
+            chunks += [{k: v[:1] for k, v in batch.items()}] * (Ranks.of(self.trainer).most(real) - real)
+        return torch.cat([sums.double() for sums in self._logp_sums(chunks)[:real]]).cpu()
 
     def _logp_sums(self, batches) -> list[torch.Tensor]:
         """Summed response log-probs of each batch, in eval mode (no dropout); the training mode is restored."""

@@ -229,10 +229,12 @@ def test_weighted_shares_average_to_the_global_mean():
     assert_close(total / world, losses.mean())
 
 
-def test_shards_with_stand_ins_have_equal_length():
+def test_shards_hold_whole_blocks_and_stand_ins():
     assert [list(Shard(5, r, 2, pad=True)) for r in range(2)] == [[0, 2, 4], [1, 3, 5]]  # 5: the stand-in
     assert [list(Shard(5, r, 2)) for r in range(2)] == [[0, 2, 4], [1, 3]]
     assert list(Shard(1, 2, 3, pad=True)) == [1]  # fewer prompts than processes: a stand-in only
+    assert [list(Shard(7, r, 2, pad=True, block=2)) for r in range(2)] == [[0, 1, 4, 5], [2, 3, 6]]
+    assert [list(Shard(5, r, 2, pad=True, block=2)) for r in range(2)] == [[0, 1, 4], [2, 3, 5]]
 
 
 def test_stand_in_prompts_are_answered_but_not_counted(tmp_path, sft_dir):
