@@ -192,6 +192,7 @@ class OnlineDataModule(L.LightningDataModule):
         self.stats[phase] = stats
         self.phases_collected = max(self.phases_collected, phase + 1)
         module.phase_stats = stats
+        module.plan_steps(phase, len(records))  # the learning-rate schedule counts the pairs actually kept
         if self.trainer.global_rank == 0:
             get_plugins().hook.on_pairs_ready(phase=phase, pairs=tuple(records), stats=stats, run_dir=self.run_dir)
         return records

@@ -119,6 +119,7 @@ class BPOModule(L.LightningModule):
         self.eval_metrics = EvaluationMetrics()
         self.last_evaluation: dict[str, float] | None = None
         self.checkpoint_step = 0  # training steps behind the weights (from a loaded checkpoint)
+        self.horizon: int | None = None  # optimizer steps of the whole run, for the linear decay
         self._eval_records: list[dict] = []
 
     # --- model and behavior -------------------------------------------------------------------------------------
@@ -393,14 +394,15 @@ class BPOModule(L.LightningModule):
             adamw = partial(DeepSpeedCPUAdam, adamw_mode=True)
         optimizer = adamw(self._param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
                           weight_decay=hp.weight_decay)  # fmt: skip
-        total = self._planned_steps()
+        if self.horizon is None:
+            self.horizon = self._planned_steps()  # refined when each phase's pairs are known (plan_steps)
 
         def factor(step: int) -> float:
             if step < hp.warmup_steps:
                 return (step + 1) / hp.warmup_steps
-            if hp.lr_schedule == "constant" or total is None:
+            if hp.lr_schedule == "constant" or self.horizon is None:
                 return 1.0
-            return max(0.0, (total - step) / max(1, total - hp.warmup_steps))
+            return max(0.0, (self.horizon - step) / max(1, self.horizon - hp.warmup_steps))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -415,14 +417,25 @@ class BPOModule(L.LightningModule):
         for group in optimizer.param_groups:  # each member is clipped on its own, as with one optimizer each
             torch.nn.utils.clip_grad_norm_(group["params"], gradient_clip_val)
 
-    def _planned_steps(self) -> int | None:
-        """Optimizer steps of the whole run if every prompt gives a pair (drops make the run slightly shorter)."""
+    def _planned_steps(self, phase: int = 0, kept: int | None = None) -> int | None:
+        """Optimizer steps of the whole run: the steps taken before ``phase``, then ``kept`` pairs in it, then every
+        prompt of the later phases giving a pair (their drops are not known yet)."""
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "phase_indices"):
             return None
         accumulate = self.trainer.accumulate_grad_batches
-        batches = [math.ceil(len(dm.phase_indices(p)) / dm.batch_size) for p in range(dm.num_phases)]
-        return sum(math.ceil(b / accumulate) for b in batches)
+
+        def steps(pairs: int) -> int:
+            return math.ceil(math.ceil(pairs / dm.batch_size) / accumulate)
+
+        this = steps(len(dm.phase_indices(phase)) if kept is None else kept)
+        later = sum(steps(len(dm.phase_indices(p))) for p in range(phase + 1, dm.num_phases))
+        return (self.trainer.global_step if phase else 0) + this + later
+
+    def plan_steps(self, phase: int, kept: int) -> None:
+        """The phase's pairs are known: the linear decay now ends at 0 after the last step the run will take, with
+        this phase's drops counted (after the last phase, exactly)."""
+        self.horizon = self._planned_steps(phase, kept)
 
     # --- checkpoints ------------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,6 +1,7 @@
 """The `bpo` command end to end: a tiny quickstart through LightningCLI, config shorthands, metrics on disk."""
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,45 @@ def test_every_quickstart_recipe_runs(recipe, tmp_path, capsys):
     ])  # fmt: skip
     out = capsys.readouterr().out
     assert "phase 1/2 | pairs" in out and "phase 2/2 | pairs" in out
+
+
+def _tiny(run: Path, cache: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", QUICKSTART, f"--trainer.default_root_dir={run}",
+            f"--model.policy.init_args.cache_dir={cache}", "--model.policy.init_args.steps=40", "--data.budget=32",
+            "--data.num_phases=2", "--data.batch_size=8", "--data.sampler.init_args.max_new_tokens=12",
+            "--data.sampler.init_args.progress=false", "--trainer.limit_val_batches=0",
+            "--report.evaluate_at_start=false", *extra]  # fmt: skip
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_another_experiment_in_the_same_run_directory_is_refused_and_changes_nothing(tmp_path, capsys):
+    """BPO with DPO, then the README's on-policy IPO line on the same config: without run identity the second run
+    trained on the first run's pairs and BPO's reference log-probs, paying for no annotation."""
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    main(_tiny(run, cache))
+    before = _files(run)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(_tiny(run, cache, "--model.reference=initial", "--model.loss=IPOLoss"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.reference: saved 'behavior', now 'initial'" in err
+    loss_line = next(line for line in err.splitlines() if "model.loss.class_path: saved" in line)
+    assert "DPOLoss" in loss_line.split("now")[0] and "IPOLoss" in loss_line.split("now")[1]
+    assert "--trainer.default_root_dir" in err
+    assert _files(run) == before  # the refused run wrote, rewrote and deleted nothing
+    # the same command with a run directory of its own is a separate experiment with its own pairs
+    other = tmp_path / "onpolicy-ipo"
+    main(_tiny(other, cache, "--model.reference=initial", "--model.loss=IPOLoss"))
+    first = json.loads((run / "data" / "phase_0001.json").read_text())
+    second = json.loads((other / "data" / "phase_0001.json").read_text())
+    assert second["provenance"]["reference"] == "initial" and second["stats"]["annotated"] > 0
+    pairs = [json.loads(line) for line in (other / "data" / "phase_0001.pairs.jsonl").read_text().splitlines()]
+    assert any(p["reference_chosen_logps"] != p["behavior_chosen_logps"] for p in pairs)  # reference: the start
+    assert first["stats"]["annotated"] > 0
+    # and rerunning the identical command into its own directory is allowed (complete phases are reused)
+    main(_tiny(run, cache))

@@ -220,3 +220,39 @@ def test_phase_files_hold_provenance(tmp_path, sft_dir):
     kept = [r for r in rows if r["status"] == "kept"]
     assert all(r["scores"][r["chosen"]] > r["scores"][r["rejected"]] for r in kept)
     assert math.isclose(meta["stats"]["kept"], len(kept))
+
+
+class CoarseAnnotator(CountingAnnotator):
+    """Scores 1 for a response of more than 4 words, else 0: many pairs tie and are dropped."""
+
+    def score(self, prompts, responses):
+        self.calls.extend(prompts)
+        return [float(len(r.split()) > 4) for r in responses]
+
+
+class LearningRates(L.Callback):
+    def __init__(self):
+        self.before_step = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.before_step.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.slow
+def test_linear_decay_reaches_zero_after_the_last_step_taken_whatever_the_drops(tmp_path, sft_dir):
+    """The horizon counts the pairs kept, not the prompts: with ties dropped the run takes fewer steps, and the
+    learning rate still falls to 0 right after the last one (it used to stop at a third of its peak)."""
+    lrs = LearningRates()
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=64, num_phases=2, annotator=CoarseAnnotator(),
+                                     callbacks=[lrs], lr=1e-3, evaluation=Evaluation(kl_samples=0))  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    kept = [data.stats[p].kept for p in range(2)]
+    assert sum(kept) <= 0.9 * 64  # at least 10 % of the prompts dropped
+    steps = sum(math.ceil(k / 8) for k in kept)
+    assert trainer.global_step == steps < 8  # fewer steps than prompts / batch
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.0  # after the last step
+    assert lrs.before_step[0] == 1e-3 and 0 < lrs.before_step[-1] < lrs.before_step[-2]
+    # in the last phase (horizon exact) the decay is linear: equal decrements down to 0
+    last = lrs.before_step[-math.ceil(kept[1] / 8) :] + [0.0]
+    decrements = [a - b for a, b in zip(last, last[1:], strict=False)]
+    assert_close(torch.tensor(decrements), torch.full((len(decrements),), decrements[0]), rtol=1e-6, atol=1e-12)
