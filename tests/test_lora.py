@@ -8,7 +8,7 @@ from test_loop import fresh_logps
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
-from bpo_lightning import Frozen, HardSync
+from bpo_lightning import EMA, Frozen, HardSync
 from bpo_lightning.lora import MERGED, LoRA
 from bpo_lightning.merge import merge_adapter_states
 from bpo_lightning.store import PhaseStore
@@ -43,6 +43,26 @@ def test_single_lora_keeps_adapter_only_snapshots(tmp_path, sft_dir):
     records = PhaseStore(tmp_path / "data", 1).load_pairs()[0]
     chosen, _ = fresh_logps(sft_dir, records, module.tokenizer)
     assert_close(torch.tensor([r.behavior_chosen_logps for r in records]), chosen, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_ema_with_lora_averages_the_factors_not_the_updates(tmp_path, sft_dir):
+    """EMA with one LoRA adapter: A and B are each averaged, as documented; so π_β's update B̄Ā differs from the
+    EMA of the updates BA (here B starts at 0: the EMA of BA is (1 − d)·B₁A₁, while B̄Ā = (1 − d)·B₁·Ā)."""
+    decay, ends = 0.75, EndWeights()
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=32, num_phases=2, behavior=EMA(decay=decay),
+                                     lora=LoRA(r=4, alpha=8), callbacks=[ends], lr=5e-3)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    after_phase_0 = ends.states[0]
+    assert module.behavior_snapshot.keys() == module.initial.keys() and all("lora_" in k for k in module.initial)
+    for name, value in module.behavior_snapshot.items():  # factor by factor
+        assert_close(value, decay * module.initial[name] + (1 - decay) * after_phase_0[name], atol=1e-7, rtol=0)
+    a = next(k for k in module.initial if "lora_A" in k)
+    b = a.replace("lora_A", "lora_B")
+    behavior_update = module.behavior_snapshot[b] @ module.behavior_snapshot[a]
+    ema_of_updates = (1 - decay) * after_phase_0[b] @ after_phase_0[a]  # + decay · B₀A₀ = 0
+    assert ema_of_updates.abs().max() > 1e-6
+    assert not torch.allclose(behavior_update, ema_of_updates, rtol=1e-2, atol=0)
 
 
 def _ensemble_run(tmp_path, sft_dir, **kwargs):

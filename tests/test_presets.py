@@ -305,3 +305,66 @@ def test_cli_rejects_an_unknown_paper_split(helpful_file, monkeypatch, capsys):
         main(args)
     assert exit_info.value.code != 0
     assert "split" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The paper configs on the paper's splits
+# ---------------------------------------------------------------------------------------------------------------------
+
+PAPER_TASKS = {  # task: (source rows in the hub schema, paper split sizes sft / sampling pool / dev / test)
+    "tldr": (TLDRPrompts, {"sft": 65_215, "prompts": 10_000, "eval_prompts": 1_000, "test_prompts": 1_000}),
+    "hh": (HelpfulnessPrompts, {"sft": 10_000, "prompts": 10_000, "eval_prompts": 500, "test_prompts": 500}),
+    "harm": (HarmlessnessPrompts, {"sft": 10_000, "prompts": 10_000, "eval_prompts": 500, "test_prompts": 500}),
+}
+
+
+def _hub_copy(task: str, root: Path) -> str:
+    """A local folder in the hub dataset's schema with as many rows as the paper's splits use (+ spare rows), every
+    prompt distinct: short enough that the length filters keep them all."""
+    from datasets import Dataset
+
+    if task == "tldr":
+        for name, n in (("train", 76_000), ("valid", 1_100), ("test", 1_100)):
+            write_jsonl(root / f"{name}.jsonl", [{"prompt": tldr("s", f"{name} {i}", f"post {i}"), "label": f" {i}"}
+                                                 for i in range(n)])  # fmt: skip
+    elif task == "hh":
+        write_jsonl(root / "train.jsonl", [{"instruction": f"question {i}?", "demonstration": f"answer {i}."}
+                                           for i in range(21_500)])  # fmt: skip
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        for name, n in (("train", 20_500), ("test", 1_100)):
+            chosen = [[msg("user", f"{name} question {i}"), msg("assistant", f"answer {i}")] for i in range(n)]
+            Dataset.from_dict({"chosen": chosen, "rejected": chosen}).to_parquet(root / f"{name}.parquet")
+    return str(root)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", list(PAPER_TASKS))
+def test_paper_configs_read_the_papers_splits(task, tmp_path, tokenizer_dir):
+    """Each of the task's three configs (DPO, IPO, SLiC) reads its pool, dev and test prompts through the task's
+    preset; on a local copy in the hub schema the splits have the paper's sizes and share no prompt, and the pool
+    shares none with the SFT rows."""
+    import yaml
+
+    preset, sizes = PAPER_TASKS[task]
+    configs = sorted((ROOT / "configs" / "paper").glob(f"{task}_*.yaml"))
+    assert len(configs) == 3
+    data = [yaml.safe_load(c.read_text())["data"] for c in configs]
+    sources = {k: data[0][k] for k in ("prompts", "eval_prompts", "test_prompts")}
+    assert all({k: d[k] for k in sources} == sources for d in data)  # the same data in all three
+    path = _hub_copy(task, tmp_path / task)
+    rows = {}
+    for key, spec in sources.items():
+        assert spec["class_path"] == f"bpo_lightning.presets.{preset.__name__}"
+        args = {**spec["init_args"], "path": path, "tokenizer": tokenizer_dir}  # local copies of hub inputs
+        if task == "tldr" and "dev_split" not in args:
+            args["dev_split"] = "validation"  # a local valid.jsonl is the `validation` split
+        rows[key] = [r["prompt"] for r in preset(**args).load(f"data.{key}", require_reference=True)]
+        if key == "prompts":
+            rows["sft"] = [r["prompt"] for r in preset(**{**args, "split": "sft", "limit": None}).load("sft")]
+    assert {k: len(v) for k, v in rows.items()} == sizes
+    assert all(d["budget"] <= len(rows["prompts"]) for d in data)
+    for a in rows:
+        for b in rows:
+            if a < b:
+                assert not set(rows[a]) & set(rows[b]), (a, b)
