@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
 
 import torch
 
@@ -122,6 +124,10 @@ class RewardModelAnnotator(Annotator):
         label_index: which output logit is the reward (0 for single-output reward models).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda:N"``.
         trust_remote_code: allow custom model code from the hub.
+        revision: hub revision (branch, tag or commit) of the model and tokenizer.
+
+    ``identity`` names everything that changes a score: model (and, for a local folder, a digest of its weights),
+    revision, tokenizer, label index, input encoding and length; cached scores are keyed by it.
     """
 
     def __init__(
@@ -134,18 +140,20 @@ class RewardModelAnnotator(Annotator):
         label_index: int = 0,
         device: str = "auto",
         trust_remote_code: bool = False,
+        revision: str | None = None,
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.name_or_path = name_or_path
+        self.name_or_path, self.tokenizer_path, self.revision = name_or_path, tokenizer or name_or_path, revision
         self.batch_size = batch_size
         self.max_length = max_length
         self.pair_encoding = pair_encoding
         self.label_index = label_index
         self.device = torch.device(resolve_device(device))
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or name_or_path, trust_remote_code=trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, revision=revision,
+                                                       trust_remote_code=trust_remote_code)  # fmt: skip
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code
         )
         self.model.requires_grad_(False).eval().to(self.device)
         if self.tokenizer.pad_token is None:
@@ -164,9 +172,16 @@ class RewardModelAnnotator(Annotator):
             scores.extend(logits[:, self.label_index].float().tolist())
         return scores
 
-    @property
+    @cached_property
     def identity(self) -> str:
-        return f"RewardModelAnnotator:{self.name_or_path}:max_length={self.max_length}:pair={self.pair_encoding}"
+        from bpo_lightning.identity import weights_digest
+
+        folder = Path(self.name_or_path).expanduser()
+        weights = f":weights={weights_digest(folder)}" if folder.is_dir() else ""
+        revision = f"@{self.revision}" if self.revision else ""
+        tokenizer = f":tokenizer={self.tokenizer_path}" if self.tokenizer_path != self.name_or_path else ""
+        return (f"RewardModelAnnotator:{self.name_or_path}{revision}{weights}{tokenizer}:label={self.label_index}"
+                f":max_length={self.max_length}:pair={self.pair_encoding}")  # fmt: skip
 
 
 @hookimpl

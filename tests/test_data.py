@@ -242,6 +242,21 @@ def test_reward_model_annotator_scores_in_batches(tmp_path, sft_dir):
     single = [annotator.score([p], [r])[0] for p, r in zip(prompts, responses, strict=True)]
     assert_close(torch.tensor(batched), torch.tensor(single), atol=1e-5, rtol=0)
     assert len(set(batched)) == 5 and "max_length=64" in annotator.identity
+    # the identity (which keys cached scores and saved provenance) changes with anything that changes a score
+    config.num_labels = 2
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "rm2")
+    tok.save_pretrained(tmp_path / "rm2")
+    label0 = RewardModelAnnotator(str(tmp_path / "rm2"), max_length=64, device="cpu")
+    label1 = RewardModelAnnotator(str(tmp_path / "rm2"), max_length=64, device="cpu", label_index=1)
+    assert ":label=0:" in label0.identity and label0.identity.replace(":label=0:", ":label=1:") == label1.identity
+    other_tokenizer = RewardModelAnnotator(str(tmp_path / "rm"), tokenizer=str(sft_dir), max_length=64, device="cpu")
+    assert other_tokenizer.identity != annotator.identity
+    torch.manual_seed(1)  # the same folder, retrained weights
+    GPT2ForSequenceClassification(GPT2Config(**{**config.to_dict(), "num_labels": 1})).save_pretrained(tmp_path / "rm")
+    assert RewardModelAnnotator(str(tmp_path / "rm"), batch_size=3, max_length=64, device="cpu").identity != (
+        annotator.identity
+    )
 
 
 def test_inline_config_policy(sft_dir):
