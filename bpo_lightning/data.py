@@ -49,6 +49,8 @@ class OnlineDataModule(L.LightningDataModule):
         run_dir: where phase data is written; defaults to ``trainer.default_root_dir``.
         annotation_cache: SQLite file of cached annotator scores; ``auto`` is ``<run_dir>/annotations.sqlite``, a
             shared path reuses scores across runs, ``null`` disables caching.
+        min_pairs: the fewest pairs a phase may keep; a phase with fewer stops the run, naming the phase and why its
+            prompts were dropped (a phase that trains on nothing is an error, not a success).
     """
 
     def __init__(
@@ -67,11 +69,12 @@ class OnlineDataModule(L.LightningDataModule):
         seed: int = 0,
         run_dir: str | None = None,
         annotation_cache: str | None = "auto",
+        min_pairs: int = 1,
     ) -> None:
         super().__init__()
         problems = [f"data.{k} must be >= 1, got {v}" for k, v in [("num_phases", num_phases),
                     ("batch_size", batch_size), ("budget", budget or 1), ("eval_batch_size", eval_batch_size),
-                    ("max_eval_prompts", max_eval_prompts or 1)] if v < 1]  # fmt: skip
+                    ("max_eval_prompts", max_eval_prompts or 1), ("min_pairs", min_pairs)] if v < 1]  # fmt: skip
         if budget is not None and budget >= 1 and num_phases > budget:
             problems.append(f"data.num_phases ({num_phases}) exceeds data.budget ({budget}): each phase needs a prompt")
         if problems:
@@ -86,6 +89,7 @@ class OnlineDataModule(L.LightningDataModule):
         self.budget, self.num_phases, self.batch_size, self.seed = budget, num_phases, batch_size, seed
         self._run_dir = run_dir
         self.annotation_cache = annotation_cache
+        self.min_pairs = min_pairs
         self._cache: AnnotationCache | None = None
         self.pool: list[dict] | None = None
         self.eval_rows: list[dict] = []
@@ -189,6 +193,8 @@ class OnlineDataModule(L.LightningDataModule):
         """Build (or reload) one phase's preference pairs, split across processes (``collection``)."""
         module = self.trainer.lightning_module
         records, stats = collect_phase(self, module, phase, Ranks.of(self.trainer))
+        if len(records) < self.min_pairs:
+            raise RuntimeError(too_few_pairs(stats, self.min_pairs))
         self.stats[phase] = stats
         self.phases_collected = max(self.phases_collected, phase + 1)
         module.phase_stats = stats
@@ -265,3 +271,24 @@ def weighted_pair_batch(
     batch["pair_weight"] = torch.tensor([1.0 if mine else 0.0] * len(rows))  # (B,)
     batch["loss_scale"] = torch.tensor(world / total)
     return batch
+
+
+_CAUSES = {
+    "annotator_nan": "the annotator gave no score: is it reachable, and does it return numbers? (a judge whose two "
+    "orders disagree, e.g. from position bias, gives no verdict either)",
+    "tie": "every pair tied: an annotator too coarse to separate the two responses, or a judge that always prefers "
+    "one position?",
+    "identical": "the two responses were identical: sampling too cold (temperature, top_k) or max_new_tokens too "
+    "small?",
+}
+
+
+def too_few_pairs(stats: PhaseStats, minimum: int) -> str:
+    """The error of a phase that kept fewer than ``minimum`` pairs, with the drop reasons and their likely cause."""
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.dropped.items(), key=lambda kv: -kv[1]))
+    text = (f"phase {stats.phase + 1} kept {stats.kept} pairs of {stats.prompts} prompts, fewer than data.min_pairs "
+            f"({minimum}); dropped: {reasons or 'none'}")  # fmt: skip
+    if stats.dropped:
+        main = max(stats.dropped, key=stats.dropped.get)
+        text += f". Likely cause: {_CAUSES.get(main, main)}"
+    return text + ". The phase's rows are saved in data/; fix the cause and rerun with another run directory."
