@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 
 import torch
+from tqdm import tqdm
 
 from bpo_lightning.annotation import Annotator, JoinedPairs, PairwiseAnnotator
 from bpo_lightning.cache import AnnotationCache, cached_score
@@ -85,7 +87,10 @@ def sample_and_annotate(
     blocks = [positions[start : start + size] for start in range(0, len(positions), size)]
     phase_seed = data.seed * 1_000_003 + phase * 10_007
     lockstep = module.lockstep
-    with module.behavior_weights(), module.precision_context(), module.sampling_context():
+    show = bool(getattr(data.sampler, "progress", False)) and ranks.rank == 0
+    bar = tqdm(total=len(positions), initial=len(done), desc=f"phase {phase + 1}: sampling + annotating",
+               unit="prompt", leave=False, disable=not show)  # fmt: skip
+    with module.behavior_weights(), module.precision_context(), module.sampling_context(), quiet(data.sampler), bar:
         for first in range(0, len(blocks), ranks.world):  # one round: a block per process
             b = first + ranks.rank
             block = blocks[b] if b < len(blocks) else []
@@ -101,7 +106,21 @@ def sample_and_annotate(
             if ranks.rank == 0 and new:
                 store.append_samples(new)
             done.update((row["index"], row) for row in new)
+            bar.update(len(new))
     return done
+
+
+@contextmanager
+def quiet(sampler):
+    """The sampler's own per-call progress bar off while the collection shows one bar for the whole phase."""
+    progress = getattr(sampler, "progress", None)
+    if progress:
+        sampler.progress = False
+    try:
+        yield
+    finally:
+        if progress:
+            sampler.progress = progress
 
 
 def _sample_block(sampler, module, prompts: list, seed: int) -> Samples:
