@@ -251,7 +251,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> GPT2LMHead
 # Supervised fine-tuning
 # --------------------------------------------------------------------------------------------------------------------
 
-SFT_VERSION = 1  # bump whenever data, tokenizer, model or recipe change, so cached folders are rebuilt
+SFT_VERSION = 2  # bump whenever data, tokenizer, model or recipe change, so cached folders are rebuilt
 SFT_STEPS = 400
 SFT_BATCH_SIZE = 32
 SFT_LR = 6e-3

@@ -166,17 +166,22 @@ PROMPT_LEADS: dict[str, tuple[str, ...]] = {
     "book": ("i read this book", "i finished this novel", "i borrowed this book", "i read it on the train",
              "i bought this novel", "i listened to the audio version"),
 }
-PROMPT_TAILS: tuple[str, ...] = ("last week", "last month", "in the summer", "with my family", "with friends",
-                                 "for work", "on a rainy day", "for my birthday", "with my partner", "last year")
+PROMPT_TIMES: tuple[str, ...] = ("last week", "last month", "in the summer", "in the winter", "last year",
+                                 "on a rainy day", "for my birthday", "over the holidays")
+PROMPT_COMPANY: tuple[str, ...] = ("with my family", "with friends", "for work", "with my partner", "on my own",
+                                   "with my kids")
 
 # --------------------------------------------------------------------------------------------------------------------
 # Generator settings (imperfect, human-style reference answers)
 # --------------------------------------------------------------------------------------------------------------------
 
 DATA_SEED = 1234
-SPLIT_ROWS: dict[str, int] = {"sft": 3000, "prompts": 3000, "eval": 300}
+SPLIT_ROWS: dict[str, int] = {"sft": 3000, "prompts": 3000, "eval": 330}
 #: Share of distinct prompt strings reserved for each split, so that the splits never share a prompt.
-SPLIT_PROMPT_SHARE: dict[str, float] = {"sft": 0.45, "prompts": 0.45, "eval": 0.10}
+SPLIT_PROMPT_SHARE: dict[str, float] = {"sft": 0.4, "prompts": 0.4, "eval": 0.2}
+#: Splits whose rows are distinct prompts (each drawn once): held-out evaluation measures many prompts, not a few
+#: prompts many times.
+DISTINCT_SPLITS: tuple[str, ...] = ("eval",)
 SENTENCE_COUNTS: dict[int, float] = {1: 0.15, 2: 0.35, 3: 0.35, 4: 0.15}
 P_POSITIVE = 0.6  # share of clauses written with positive polarity
 P_TWO_CLAUSES = 0.3  # share of sentences with "and" / "but"
@@ -190,8 +195,8 @@ P_REPEAT = 0.05  # per reference: one sentence written twice
 
 def all_prompts() -> list[str]:
     """Every distinct prompt string of the task, in a fixed order."""
-    return [f"{cat} review : {lead} {tail} ." for cat, leads in PROMPT_LEADS.items() for lead in leads
-            for tail in PROMPT_TAILS]
+    return [f"{cat} review : {lead} {when} {company} ." for cat, leads in PROMPT_LEADS.items() for lead in leads
+            for when in PROMPT_TIMES for company in PROMPT_COMPANY]
 
 
 def _weighted(rng: random.Random, table: dict[K, float]) -> K:
@@ -309,10 +314,15 @@ def make_splits(seed: int = DATA_SEED) -> dict[str, list[dict[str, str]]]:
     for index, (split, n_rows) in enumerate(SPLIT_ROWS.items()):
         rng = random.Random(seed * 1000 + index)
         by_category = {c: [p for p in pools[split] if p.startswith(c + " ")] for c in CATEGORIES}
+        for pool in by_category.values():
+            rng.shuffle(pool)
         rows = []
         for i in range(n_rows):
             category = list(CATEGORIES)[i % len(CATEGORIES)]
-            rows.append({"prompt": rng.choice(by_category[category]), "reference": make_reference(rng, category)})
+            # distinct splits take the category's prompts in (shuffled) order, the others draw with replacement
+            prompt = by_category[category][i // len(CATEGORIES)] if split in DISTINCT_SPLITS else rng.choice(
+                by_category[category])
+            rows.append({"prompt": prompt, "reference": make_reference(rng, category)})
         rng.shuffle(rows)
         out[split] = rows
     return out
