@@ -76,3 +76,21 @@ def test_a_locked_cache_names_its_file_and_loses_no_paid_score(tmp_path):
         scores, fresh = cached_score(annotator, cache, ["q1", "q2"], ["x", "yy"])
     assert scores == [3.0, 2.0] and fresh == [0, 1]  # paid for and kept
     holder.rollback()
+
+
+def test_metrics_csv_keeps_the_rows_of_an_earlier_attempt(tmp_path):
+    """Lightning's CSVLogger deleted metrics.csv when its folder was not empty: every resume lost earlier rows."""
+    import csv
+
+    from bpo_lightning.logs import RunCSVLogger
+
+    (tmp_path / "run.json").write_text("{}")  # the folder is not empty, as on any resume
+    first = RunCSVLogger(save_dir=str(tmp_path), name="", version="")
+    first.log_metrics({"loss": 1.0}, step=0)
+    first.save()
+    second = RunCSVLogger(save_dir=str(tmp_path), name="", version="")  # the resumed attempt
+    second.log_metrics({"loss": 0.5, "eval/win_rate": 0.7}, step=1)  # and a metric the first never logged
+    second.save()
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["loss"], r["eval/win_rate"]) for r in rows] == [("0", "1.0", ""), ("1", "0.5", "0.7")]
