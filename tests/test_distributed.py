@@ -307,7 +307,7 @@ def test_the_loader_asked_for_before_the_model_exists_collects_nothing(tmp_path,
 def test_bf16_mixed_behavior_log_probs_are_computed_as_training_computes(tmp_path, sft_dir):
     """Stored π_β log-probs come from forwards under the same autocast as training's (before, they were float32:
     |h| at a phase start reached 0.09 here). h at the first step of a phase is then 0 up to bf16 rounding; the
-    forwards differ only in padding width (scoring chunks vs shuffled training batches)."""
+    forwards differ only in batch shape (scoring chunks vs shuffled training batches), which bf16 kernels feel."""
     from test_loop import FirstBatchOfPhase, RecordingDPOLoss, fresh_logps, load_pairs
 
     recorder = FirstBatchOfPhase()
@@ -316,7 +316,7 @@ def test_bf16_mixed_behavior_log_probs_are_computed_as_training_computes(tmp_pat
                                      trainer_args={"precision": "bf16-mixed"})  # fmt: skip
     trainer.fit(module, datamodule=data)
     h = module.loss.margins[recorder.first_call[0]]
-    assert_close(h, torch.zeros_like(h), atol=0, rtol=0)  # the same inputs in phase 1's first step: exactly 0
+    assert_close(h, torch.zeros_like(h), atol=1e-3, rtol=0)  # the same weights: 0 up to bf16 kernels' shapes
     records = load_pairs(tmp_path, 1)
     stored = torch.tensor([r.behavior_chosen_logps for r in records])
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the policy as phase 2 began, one chunk, under autocast

@@ -38,7 +38,7 @@ from bpo_lightning.evaluation import Evaluation, PhaseReport  # noqa: E402
 from bpo_lightning.lora import LoRA  # noqa: E402
 from bpo_lightning.module import BPOModule  # noqa: E402
 from bpo_lightning.plugins import get_plugins  # noqa: E402
-from bpo_lightning.policy import Pretrained  # noqa: E402
+from bpo_lightning.policy import FromConfig, Pretrained  # noqa: E402
 from bpo_lightning.prompts import ReviewPrompts  # noqa: E402
 from bpo_lightning.sampling import GenerateSampler  # noqa: E402
 from bpo_lightning.tasks import reviews  # noqa: E402
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--kill-at", type=int, default=0, help="process 0 kills the job at its N-th annotation")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument("--gather-for-sampling", action="store_true", help="ZeRO-3: sample with whole weights")
+    parser.add_argument("--from-config", action="store_true", help="a randomly initialised policy (FromConfig)")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -126,7 +127,11 @@ def main() -> None:
     get_plugins().manager.register(hooks)
     behavior = {"HardSync": HardSync(), "Frozen": Frozen(), "EMA": EMA(decay=0.5)}[args.behavior]
     lora = LoRA(r=4, alpha=8, members=args.members) if args.members else None
-    module = BPOModule(policy=Pretrained(args.sft), behavior=behavior, lora=lora, lr=args.lr,
+    source = Pretrained(args.sft)
+    if args.from_config:
+        tiny = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128, "vocab_size": 768}
+        source = FromConfig(config=tiny, tokenizer=args.sft, seed=1)
+    module = BPOModule(policy=source, behavior=behavior, lora=lora, lr=args.lr,
                        evaluation=Evaluation(kl_samples=1 if args.eval_prompts else 0),
                        gather_for_sampling=args.gather_for_sampling)  # fmt: skip
     annotator = CountingAnnotator(out / f"calls.rank{os.environ.get('LOCAL_RANK', '0')}.json", args.kill_at)
