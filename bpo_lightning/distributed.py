@@ -116,19 +116,24 @@ def zero3_integration(strategy):
 
 @contextmanager
 def outside_zero_init() -> Iterator[None]:
-    """Create modules inside the block as ordinary tensors even within ZeRO-3's ``zero.Init`` (e.g. LoRA adapters,
-    initialised by PEFT on whole tensors); DeepSpeed partitions them when the engine starts."""
+    """Create modules inside the block as ordinary whole tensors even within ZeRO-3's ``zero.Init`` (e.g. LoRA
+    adapters initialised by PEFT, or a small randomly initialised model, which then starts exactly as on one
+    process); DeepSpeed partitions them when the engine starts. transformers' own ZeRO-3 creation path is off too."""
+    from transformers.integrations import deepspeed as hf
+
     try:
         from deepspeed.runtime.zero import partition_parameters as zero
     except ImportError:  # pragma: no cover - deepspeed is a dependency
         yield
         return
-    active = zero.top_level_context is not None
+    active, registered = zero.top_level_context is not None, hf._hf_deepspeed_config_weak_ref
     if active:
         zero.shutdown_init_context()
+    hf._hf_deepspeed_config_weak_ref = None
     try:
         yield
     finally:
+        hf._hf_deepspeed_config_weak_ref = registered
         if active:
             zero.restore_init_context()
 

@@ -81,7 +81,8 @@ class Pretrained(PolicySource):
 
 
 class FromConfig(PolicySource):
-    """A randomly initialised causal LM built from an inline config (tiny test and debug models).
+    """A randomly initialised causal LM built from an inline config (tiny test and debug models; built whole on each
+    process, so keep it small).
 
     Args:
         config: ``model_type`` plus config fields, e.g. ``{model_type: gpt2, n_layer: 2, n_embd: 64}``.
@@ -100,9 +101,13 @@ class FromConfig(PolicySource):
         return prepare_tokenizer(AutoTokenizer.from_pretrained(self.tokenizer_path), "model.policy")
 
     def model(self) -> PreTrainedModel:
+        from bpo_lightning.distributed import outside_zero_init
+
         fields = dict(self.config)
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-        with torch.random.fork_rng():
+        # built whole (under ZeRO-3 DeepSpeed partitions it when training starts): the same initial weights on any
+        # number of processes and with any strategy
+        with torch.random.fork_rng(), outside_zero_init():
             torch.manual_seed(self.seed)
             return AutoModelForCausalLM.from_config(config)
 

@@ -95,6 +95,7 @@ SETUPS = {  # strategy, arguments: each behavior, full fine-tuning and the LoRA 
     "zero3-ema": ("zero3", ("--behavior", "EMA")),
     "zero3-bpo-lora-ensemble": ("zero3", ("--members", "3")),
     "zero3-ema-gathered-sampling": ("zero3", ("--behavior", "EMA", "--gather-for-sampling", "--eval-prompts", "5")),
+    "zero3-from-config": ("zero3", ("--from-config",)),  # a random init, the same as on one process
 }
 
 
