@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> None:
 
         export_main(argv[1:])
         return
+    problem = unknown_component(argv, plugins)
+    if problem:
+        print(f"bpo: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     from bpo_lightning.data import OnlineDataModule
     from bpo_lightning.module import BPOModule
 
@@ -122,3 +126,43 @@ def main(argv: list[str] | None = None) -> None:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # BPOModule.configure_optimizers owns the paper's AdamW + linear decay
     )
+
+
+# config keys whose value may be a registered short name, and the registry that names it
+_REGISTERED = {"model.loss": "losses", "data.annotator": "annotators", "data.evaluator": "annotators",
+               "data.sampler": "samplers"}  # fmt: skip
+
+
+def unknown_component(argv: list[str], plugins) -> str | None:
+    """A one-line error for a short component name (no dots) that no plugin registered, given on the command line
+    (``--model.loss=Name``) or in a ``--config`` file (``class_path: Name``); ``None`` when all are known."""
+    import yaml
+
+    given: list[tuple[str, str, str]] = []  # (key, name, where)
+    for i, arg in enumerate(argv):
+        key, sep, value = arg.partition("=")
+        key = key.removeprefix("--")
+        if not sep and i + 1 < len(argv) and key in {*_REGISTERED, "config", "c"}:
+            value = argv[i + 1]
+        if key in _REGISTERED:
+            given.append((key, value, "the command line"))
+        elif key in ("config", "c") and value and Path(value).is_file():
+            try:
+                config = yaml.safe_load(Path(value).read_text()) or {}
+            except yaml.YAMLError:
+                continue  # the parser reports it
+            for dotted in _REGISTERED:
+                section, name = dotted.split(".")
+                entry = (config.get(section) or {}).get(name) if isinstance(config, dict) else None
+                entry = entry.get("class_path") if isinstance(entry, dict) else entry
+                if isinstance(entry, str):
+                    given.append((dotted, entry, value))
+    for key, name, where in given:
+        registry = plugins.registries[_REGISTERED[key]]
+        if name and "." not in name and name not in registry and name.lower() not in ("null", "none") and not (
+            name.startswith(("{", "["))
+        ):
+            known = ", ".join(sorted(registry))
+            return (f"{key}: no {key.split('.')[1].replace('evaluator', 'annotator')} named {name!r} ({where}); "
+                    f"registered: {known} (`bpo plugins` lists them with their plugins)")  # fmt: skip
+    return None

@@ -30,7 +30,7 @@ from bpo_lightning.cache import AnnotationCache, cached_score
 from bpo_lightning.distributed import Ranks
 from bpo_lightning.plugins import get_plugins
 from bpo_lightning.prompts import model_input
-from bpo_lightning.sampling import Samples
+from bpo_lightning.sampling import Samples, encode_prompt
 from bpo_lightning.store import PhaseStore
 from bpo_lightning.types import PhaseStats, PreferenceRecord
 
@@ -125,7 +125,27 @@ def quiet(sampler):
 
 def _sample_block(sampler, module, prompts: list, seed: int) -> Samples:
     """One block sampled as a whole (its seed and composition fix its responses)."""
+    check_context(sampler, module, prompts)
     return sampler.sample(module.policy, module.tokenizer, prompts, seed=seed)
+
+
+def check_context(sampler, module, prompts: list) -> None:
+    """Refuse, naming the keys, prompts whose tokens plus the longest response (and its EOS) do not fit the policy's
+    context: the model would fail deep inside with an index error (a sampler without these settings is trusted)."""
+    config = getattr(module.policy, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    new, most = getattr(sampler, "max_new_tokens", None), getattr(sampler, "max_prompt_tokens", None)
+    if not isinstance(limit, int) or new is None or most is None:
+        return
+    add_bos = getattr(sampler, "add_bos", True)
+    longest, prompt = max((len(encode_prompt(module.tokenizer, p, most, add_bos)), p) for p in prompts)
+    if longest + new + 1 > limit:
+        text = prompt if isinstance(prompt, str) else str(prompt)
+        raise ValueError(
+            f"data.prompts: the prompt {text[:60]!r}… has {longest} tokens; with data.sampler.init_args.max_new_tokens "
+            f"({new}) and the EOS token that exceeds the policy's context of {limit} positions. Set "
+            f"data.sampler.init_args.max_prompt_tokens to at most {limit - new - 1} (prompts keep their last tokens)."
+        )
 
 
 def _subset(samples: Samples, keep: list[int]) -> Samples:

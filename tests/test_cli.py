@@ -197,3 +197,23 @@ def test_another_experiment_in_the_same_run_directory_is_refused_and_changes_not
     assert first["stats"]["annotated"] > 0
     # and rerunning the identical command into its own directory is allowed (complete phases are reused)
     main(_tiny(run, cache))
+
+
+def test_an_unknown_component_name_is_one_line_listing_the_registered_names(tmp_path, capsys):
+    """It used to be a jsonargparse usage text ending in "Expected a dot import path string: FooLoss"."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, "--model.loss=FooLoss", "--print_config"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith("bpo: error: model.loss: no loss named 'FooLoss' (the command line); registered: DPOLoss,")
+    assert "IPOLoss" in err and "SLiCLoss" in err
+    config = tmp_path / "bad.yaml"
+    config.write_text("data:\n  sampler:\n    class_path: TopPSampler\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", QUICKSTART, "--config", str(config), "--print_config"])
+    err = capsys.readouterr().err
+    assert f"data.sampler: no sampler named 'TopPSampler' ({config}); registered: GenerateSampler" in err
+    with pytest.raises(SystemExit) as exit_info:  # registered names and full import paths pass through
+        main(["fit", "--config", QUICKSTART, "--model.loss", "IPOLoss", "--data.evaluator=null", "--print_config"])
+    assert exit_info.value.code in (0, None)

@@ -9,7 +9,7 @@ from conftest import CountingAnnotator, make_run
 
 from bpo_lightning.cache import AnnotationCache, cached_score
 from bpo_lightning.data import OnlineDataModule
-from bpo_lightning.prompts import ReviewPrompts
+from bpo_lightning.prompts import PromptSource, ReviewPrompts
 from bpo_lightning.store import PhaseStore
 
 
@@ -94,3 +94,23 @@ def test_metrics_csv_keeps_the_rows_of_an_earlier_attempt(tmp_path):
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["step"], r["loss"], r["eval/win_rate"]) for r in rows] == [("0", "1.0", ""), ("1", "0.5", "0.7")]
+
+
+def test_a_prompt_longer_than_the_context_is_refused_naming_the_keys(tmp_path, sft_dir):
+    """The tiny policy has 128 positions: 120 prompt tokens + 16 new tokens + EOS do not fit (it used to fail with
+    "IndexError: index out of range in self" inside the model)."""
+    from bpo_lightning.sampling import GenerateSampler
+
+    long_prompts = tmp_path / "long.jsonl"
+    long_prompts.write_text(json.dumps({"prompt": "hotel review : " + "we stayed here . " * 40}) + "\n" +
+                            json.dumps({"prompt": "phone review : i bought it ."}) + "\n")  # fmt: skip
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=2, num_phases=1)
+    data.prompts = PromptSource(str(long_prompts))
+    data.sampler = GenerateSampler(max_new_tokens=16, max_prompt_tokens=120, progress=False)
+    with pytest.raises(ValueError) as err:
+        trainer.fit(module, datamodule=data)
+    message = str(err.value)
+    assert "data.prompts: the prompt 'hotel review : we stayed here" in message and "has 120 tokens" in message
+    assert "exceeds the policy's context of 128 positions" in message
+    assert "data.sampler.init_args.max_prompt_tokens to at most 111" in message
+    assert data.annotator.calls == []  # refused before anything was sampled or paid
