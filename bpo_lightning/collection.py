@@ -138,7 +138,9 @@ def check_context(sampler, module, prompts: list) -> None:
     if not isinstance(limit, int) or new is None or most is None:
         return
     add_bos = getattr(sampler, "add_bos", True)
-    longest, prompt = max((len(encode_prompt(module.tokenizer, p, most, add_bos)), p) for p in prompts)
+    lengths = [len(encode_prompt(module.tokenizer, p, most, add_bos)) for p in prompts]
+    longest = max(lengths)
+    prompt = prompts[lengths.index(longest)]
     if longest + new + 1 > limit:
         text = prompt if isinstance(prompt, str) else str(prompt)
         raise ValueError(
