@@ -170,24 +170,21 @@ class OnlineDataModule(L.LightningDataModule):
             raise ValueError("bpo test: set data.test_prompts or data.eval_prompts (held-out prompts with references)")
         return self._eval_loader(self.test_rows)
 
-    def _eval_loader(self, rows: list[dict]) -> DataLoader:
+    def _eval_loader(self, rows: list[dict], rank: int | None = None, world: int | None = None) -> DataLoader:
         """``(index, row)`` batches in order, this process's share of whole batches (``Shard``; unlike Lightning's
         default distributed sampler, no prompt is repeated and counted twice). With several processes every process
         gets as many batches: one short ends with a stand-in ``(-1, row)`` that is answered, for the collective
-        forwards (ZeRO-3) and metric reductions, and then discarded."""
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        pad = world > 1
-        shard = Shard(len(rows), rank, world, pad=pad, block=self.eval_batch_size)
+        forwards (ZeRO-3) and metric reductions, and then discarded. ``rank``/``world`` default to the trainer's."""
+        if rank is None or world is None:
+            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        shard = Shard(len(rows), rank, world, pad=world > 1, block=self.eval_batch_size)
         return DataLoader([*enumerate(rows), (-1, rows[0])], batch_size=self.eval_batch_size, collate_fn=list,
                           sampler=shard)  # fmt: skip
 
     def eval_batches(self, rank: int = 0, world_size: int = 1) -> list[list[tuple[int, dict]]]:
         """This process's share of the validation prompts as ``(index, row)`` batches (outside Lightning's loops),
         the same share ``val_dataloader`` gives."""
-        rows = self.eval_rows
-        shard = Shard(len(rows), rank, world_size, pad=world_size > 1, block=self.eval_batch_size)
-        items = [(i, rows[i]) if i < len(rows) else (-1, rows[0]) for i in shard]
-        return [items[i : i + self.eval_batch_size] for i in range(0, len(items), self.eval_batch_size)]
+        return list(self._eval_loader(self.eval_rows, rank, world_size))
 
     def collect(self, phase: int) -> list[PreferenceRecord]:
         """Build (or reload) one phase's preference pairs, split across processes (``collection``)."""
