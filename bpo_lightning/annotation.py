@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
 
@@ -24,6 +24,15 @@ class Annotator:
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """One score per (prompt, response); ``nan`` where no score could be given."""
         raise NotImplementedError
+
+    def score_iter(self, prompts: list[str], responses: list[str]) -> Iterator[list[tuple[int, float]]]:
+        """The scores as they are paid for: groups of ``(position, score)``, every position exactly once.
+
+        The collection stores each group in the annotation cache before asking for the next, so a crash or a kill
+        loses nothing already paid. The default is one group from :meth:`score`; an annotator whose call pays for
+        many answers (a judge's requests, a reward model's batches) yields each as it arrives.
+        """
+        yield list(enumerate(self.score(prompts, responses)))
 
     @property
     def identity(self) -> str:
@@ -40,6 +49,11 @@ class PairwiseAnnotator(Annotator):
 
     def compare(self, prompts: list[str], first: list[str], second: list[str]) -> list[float]:
         raise NotImplementedError
+
+    def compare_iter(self, prompts: list[str], first: list[str], second: list[str]) -> Iterator[list[tuple[int, float]]]:
+        """The verdicts as they are paid for: groups of ``(position, verdict)``, every position exactly once (see
+        :meth:`Annotator.score_iter`); the default is one group from :meth:`compare`."""
+        yield list(enumerate(self.compare(prompts, first, second)))
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         raise TypeError(f"{self.identity} compares pairs of responses; it has no per-response score")
@@ -60,6 +74,10 @@ class JoinedPairs:
     def score(self, prompts: list[str], joined: list[str]) -> list[float]:
         first, second = zip(*(text.split("\x00", 1) for text in joined), strict=True)
         return self.judge.compare(prompts, list(first), list(second))
+
+    def score_iter(self, prompts: list[str], joined: list[str]) -> Iterator[list[tuple[int, float]]]:
+        first, second = zip(*(text.split("\x00", 1) for text in joined), strict=True)
+        return self.judge.compare_iter(prompts, list(first), list(second))
 
 
 def resolve_device(device: str) -> str:
@@ -161,16 +179,18 @@ class RewardModelAnnotator(Annotator):
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
-    @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        scores: list[float] = []
+        return [score for group in self.score_iter(prompts, responses) for _, score in group]
+
+    @torch.no_grad()
+    def score_iter(self, prompts: list[str], responses: list[str]) -> Iterator[list[tuple[int, float]]]:
+        """One group per forward batch of ``batch_size`` responses."""
         for start in range(0, len(prompts), self.batch_size):
             p, r = prompts[start : start + self.batch_size], responses[start : start + self.batch_size]
             texts = (p, r) if self.pair_encoding else ([a + b for a, b in zip(p, r, strict=True)],)
             enc = self.tokenizer(*texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
             logits = self.model(**enc.to(self.device)).logits  # (b, num_labels)
-            scores.extend(logits[:, self.label_index].float().tolist())
-        return scores
+            yield list(enumerate(logits[:, self.label_index].float().tolist(), start))
 
     @cached_property
     def identity(self) -> str:

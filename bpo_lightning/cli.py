@@ -13,6 +13,7 @@ Plugins load before the command line is parsed, so registered class names work a
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from bpo_lightning.errors import debug_requested, one_line, reported
 from bpo_lightning.plugins import PluginError, format_plugins, get_plugins
 
 
@@ -92,8 +94,36 @@ class BPOCLI(LightningCLI):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = None if argv is None else list(argv)  # None: LightningCLI reads sys.argv itself
+    """The ``bpo`` command. Errors about the input are one line naming the key, file or row (``errors``);
+    ``--debug`` (anywhere on the line) or ``BPO_DEBUG=1`` shows their traceback instead."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or debug_requested()
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        _main(argv)
+    except Exception as err:
+        problem = None if debug else _user_error(err)
+        if problem is None:
+            raise
+        message, code = problem
+        print(f"bpo: error: {message}", file=sys.stderr)
+        raise SystemExit(code) from None
+
+
+def _user_error(err: Exception) -> tuple[str, int] | None:
+    """(one-line message, exit status) for an error about the input, ``None`` for anything else."""
+    found = reported(err)
+    if found is not None:
+        return one_line(found), found.exit_code
+    # jsonargparse collects the errors of a nested class's __init__ into one text: "… Errors:\n  - <message>"
+    for line in str(err).splitlines():
+        line = line.strip().removeprefix("- ")
+        if re.match(r"(model|data|trainer|checkpoint|report)\.[\w.]+:? ", line):
+            return one_line(line), 2
+    return None
+
+
+def _main(argv: list[str]) -> None:
     try:
         plugins = get_plugins()
     except PluginError as err:
@@ -112,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
 
         export_main(argv[1:])
         return
-    problem = unknown_component(argv, plugins)
+    problem = unknown_component(argv, plugins) or epochs_given(argv)
     if problem:
         print(f"bpo: error: {problem}", file=sys.stderr)
         raise SystemExit(2)
@@ -122,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     BPOCLI(
         BPOModule,
         OnlineDataModule,
-        args=args,
+        args=argv,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # BPOModule.configure_optimizers owns the paper's AdamW + linear decay
     )
@@ -165,4 +195,29 @@ def unknown_component(argv: list[str], plugins) -> str | None:
             known = ", ".join(sorted(registry))
             return (f"{key}: no {key.split('.')[1].replace('evaluator', 'annotator')} named {name!r} ({where}); "
                     f"registered: {known} (`bpo plugins` lists them with their plugins)")  # fmt: skip
+    return None
+
+
+def epochs_given(argv: list[str]) -> str | None:
+    """``trainer.max_epochs`` follows ``data.num_phases`` (one epoch per collection phase): setting it is an error
+    that says so, instead of jsonargparse's "invalid Optional value"."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        key, _, value = arg.partition("=")
+        where = None
+        if key == "--trainer.max_epochs":
+            where = "on the command line"
+        elif key in ("--config", "-c"):
+            path = Path(value or (argv[i + 1] if i + 1 < len(argv) else ""))
+            try:
+                config = yaml.safe_load(path.read_text()) if path.is_file() else None
+            except yaml.YAMLError:
+                config = None
+            trainer = config.get("trainer") if isinstance(config, dict) else None
+            if isinstance(trainer, dict) and trainer.get("max_epochs") is not None:
+                where = f"in {path}"
+        if where:
+            return (f"trainer.max_epochs is set {where}, but the number of epochs is the number of collection "
+                    "phases: set data.num_phases instead (e.g. --data.num_phases 4)")  # fmt: skip
     return None
