@@ -13,6 +13,8 @@ import sqlite3
 import warnings
 from pathlib import Path
 
+from bpo_lightning.errors import BPOError, RunError
+
 
 def _key(identity: str, prompt: str, response: str) -> str:
     return hashlib.sha256("\x00".join((identity, prompt, response)).encode()).hexdigest()
@@ -32,34 +34,49 @@ class AnnotationCache:
         # several training processes write to one file: wait (``timeout`` s) for each other's short transactions
         self._db = sqlite3.connect(self.path, timeout=timeout)
         try:
+            # write-ahead log: readers never wait for a writer, and a commit (one per paid group of scores) is cheap
+            # yet survives the process being killed
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, identity TEXT, score REAL)")
+            if "origin" not in {row[1] for row in self._db.execute("PRAGMA table_info(scores)")}:
+                with self._db:  # which run paid for the score (files written before this column have none)
+                    self._db.execute("ALTER TABLE scores ADD COLUMN origin TEXT")
         except sqlite3.DatabaseError as err:
-            raise RuntimeError(f"data.annotation_cache: cannot open {self.path} ({err}); another process may hold "
+            raise RunError(f"data.annotation_cache: cannot open {self.path} ({err}); another process may hold "
                                "it locked, or it is not an annotation cache") from err  # fmt: skip
 
     def get(self, identity: str, prompts: list[str], responses: list[str]) -> list[float | None]:
         """Cached scores in input order; ``None`` where there is none."""
+        return [score for score, _ in self.get_with_origin(identity, prompts, responses)]
+
+    def get_with_origin(self, identity: str, prompts: list[str], responses: list[str]) -> list[tuple]:
+        """``(score, origin)`` in input order, ``(None, None)`` where there is none; ``origin`` names the run that
+        paid for the score (``None`` when not recorded)."""
         keys = [_key(identity, p, r) for p, r in zip(prompts, responses, strict=True)]
-        found: dict[str, float] = {}
+        found: dict[str, tuple] = {}
         try:
             for start in range(0, len(keys), 500):  # stay below SQLite's bound-parameter limit
                 chunk = keys[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                query = f"SELECT key, score FROM scores WHERE key IN ({marks})"
-                found.update(self._db.execute(query, chunk).fetchall())
+                query = f"SELECT key, score, origin FROM scores WHERE key IN ({marks})"
+                found.update((key, (score, origin)) for key, score, origin in self._db.execute(query, chunk))
         except sqlite3.OperationalError as err:
-            raise RuntimeError(f"data.annotation_cache: cannot read {self.path} ({err}); another process may hold "
+            raise RunError(f"data.annotation_cache: cannot read {self.path} ({err}); another process may hold "
                                "it locked — wait, or set data.annotation_cache to another file") from err  # fmt: skip
-        return [found.get(k) for k in keys]
+        return [found.get(k, (None, None)) for k in keys]
 
-    def put(self, identity: str, prompts: list[str], responses: list[str], scores: list[float]) -> None:
+    def put(
+        self, identity: str, prompts: list[str], responses: list[str], scores: list[float], origin: str | None = None
+    ) -> None:
         rows = [
-            (_key(identity, p, r), identity, float(s))
+            (_key(identity, p, r), identity, float(s), origin)
             for p, r, s in zip(prompts, responses, scores, strict=True)
             if s is not None and not math.isnan(s)
         ]
         with self._db:  # one transaction: committed to disk before the scores are used
-            self._db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?)", rows)
+            self._db.executemany("INSERT OR REPLACE INTO scores (key, identity, score, origin) VALUES (?, ?, ?, ?)",
+                                 rows)  # fmt: skip
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM scores").fetchone()[0]
@@ -68,29 +85,60 @@ class AnnotationCache:
         self._db.close()
 
 
-def cached_score(annotator, cache: AnnotationCache | None, prompts: list[str], responses: list[str]):
+def cached_score(
+    annotator, cache: AnnotationCache | None, prompts: list[str], responses: list[str], origin: str | None = None
+):
     """Scores for all inputs, asking ``annotator`` only for those the cache lacks.
 
+    The annotator's answers are stored in the cache group by group as they are paid for (``score_iter``), so an
+    exception or a kill inside the call loses nothing already paid: a rerun finds those scores cached.
+
+    Args:
+        origin: names the run asking (its folder); scores are stored with it, and cached scores that this run paid
+            for in an earlier, interrupted attempt count as paid by it, not as cache hits.
+
     Returns:
-        (scores, positions of the inputs the annotator scored now; the others came from the cache).
+        (scores, positions of the inputs paid for by this run — now, or earlier with this ``origin``; the others
+        came from the cache).
     """
-    scores = cache.get(annotator.identity, prompts, responses) if cache is not None else [None] * len(prompts)
+    found = cache.get_with_origin(annotator.identity, prompts, responses) if cache is not None else []
+    scores = [score for score, _ in found] or [None] * len(prompts)
     missing = [i for i, s in enumerate(scores) if s is None]
-    if missing:
-        asked = [prompts[i] for i in missing]
-        fresh = annotator.score(asked, [responses[i] for i in missing])
-        if len(fresh) != len(missing):
-            raise RuntimeError(f"annotator {annotator.identity} returned {len(fresh)} scores for {len(missing)}")
-        fresh = [_checked(annotator, value, prompt) for value, prompt in zip(fresh, asked, strict=True)]
-        if cache is not None:
-            try:
-                cache.put(annotator.identity, asked, [responses[i] for i in missing], fresh)
-            except sqlite3.OperationalError as err:  # the scores are paid for: use them, they are saved with the phase
-                warnings.warn(f"data.annotation_cache: could not store {len(fresh)} scores in {cache.path} ({err}); "
-                              "they are used and saved with the phase data", stacklevel=2)  # fmt: skip
-        for i, s in zip(missing, fresh, strict=True):
-            scores[i] = s
-    return scores, missing
+    paid_before = [i for i, (s, o) in enumerate(found) if s is not None and origin is not None and o == origin]
+    if not missing:
+        return scores, paid_before
+    asked, answers = [prompts[i] for i in missing], [responses[i] for i in missing]
+    given = [False] * len(missing)
+    paid = 0
+    try:
+        for group in annotator.score_iter(asked, answers):
+            group = [(k, _checked(annotator, value, asked[k])) for k, value in group]
+            if cache is not None:
+                _store(cache, annotator, [asked[k] for k, _ in group], [answers[k] for k, _ in group],
+                       [value for _, value in group], origin)  # fmt: skip
+            for k, value in group:
+                if given[k]:
+                    raise RunError(f"data.annotator: {annotator.identity} gave two scores for one response")
+                given[k], scores[missing[k]] = True, value
+            paid += len(group)
+    except BPOError:
+        raise
+    except Exception as err:
+        kept = f"the {paid} paid before are saved in {cache.path}, " if cache is not None and paid else ""
+        raise RunError(f"data.annotator: {annotator.identity} failed after {paid} of {len(missing)} scores "
+                       f"({type(err).__name__}: {err}); {kept}a resume asks only for the rest "
+                       "(--debug shows the traceback)") from err  # fmt: skip
+    if paid != len(missing):
+        raise RunError(f"data.annotator: {annotator.identity} returned {paid} scores for {len(missing)} responses")
+    return scores, sorted(missing + paid_before)
+
+
+def _store(cache, annotator, prompts: list[str], responses: list[str], scores: list[float], origin) -> None:
+    try:
+        cache.put(annotator.identity, prompts, responses, scores, origin)
+    except sqlite3.OperationalError as err:  # the scores are paid for: use them, they are saved with the phase
+        warnings.warn(f"data.annotation_cache: could not store {len(scores)} scores in {cache.path} ({err}); "
+                      "they are used and saved with the phase data", stacklevel=3)  # fmt: skip
 
 
 def _checked(annotator, value, prompt: str) -> float:
@@ -98,7 +146,7 @@ def _checked(annotator, value, prompt: str) -> float:
     if value is None:
         return math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise TypeError(f"annotator {annotator.identity} returned {value!r} for the prompt {prompt[:80]!r}: a score "
+        raise RunError(f"annotator {annotator.identity} returned {value!r} for the prompt {prompt[:80]!r}: a score "
                         "must be a number (NaN or None where it has none)")  # fmt: skip
     value = float(value)
     if math.isinf(value):

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from bpo_lightning.errors import debug_requested, one_line, reported
@@ -27,13 +26,15 @@ from bpo_lightning.plugins import PluginError, format_plugins, get_plugins
 
 class BPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        from bpo_lightning.checkpoints import PhaseCheckpoint
         from bpo_lightning.evaluation import PhaseReport
 
         parser.add_lightning_class_args(PhaseReport, "report")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PhaseCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": "link",  # last.ckpt links to the newest phase checkpoint (no second copy)
+                "checkpoint.enable_version_counter": False,  # a resumed run that redoes a phase overwrites its file
                 "checkpoint.save_top_k": -1,  # keep the end of every phase
                 "checkpoint.filename": "phase-{epoch}",  # 0-based, like data/phase_NNNN files
                 "checkpoint.auto_insert_metric_name": False,

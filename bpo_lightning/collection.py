@@ -63,8 +63,15 @@ def collect_phase(data, module, phase: int, ranks: Ranks) -> tuple[list[Preferen
         return saved
     if ranks.rank == 0:
         get_plugins().hook.on_phase_start(phase=phase, behavior_version=version)
+    counters = getattr(data.annotator, "take_counts", None)
+    if counters is not None:
+        counters()  # what the annotator counted before (as the evaluator, say) is not this phase's
     rows = sample_and_annotate(data, module, phase, store, ranks, done=saved)
     stats, records = PhaseStats(phase), []
+    if counters is not None:  # a judge's requests, retries, timeouts, failures, … summed over processes
+        for part in ranks.gather(counters()):
+            for name, n in part.items():
+                stats.annotator[name] = stats.annotator.get(name, 0) + n
     for index in data.phase_indices(phase):
         row = rows[index]
         stats.count(row["status"], row.get("annotated", 0), row.get("cached", 0))
@@ -99,7 +106,8 @@ def sample_and_annotate(
                 prompts = [model_input(data.pool[index]) for index in block]
                 samples = _sample_block(data.sampler, module, prompts, phase_seed + b * size)
                 todo = [k for k, index in enumerate(block) if index not in done]
-                rows = annotate(data.annotator, [block[k] for k in todo], data.pool, _subset(samples, todo), data.cache)
+                rows = annotate(data.annotator, [block[k] for k in todo], data.pool, _subset(samples, todo), data.cache,
+                                origin=str(data.run_dir.resolve()))  # fmt: skip
             elif lockstep:  # ZeRO-3: this process's share of every collective generate, results discarded
                 _sample_block(data.sampler, module, [model_input(data.pool[positions[0]])], phase_seed)
             new = [row for part in ranks.gather(rows) for row in part]
@@ -169,10 +177,11 @@ def score_shared(module, records: list[PreferenceRecord], ranks: Ranks) -> None:
 
 
 def annotate(
-    annotator: Annotator, indices: list[int], pool: list[dict], samples: Samples, cache: AnnotationCache | None = None
+    annotator: Annotator, indices: list[int], pool: list[dict], samples: Samples, cache: AnnotationCache | None = None,
+    origin: str | None = None,
 ) -> list[dict]:
     """Score each prompt's distinct responses in one annotator call; identical responses are not annotated, and
-    responses the cache knows are not sent to the annotator."""
+    responses the cache knows are not sent to the annotator (``origin``: the run, see ``cached_score``)."""
     rows, queries = [], []
     blocks = zip(indices, samples.prompt_ids, samples.responses, samples.response_ids, strict=False)
     for index, prompt_ids, texts, ids in blocks:  # `indices` may run past this block
@@ -190,7 +199,7 @@ def annotate(
         row["responses"][i] if isinstance(i, int) else JoinedPairs.join(row["responses"][i[0]], row["responses"][i[1]])
         for row, i in queries
     ]
-    scores, fresh = cached_score(annotator, cache, prompts, responses) if queries else ([], [])
+    scores, fresh = cached_score(annotator, cache, prompts, responses, origin) if queries else ([], [])
     fresh = set(fresh)
     for k, ((row, i), score) in enumerate(zip(queries, scores, strict=True)):
         key = "annotated" if k in fresh else "cached"

@@ -48,7 +48,8 @@ class OnlineDataModule(L.LightningDataModule):
         seed: shuffles the pool once and seeds sampling.
         run_dir: where phase data is written; defaults to ``trainer.default_root_dir``.
         annotation_cache: SQLite file of cached annotator scores; ``auto`` is ``<run_dir>/annotations.sqlite``, a
-            shared path reuses scores across runs, ``null`` disables caching.
+            shared path reuses scores across runs. ``null`` shares nothing with other runs: paid scores are then
+            kept only in the run's ``data/annotations.journal.sqlite``, so that a resume never pays for them twice.
         min_pairs: the fewest pairs a phase may keep; a phase with fewer stops the run, naming the phase and why its
             prompts were dropped (a phase that trains on nothing is an error, not a success).
     """
@@ -110,6 +111,10 @@ class OnlineDataModule(L.LightningDataModule):
             self.test_rows = [] if source is None else source.load(key, require_reference=True)[: self.max_eval_prompts]
         if stage == "fit" and self.pool is None:
             self._load_pool()
+            if self.trainer is None or self.trainer.is_global_zero:  # files a killed run was writing (never read)
+                for folder in (self.run_dir, self.run_dir / "data", self.run_dir / "evaluations"):
+                    for leftover in folder.glob("*.tmp"):
+                        leftover.unlink(missing_ok=True)
         if stage == "fit" and not self.eval_rows and self.trainer is not None:
             self.trainer.limit_val_batches = 0  # no held-out prompts: no evaluation during fit
 
@@ -124,10 +129,15 @@ class OnlineDataModule(L.LightningDataModule):
         self.pool = [rows[i] for i in order.tolist()]
 
     @property
-    def cache(self) -> AnnotationCache | None:
-        if self._cache is None and self.annotation_cache is not None:
-            auto = self.annotation_cache == "auto"
-            self._cache = AnnotationCache(self.run_dir / "annotations.sqlite" if auto else self.annotation_cache)
+    def cache(self) -> AnnotationCache:
+        """Where paid scores are kept as they arrive: the annotation cache, or without one (``null``) the run's own
+        journal ``data/annotations.journal.sqlite``, which only a resume of this run reads."""
+        if self._cache is None:
+            if self.annotation_cache is None:
+                path = self.run_dir / "data" / "annotations.journal.sqlite"
+            else:
+                path = self.run_dir / "annotations.sqlite" if self.annotation_cache == "auto" else self.annotation_cache
+            self._cache = AnnotationCache(path)
         return self._cache
 
     def phase_indices(self, phase: int) -> range:

@@ -236,7 +236,7 @@ def response_batch(samples: Samples, pad_id: int, eos_id: int) -> dict[str, torc
 def save_records(records: list[dict], path: Path) -> None:
     """Write one evaluation's answer records as JSONL (atomically: a complete file or none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write(path, "".join(json.dumps(_strict(r), ensure_ascii=False, allow_nan=False) + "\n" for r in records))
 
 
 @rank_zero_only
@@ -253,6 +253,17 @@ def _describe(result: dict) -> str:
     if "kl_behavior" in result:
         line += f" | KL(policy‖behavior) {result['kl_behavior']:.3f}"
     return line
+
+
+def _strict(value):
+    """NaN and ±inf as ``null``: report files are strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return value
 
 
 class PhaseReport(L.Callback):
@@ -283,7 +294,7 @@ class PhaseReport(L.Callback):
 
         run_dir = trainer.datamodule.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "report.json", json.dumps(self.history, indent=1))
+        atomic_write(run_dir / "report.json", json.dumps(_strict(self.history), indent=1, allow_nan=False))
         if self.plots:
             plot_histories({run_dir.name: self.history}, run_dir / "plots" / "phases.png")
 

@@ -47,10 +47,13 @@ def load_checkpoint(path: str | Path) -> dict:
     consolidated into whole float32 weights; the Lightning and bpo state of process 0 come along)."""
     path = Path(path)
     if not path.is_dir():
-        return torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint never runs code on load
+        from bpo_lightning.checkpoints import checked_load
+
+        return checked_load(path, weights_only=True)  # a checkpoint never runs code on load
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # it prints a line
+    # beside the folder, not in $TMPDIR (a killed export leaves no checkpoint-sized file there); it prints a line
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, contextlib.redirect_stdout(io.StringIO()):
         return convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "checkpoint.pt")
 
 

@@ -334,6 +334,8 @@ class BPOModule(L.LightningModule):
             self.log("data/dropped", float(self.phase_stats.dropped_total))
             self.log("data/annotations", float(self.phase_stats.annotated))  # budget spent in this phase
             self.log("data/cache_hits", float(self.phase_stats.cached))
+            for name, n in self.phase_stats.annotator.items():  # e.g. a judge's data/annotator_timeouts
+                self.log(f"data/annotator_{name}", float(n))
         self.log("behavior/version", float(self.behavior_version))
 
     # --- evaluation -------------------------------------------------------------------------------------------------

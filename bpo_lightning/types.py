@@ -48,6 +48,7 @@ class PhaseStats:
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count: identical, tie, annotator_nan
     annotated: int = 0  # responses the annotator scored (the budget spent)
     cached: int = 0  # responses whose score came from the annotation cache
+    annotator: dict[str, int] = field(default_factory=dict)  # the annotator's own counters (a judge's requests, …)
 
     @property
     def dropped_total(self) -> int:
@@ -65,4 +66,7 @@ class PhaseStats:
     def describe(self) -> str:
         reasons = ", ".join(f"{n} {k}" for k, n in sorted(self.dropped.items()))
         text = f"{self.kept} kept, {self.dropped_total} dropped" + (f" ({reasons})" if reasons else "")
-        return text + f" | annotations {self.annotated} paid, {self.cached} cached"
+        text += f" | annotations {self.annotated} paid, {self.cached} cached"
+        if self.annotator:
+            text += " | annotator " + ", ".join(f"{n} {name}" for name, n in self.annotator.items())
+        return text

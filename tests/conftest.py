@@ -82,3 +82,18 @@ def use_plugins(monkeypatch):
         return plugins
 
     return install
+
+
+KILL_TABLE: list[dict] = []  # rows of the kill-point suite (tests/test_faults.py), printed after the run
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not KILL_TABLE:
+        return
+    columns = ["kill point", "killed in", "weights equal", "re-annotations", "paid-then-lost", "files ok",
+               "metrics complete"]  # fmt: skip
+    rows = [[str(row.get(c, "")) for c in columns] for row in KILL_TABLE]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    terminalreporter.section("kill points: killed with SIGKILL, resumed, compared with the uninterrupted run")
+    for line in [columns, ["-" * w for w in widths], *rows]:
+        terminalreporter.write_line(" | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))

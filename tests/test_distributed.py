@@ -56,9 +56,10 @@ class Run:
         return json.loads((self.out / f"hooks.rank{rank}.json").read_text())
 
 
-def fit(out: Path, sft_dir: Path, *args: str, killed: bool = False) -> Run:
-    """Run the fit script; the whole process group is killed if it outlives the hang guard."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+def fit(out: Path, sft_dir: Path, *args: str, killed: bool = False, env: dict | None = None) -> Run:
+    """Run the fit script (``env``: extra environment); the whole process group is killed if it outlives the hang
+    guard."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent), **(env or {})}
     cmd = [sys.executable, str(SCRIPT), "--sft", str(sft_dir), "--out", str(out), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)  # fmt: skip

@@ -13,6 +13,7 @@ pytest itself. Each process writes what it observed into ``--out``:
 """
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -29,12 +30,13 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_deepspeed import CPUDeepSpeedStrategy  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from bpo_lightning import EMA, Frozen, HardSync, hookimpl  # noqa: E402
 from bpo_lightning.annotation import Annotator  # noqa: E402
+from bpo_lightning.checkpoints import PhaseCheckpoint  # noqa: E402
 from bpo_lightning.data import OnlineDataModule  # noqa: E402
 from bpo_lightning.evaluation import Evaluation, PhaseReport  # noqa: E402
+from bpo_lightning.logs import RunCSVLogger  # noqa: E402
 from bpo_lightning.lora import LoRA  # noqa: E402
 from bpo_lightning.module import BPOModule  # noqa: E402
 from bpo_lightning.plugins import get_plugins  # noqa: E402
@@ -45,24 +47,119 @@ from bpo_lightning.tasks import reviews  # noqa: E402
 
 
 class CountingAnnotator(Annotator):
-    """The review task's gold reward, recording every (prompt, response) it scores in ``log`` (a resumed run adds
-    to it); with ``kill_at`` it kills the whole job (every process, SIGKILL) at its ``kill_at``-th invocation."""
+    """The review task's gold reward, one paid answer at a time (``score_iter``): every (prompt, response) it scores
+    is recorded in ``log`` before its score is handed over (a resumed run adds to it). With ``kill_at`` it kills the
+    whole job (every process, SIGKILL) at its ``kill_at``-th call; with ``kill_item`` right before paying for its
+    ``kill_item``-th answer."""
 
-    def __init__(self, log: Path, kill_at: int = 0) -> None:
-        self.log, self.kill_at, self.invocations = log, kill_at, 0
+    def __init__(self, log: Path, kill_at: int = 0, kill_item: int = 0) -> None:
+        self.log, self.kill_at, self.kill_item, self.invocations, self.items = log, kill_at, kill_item, 0, 0
         self.calls: list[list[str]] = json.loads(log.read_text()) if log.exists() else []
 
     def score(self, prompts, responses):
+        return [score for group in self.score_iter(prompts, responses) for _, score in group]
+
+    def score_iter(self, prompts, responses):
         self.invocations += 1
         if self.invocations == self.kill_at:
-            os.killpg(os.getpgid(0), signal.SIGKILL)
-        self.calls.extend([p, r] for p, r in zip(prompts, responses, strict=True))
-        self.log.write_text(json.dumps(self.calls))
-        return [reviews.gold_reward(p, r) for p, r in zip(prompts, responses, strict=True)]
+            die()
+        for k, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+            self.items += 1
+            if self.items == self.kill_item:
+                die()
+            self.calls.append([prompt, response])
+            self.log.write_text(json.dumps(self.calls))  # paid: recorded before anything else can happen
+            yield [(k, reviews.gold_reward(prompt, response))]
 
     @property
     def identity(self) -> str:
         return "CountingAnnotator:gold"
+
+
+def die() -> None:
+    """SIGKILL to the whole job (every process of the fit)."""
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def nth(n: int):
+    """A function that is true at its ``n``-th call."""
+    calls = [0]
+
+    def hit() -> bool:
+        calls[0] += 1
+        return calls[0] == n
+
+    return hit
+
+
+def install_kill(point: str, n: int, module: BPOModule, trainer_callbacks: list) -> None:
+    """Kill the job at a named point of a fit, the ``n``-th time it is reached:
+
+    ``sample`` (a block's sampling), ``append`` (half-way through appending rows to samples.jsonl), ``score`` (the
+    behavior/reference log-probs of a phase's pairs), ``pairs`` (pairs.jsonl written, not yet renamed into place),
+    ``step`` (a training step), ``evaluate`` (an evaluation batch), ``checkpoint`` (half-way through writing a
+    checkpoint), ``between`` (phases: phase ``n + 1`` about to start). ``annotate`` is the annotator's ``kill_item``.
+    """
+    import bpo_lightning.sampling as sampling
+    import bpo_lightning.store as store
+
+    hit = nth(n)
+    if point == "sample":
+        sample = sampling.GenerateSampler.sample
+        sampling.GenerateSampler.sample = lambda self, *a, **k: die() if hit() else sample(self, *a, **k)
+    elif point == "append":
+        append = store.PhaseStore.append_samples
+
+        def torn_append(self, rows):
+            if hit():
+                with self.samples_path.open("a") as f:
+                    f.write(json.dumps(rows[0])[:40])
+                    f.flush()
+                die()
+            append(self, rows)
+
+        store.PhaseStore.append_samples = torn_append
+    elif point == "score":
+        score = type(module).score_records
+        type(module).score_records = lambda self, records: die() if hit() else score(self, records)
+    elif point == "pairs":
+        replace = os.replace
+
+        def replace_or_die(src, dst, *a, **k):
+            if str(dst).endswith(".pairs.jsonl") and hit():
+                die()
+            return replace(src, dst, *a, **k)
+
+        os.replace = replace_or_die
+    elif point in ("step", "evaluate"):
+        class Kill(L.Callback):
+            def on_train_batch_start(self, *args):
+                if point == "step" and hit():
+                    die()
+
+            def on_validation_batch_start(self, *args):
+                if point == "evaluate" and hit():
+                    die()
+
+        trainer_callbacks.append(Kill())
+    elif point == "checkpoint":
+        save = torch.save
+
+        def torn_save(obj, f, *a, **k):
+            if hasattr(f, "write") and hit():
+                buffer = io.BytesIO()
+                save(obj, buffer, *a, **k)
+                f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                f.flush()
+                die()
+            return save(obj, f, *a, **k)
+
+        torch.save = torn_save
+    elif point == "between":
+        start = type(module).start_phase
+        type(module).start_phase = lambda self, phase: die() if phase == n else start(self, phase)
+    elif point != "annotate":
+        raise SystemExit(f"unknown kill point {point!r}")
 
 
 class HookLog:
@@ -114,6 +211,8 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--kill-at", type=int, default=0, help="process 0 kills the job at its N-th annotation")
+    parser.add_argument("--kill", default="", help="POINT:N, process 0 kills the job there (see install_kill)")
+    parser.add_argument("--log", action="store_true", help="metrics.csv in the run folder (RunCSVLogger)")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument("--gather-for-sampling", action="store_true", help="ZeRO-3: sample with whole weights")
     parser.add_argument("--from-config", action="store_true", help="a randomly initialised policy (FromConfig)")
@@ -121,8 +220,9 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.kill_at and os.environ.get("LOCAL_RANK", "0") != "0":
-        args.kill_at = 0  # process 0 kills the job
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        args.kill_at, args.kill = 0, ""  # process 0 kills the job
+    point, _, n = args.kill.partition(":")
     hooks = HookLog()
     get_plugins().manager.register(hooks)
     behavior = {"HardSync": HardSync(), "Frozen": Frozen(), "EMA": EMA(decay=0.5)}[args.behavior]
@@ -134,7 +234,14 @@ def main() -> None:
     module = BPOModule(policy=source, behavior=behavior, lora=lora, lr=args.lr,
                        evaluation=Evaluation(kl_samples=1 if args.eval_prompts else 0),
                        gather_for_sampling=args.gather_for_sampling)  # fmt: skip
-    annotator = CountingAnnotator(out / f"calls.rank{os.environ.get('LOCAL_RANK', '0')}.json", args.kill_at)
+    annotator = CountingAnnotator(out / f"calls.rank{os.environ.get('LOCAL_RANK', '0')}.json", args.kill_at,
+                                  kill_item=int(n) if point == "annotate" else 0)  # fmt: skip
+    checkpoint = PhaseCheckpoint(dirpath=out / "run" / "ckpt", filename="phase-{epoch}", save_last="link",
+                                 save_top_k=-1, enable_version_counter=False, auto_insert_metric_name=False)
+    callbacks = [SaveInitial(out / "initial.pt"), *([PhaseReport(plots=False)] if args.eval_prompts else [])]
+    callbacks.append(checkpoint)
+    if point:
+        install_kill(point, int(n), module, callbacks)
     data = OnlineDataModule(
         prompts=ReviewPrompts("prompts"),
         annotator=annotator,
@@ -154,13 +261,12 @@ def main() -> None:
         max_epochs=args.phases,
         reload_dataloaders_every_n_epochs=1,
         default_root_dir=str(out / "run"),
-        logger=False,
+        logger=RunCSVLogger(save_dir=str(out / "run"), name="", version="") if args.log else False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         gradient_clip_val=1.0,
-        callbacks=[SaveInitial(out / "initial.pt"), ModelCheckpoint(dirpath=out / "run" / "ckpt", save_last=True),
-                   *([PhaseReport(plots=False)] if args.eval_prompts else [])],
+        callbacks=callbacks,
         limit_val_batches=None if args.eval_prompts else 0,
     )
     trainer.fit(module, datamodule=data, ckpt_path="last" if args.resume else None)

@@ -1,0 +1,118 @@
+"""Checkpoints that a kill or a full disk cannot leave half-written, and that are refused when they are not ours.
+
+- ``AtomicCheckpointIO`` writes each checkpoint to a temporary file *in the target folder* (no checkpoint-sized file
+  in ``$TMPDIR``), syncs it and renames it over the target: a checkpoint is complete or absent. Loading names the
+  file when it is missing, truncated, damaged or not a bpo-lightning checkpoint.
+- ``PhaseCheckpoint`` is Lightning's ``ModelCheckpoint`` with the run's conventions: a checkpoint at the very end of
+  every phase (after its evaluation, so a resume neither skips nor repeats one), overwritten when a resumed run redoes
+  the phase (no ``-v1`` copies), and ``last.ckpt`` a link to the newest one (no second full copy), replaced
+  atomically. Temporary files a killed run left in the folder are removed when the next fit starts.
+
+Under DeepSpeed the strategy writes its own checkpoint folders; ``PhaseCheckpoint`` leaves its I/O alone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from bpo_lightning.errors import InputError, disk_error
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` through a temporary file beside the target and a rename; loads that name a bad file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        import torch
+
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        except OSError as err:
+            raise disk_error(err, path, "checkpoint.dirpath") from err
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, path)
+        except OSError as err:
+            Path(tmp).unlink(missing_ok=True)
+            raise disk_error(err, path, "checkpoint.dirpath") from err
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return checked_load(path, map_location, weights_only, load=super().load_checkpoint)
+
+
+def checked_load(path, map_location: Any = None, weights_only: bool | None = None, load=None) -> dict[str, Any]:
+    """A bpo-lightning checkpoint file, or an ``InputError`` naming the file and what is wrong with it."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"ckpt_path: no checkpoint file {path}")
+    try:
+        if load is None:
+            checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=weights_only is not False)
+        else:
+            checkpoint = load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as err:  # torch raises many kinds (zip errors, unpickling errors, IndexError, EOFError)
+        detail = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        raise InputError(f"ckpt_path: {path} is not a complete checkpoint — truncated, damaged or not written by "
+                         f"torch.save ({detail})") from err  # fmt: skip
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "bpo" not in checkpoint:
+        keys = type(checkpoint).__name__
+        if isinstance(checkpoint, dict):
+            keys = ", ".join(sorted(map(str, checkpoint))[:6])
+        raise InputError(f"ckpt_path: {path} is not a bpo-lightning checkpoint (it holds {keys or 'nothing'}; a "
+                         "bpo fit checkpoint has 'state_dict' and 'bpo')")  # fmt: skip
+    return checkpoint
+
+
+class PhaseCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` for phases: see the module docstring. Its arguments are ``ModelCheckpoint``'s."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero and self.dirpath and os.path.isdir(self.dirpath):
+            for leftover in Path(self.dirpath).glob("*.tmp"):  # a checkpoint or link a killed run did not finish
+                if leftover.is_file() or leftover.is_symlink():
+                    leftover.unlink()
+        strategy = trainer.strategy
+        if type(getattr(strategy, "_checkpoint_io", None) or strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        if self._save_on_train_epoch_end is None:
+            # at the phase's very end: after its evaluation and report (Lightning runs both before the epoch-end
+            # hooks), so a resume starts the next phase and never repeats or skips a phase's evaluation
+            self._save_on_train_epoch_end = True
+
+    @staticmethod
+    def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
+        """``linkpath`` (``last.ckpt``) replaced in one step by a relative link to ``filepath`` (or a copy where links
+        are not allowed): it never points at nothing or at a partial file."""
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            folder = os.path.dirname(linkpath)
+            tmp = os.path.join(folder, f".{os.path.basename(linkpath)}.{os.getpid()}.tmp")
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            try:
+                os.symlink(os.path.relpath(filepath, folder), tmp)
+            except OSError:
+                shutil.copyfile(filepath, tmp)
+            os.replace(tmp, linkpath)
+        trainer.strategy.barrier()
+
