@@ -4,8 +4,10 @@ A judge fills a prompt template with ``{prompt}``, ``{response_a}`` and ``{respo
 the model's reply, which should end with ``Preferred: A`` or ``Preferred: B`` (a bare ``A`` / ``B`` is accepted too,
 see :func:`parse_verdict`). With ``both_orders`` (the default) every pair is judged twice, as (a, b) and as (b, a),
 to cancel position bias: a pair whose two verdicts disagree gets ``nan`` and is dropped (and counted). Unparseable
-replies and requests that failed also give ``nan``. ``judge.counts`` holds the running counters ``requests``,
-``failures``, ``unparseable`` and ``disagreements`` (plus ``retries`` for :class:`HTTPJudge`).
+replies and requests that failed also give ``nan``. ``judge.counts`` holds the running counters ``requests``
+(attempts sent), ``retries``, ``timeouts`` (both 0 for :class:`LocalJudge`), ``failures`` (requests with no reply),
+``unparseable`` and ``disagreements``; ``judge.take_counts()`` returns those accumulated since its previous call.
+``judge.compare_iter`` yields each pair's verdict as soon as its replies are in (both of them with ``both_orders``).
 
 An OpenAI-compatible chat endpoint (vLLM, hosted APIs); the key is read from ``api_key_env`` at call time::
 
@@ -42,7 +44,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import torch
 
@@ -67,6 +70,8 @@ Answer with exactly one line: "Preferred: A" if Response A is better, or "Prefer
 
 _PREFERRED = re.compile(r"preferred(?:\s+response)?\s*[:=]\s*[\s*\"'`(\[]*(?:response\s+)?([ab])(?![a-z0-9])", re.I)
 _STRIP = " \t\r\n*\"'`.,:;!()[]"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CONVENTIONAL_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
 def parse_verdict(text: str | None) -> float:
@@ -100,7 +105,8 @@ def _check(condition: bool, name: str, message: str) -> None:
 class LLMJudge(PairwiseAnnotator):
     """Shared logic of LLM judges: template, both-orders judging, verdict parsing and counters.
 
-    Subclasses implement :meth:`_complete`, which turns judge prompts into replies.
+    Subclasses implement :meth:`_complete_iter`, which turns judge prompts into replies as they arrive (or
+    :meth:`_complete`, all replies at once).
 
     Args:
         model: Name of the judge model (part of ``identity``).
@@ -124,52 +130,89 @@ class LLMJudge(PairwiseAnnotator):
         self.model = model
         self.template = template
         self.both_orders = bool(both_orders)
-        self.counts: dict[str, int] = {"requests": 0, "failures": 0, "unparseable": 0, "disagreements": 0}
+        names = ("requests", "retries", "timeouts", "failures", "unparseable", "disagreements")
+        self.counts: dict[str, int] = dict.fromkeys(names, 0)
+        self._taken: dict[str, int] = dict(self.counts)
         self._lock = threading.Lock()
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self.counts[name] = self.counts.get(name, 0) + n
 
+    def take_counts(self) -> dict[str, int]:
+        """The counters accumulated since the previous call (or since construction); ``counts`` keeps the totals."""
+        with self._lock:
+            taken = {name: value - self._taken.get(name, 0) for name, value in self.counts.items()}
+            self._taken = dict(self.counts)
+        return taken
+
+    def _complete_iter(self, texts: list[str]) -> Iterator[tuple[int, str | None]]:
+        """``(position, reply)`` for each judge prompt as its reply arrives, every position exactly once; the reply
+        is ``None`` where none could be had (counted as a failure)."""
+        yield from enumerate(self._complete(texts))
+
     def _complete(self, texts: list[str]) -> list[str | None]:
-        """One reply per judge prompt; ``None`` where no reply could be had (counted as a failure)."""
+        """One reply per judge prompt, in order; ``None`` where none could be had (counted as a failure)."""
         raise NotImplementedError
 
-    def _verdicts(self, texts: list[str]) -> list[float]:
-        replies = self._complete(texts)
-        verdicts = []
-        for reply in replies:
-            verdict = parse_verdict(reply)
-            if reply is not None and math.isnan(verdict):
-                self._count("unparseable")
-            verdicts.append(verdict)
-        return verdicts
+    def _verdict(self, reply: str | None) -> float:
+        verdict = parse_verdict(reply)
+        if reply is not None and math.isnan(verdict):
+            self._count("unparseable")
+        return verdict
+
+    def _combine(self, forward: float, backward: float) -> float:
+        backward = -backward  # the swapped order's "A" is the second response
+        if math.isnan(forward) or math.isnan(backward):
+            return math.nan
+        if forward != backward:
+            self._count("disagreements")
+            return math.nan
+        return forward
 
     def compare(self, prompts: list[str], first: list[str], second: list[str]) -> list[float]:
         """Judge each pair: ``1.0`` when ``first`` is preferred, ``-1.0`` when ``second`` is, else ``nan``."""
+        results = [math.nan] * len(prompts)
+        for group in self.compare_iter(prompts, first, second):
+            for position, verdict in group:
+                results[position] = verdict
+        return results
+
+    def compare_iter(
+        self, prompts: list[str], first: list[str], second: list[str]
+    ) -> Iterator[list[tuple[int, float]]]:
+        """The verdicts of :meth:`compare` as they are known: one group ``[(position, verdict)]`` per pair, yielded
+        as soon as its reply (with ``both_orders``, both of its replies) arrived. Closing the iterator early stops
+        the requests not yet sent."""
         if not len(prompts) == len(first) == len(second):
             raise ValueError(f"compare: {len(prompts)} prompts, {len(first)} first and {len(second)} second responses")
-        if not prompts:
-            return []
-        pairs = list(zip(prompts, first, second, strict=True))
-        texts = [self.template.format(prompt=p, response_a=a, response_b=b) for p, a, b in pairs]
-        if self.both_orders:
-            texts += [self.template.format(prompt=p, response_a=b, response_b=a) for p, a, b in pairs]
-        verdicts = self._verdicts(texts)
-        if not self.both_orders:
-            return verdicts
-        n = len(prompts)
-        results = []
-        for forward, backward in zip(verdicts[:n], verdicts[n:], strict=True):
-            backward = -backward  # the swapped order's "A" is the second response
-            if math.isnan(forward) or math.isnan(backward):
-                results.append(math.nan)
-            elif forward != backward:
-                self._count("disagreements")
-                results.append(math.nan)
-            else:
-                results.append(forward)
-        return results
+        texts = []
+        for p, a, b in zip(prompts, first, second, strict=True):
+            texts.append(self.template.format(prompt=p, response_a=a, response_b=b))
+            if self.both_orders:  # both orders of a pair side by side, so that pairs complete early
+                texts.append(self.template.format(prompt=p, response_a=b, response_b=a))
+        return self._pairs(texts)
+
+    def _pairs(self, texts: list[str]) -> Iterator[list[tuple[int, float]]]:
+        if not texts:
+            return
+        halves: dict[int, tuple[int, float]] = {}
+        replies = self._complete_iter(texts)
+        try:
+            for position, reply in replies:
+                verdict = self._verdict(reply)
+                if not self.both_orders:
+                    yield [(position, verdict)]
+                    continue
+                pair = position // 2
+                if pair not in halves:
+                    halves[pair] = (position, verdict)
+                    continue
+                other_position, other = halves.pop(pair)
+                forward, backward = (verdict, other) if position < other_position else (other, verdict)
+                yield [(pair, self._combine(forward, backward))]
+        finally:
+            replies.close()
 
     @property
     def identity(self) -> str:
@@ -193,21 +236,24 @@ def _endpoint(base_url: str) -> str:
 class HTTPJudge(LLMJudge):
     """A judge behind an OpenAI-compatible ``/v1/chat/completions`` endpoint, queried by a bounded thread pool.
 
-    Requests answered 429 or 5xx, timeouts and connection errors are retried with exponential backoff; other 4xx
-    are not. A request that still fails gives ``nan`` (counted in ``failures``); when every request of a call
-    fails, :meth:`compare` raises ``RuntimeError`` (a dead endpoint stops the run).
+    Requests answered 429 or 5xx and connection errors are retried with exponential backoff; other 4xx are not,
+    and neither are timeouts unless ``retry_timeouts``. A request that still fails gives ``nan`` (counted in
+    ``failures``); when every request of a call fails, :meth:`compare` / :meth:`compare_iter` raise ``RuntimeError``
+    (a dead endpoint stops the run) after the verdicts.
 
     Args:
         base_url: Server root, ``.../v1`` base or full ``.../v1/chat/completions`` URL (http or https).
         model: Model name sent with each request.
-        api_key_env: Environment variable holding the API key (sent as ``Authorization: Bearer``), read at call
-            time and never stored; ``None`` for no authentication.
+        api_key_env: Name of the environment variable holding the API key (sent as ``Authorization: Bearer``),
+            read at call time and never stored or shown; ``None`` for no authentication.
         template: Judge prompt template (see :class:`LLMJudge`).
         both_orders: Judge each pair in both orders.
         temperature: Sampling temperature.
         max_tokens: Maximum reply length in tokens.
-        timeout: Seconds to wait for one response.
+        timeout: Seconds to wait for one response; a request that times out is counted in ``timeouts``.
         max_retries: Retries per request after the first attempt.
+        retry_timeouts: Retry a request that timed out like a connection error. Off by default: a slow endpoint
+            may still be generating (and billing) the answer that was given up on, so a retry can pay twice.
         backoff: Base delay in seconds; retry ``k`` (from 0) waits ``backoff * 2**k``, capped by ``max_backoff``.
         max_backoff: Longest wait between two attempts in seconds (also caps a server's ``Retry-After``).
         concurrency: Maximum number of requests in flight.
@@ -227,15 +273,17 @@ class HTTPJudge(LLMJudge):
         backoff: float = 1.0,
         max_backoff: float = 30.0,
         concurrency: int = 8,
+        retry_timeouts: bool = False,
     ) -> None:
         _check(isinstance(base_url, str) and re.match(r"https?://[^/\s]+", base_url or "") is not None,
-               "base_url", f"must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
+               "base_url", f"must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")  # fmt: skip
         _check(isinstance(model, str) and bool(model.strip()), "model", "must be a non-empty model name")
-        _check(api_key_env is None or (isinstance(api_key_env, str) and bool(api_key_env)), "api_key_env",
-               "must be the name of an environment variable, or null for no authentication")
+        _check(api_key_env is None or (isinstance(api_key_env, str) and _ENV_NAME.fullmatch(api_key_env) is not None),
+               "api_key_env", "must be the NAME of an environment variable holding the key, not the key itself "
+               "(the value given is not shown); null for no authentication")  # fmt: skip
         if api_key_env is not None:
-            _check(bool(os.environ.get(api_key_env)), "api_key_env",
-                   f"names environment variable {api_key_env} which is not set (or set api_key_env: null)")
+            _check(bool(os.environ.get(api_key_env, "").strip()), "api_key_env",
+                   f"names {_env_name(api_key_env)} which is not set (or set api_key_env: null)")  # fmt: skip
         _check(temperature >= 0, "temperature", f"must be >= 0, got {temperature}")
         _check(isinstance(max_tokens, int) and max_tokens >= 1, "max_tokens", f"must be an int >= 1, got {max_tokens}")
         _check(timeout > 0, "timeout", f"must be > 0, got {timeout}")
@@ -254,38 +302,55 @@ class HTTPJudge(LLMJudge):
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
         self.concurrency = concurrency
-        self.counts["retries"] = 0
+        self.retry_timeouts = bool(retry_timeouts)
         self._last_error = ""
+        self._last_timed_out = False
 
     def _api_key(self) -> str | None:
         if self.api_key_env is None:
             return None
-        key = os.environ.get(self.api_key_env)
+        key = os.environ.get(self.api_key_env, "").strip()
         if not key:
-            raise ValueError(f"{KEY}.api_key_env: environment variable {self.api_key_env} is not set")
+            raise ValueError(f"{KEY}.api_key_env: {_env_name(self.api_key_env)} is not set")
         return key
 
-    def _complete(self, texts: list[str]) -> list[str | None]:
+    def _complete_iter(self, texts: list[str]) -> Iterator[tuple[int, str | None]]:
+        if not texts:
+            return
         key = self._api_key()
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(texts)), thread_name_prefix="judge") as pool:
-            replies = list(pool.map(lambda text: self._request(text, key), texts))
-        if texts and all(reply is None for reply in replies):
+        stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(texts)), thread_name_prefix="judge")
+        failed = 0
+        try:
+            futures = {pool.submit(self._request, text, key, stop): i for i, text in enumerate(texts)}
+            for future in as_completed(futures):
+                reply = future.result()
+                failed += reply is None
+                yield futures[future], reply
+        finally:  # also when the consumer stops early: drop the queued requests, end the retries of running ones
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+        if failed == len(texts):
+            hint = f" (timeout {self.timeout:g} s: raise {KEY}.timeout)" if self._last_timed_out else ""
             raise RuntimeError(f"{type(self).__name__}: all {len(texts)} requests to {self.base_url} failed; "
-                               f"last error: {self._last_error}")
-        return replies
+                               f"last error: {self._last_error}{hint}")  # fmt: skip
 
-    def _request(self, text: str, key: str | None) -> str | None:
-        """POST one judge prompt, retrying transient errors; the reply text, or ``None`` after a final failure."""
+    def _request(self, text: str, key: str | None, stop: threading.Event | None = None) -> str | None:
+        """POST one judge prompt, retrying transient errors; the reply text, or ``None`` after a final failure or
+        when ``stop`` is set before the next attempt."""
         payload = json.dumps({
             "model": self.model, "messages": [{"role": "user", "content": text}],
             "temperature": self.temperature, "max_tokens": self.max_tokens,
-        }).encode()
+        }).encode()  # fmt: skip
         headers = {"Content-Type": "application/json"}
         if key is not None:
             headers["Authorization"] = f"Bearer {key}"
         for attempt in range(self.max_retries + 1):
+            if stop is not None and stop.is_set():
+                return None
             self._count("requests")
             retry_after = 0.0
+            timed_out = False
             try:
                 request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
@@ -295,15 +360,21 @@ class HTTPJudge(LLMJudge):
                 error = f"HTTP {err.code} {err.reason}: {self._body(err)}"
                 retry_after = _seconds(err.headers.get("Retry-After") if err.headers else None)
             except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-                retry, error = True, f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+                error = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+                timed_out = _is_timeout(err)
+                if timed_out:
+                    self._count("timeouts")
+                retry = self.retry_timeouts or not timed_out
             except ValueError as err:  # a 200 whose body is not a chat completion
                 retry, error = False, str(err)
             if not retry or attempt == self.max_retries:
                 break
             self._count("retries")
-            time.sleep(min(max(self.backoff * 2**attempt, retry_after), self.max_backoff))
+            if _pause(min(max(self.backoff * 2**attempt, retry_after), self.max_backoff), stop):
+                return None
         with self._lock:
             self._last_error = _redact(error, key)
+            self._last_timed_out = timed_out
         self._count("failures")
         return None
 
@@ -331,7 +402,34 @@ def _seconds(value: str | None) -> float:
 
 
 def _redact(text: str, key: str | None) -> str:
-    return text.replace(key, "***") if key else text
+    """``text`` without the key, also where it was quoted as a Python literal."""
+    if not key:
+        return text
+    for form in (key, repr(key)[1:-1]):
+        text = text.replace(form, "***")
+    return text
+
+
+def _env_name(name: str) -> str:
+    """How a message names the environment variable ``name``: an upper-case name as is, another one (a key such as
+    ``hf_...`` looks like a variable name) not at all."""
+    if _CONVENTIONAL_ENV_NAME.fullmatch(name):
+        return f"environment variable {name}"
+    return "an environment variable (its name is not shown: a name that is not upper case may be a pasted key)"
+
+
+def _is_timeout(err: BaseException) -> bool:
+    """Whether a request error is a timeout (``socket.timeout`` is ``TimeoutError``): raised as such, or wrapped by
+    ``urllib`` as a ``URLError``'s reason."""
+    return isinstance(err, TimeoutError) or isinstance(getattr(err, "reason", None), TimeoutError)
+
+
+def _pause(seconds: float, stop: threading.Event | None) -> bool:
+    """Wait ``seconds`` before a retry; ``True`` when ``stop`` was set meanwhile (the caller gave up)."""
+    if stop is None:
+        time.sleep(seconds)
+        return False
+    return stop.wait(seconds)
 
 
 class LocalJudge(LLMJudge):
@@ -385,16 +483,21 @@ class LocalJudge(LLMJudge):
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text
 
-    def _complete(self, texts: list[str]) -> list[str | None]:
+    def _complete_iter(self, texts: list[str]) -> Iterator[tuple[int, str | None]]:
+        if not texts:
+            return
         rendered = [self._render(text) for text in texts]
         special = not getattr(self.tokenizer, "chat_template", None)  # a chat template adds its own special tokens
         lengths = [len(ids) for ids in self.tokenizer(rendered, add_special_tokens=special)["input_ids"]]
         fits = [self.max_positions is None or n + self.max_new_tokens <= self.max_positions for n in lengths]
         self._count("failures", fits.count(False))
-        todo = [text for text, ok in zip(rendered, fits, strict=True) if ok]
-        self._count("requests", len(todo))
-        generated = iter(self._generate(todo, special))
-        return [next(generated) if ok else None for ok in fits]
+        yield from ((i, None) for i, ok in enumerate(fits) if not ok)
+        todo = [i for i, ok in enumerate(fits) if ok]
+        for start in range(0, len(todo), self.batch_size):  # the replies of each batch as soon as it is generated
+            batch = todo[start : start + self.batch_size]
+            replies = self._generate([rendered[i] for i in batch], special)
+            self._count("requests", len(batch))
+            yield from zip(batch, replies, strict=True)
 
     @torch.no_grad()
     def _generate(self, texts: list[str], add_special_tokens: bool = True) -> list[str]:
@@ -402,9 +505,9 @@ class LocalJudge(LLMJudge):
         replies: list[str] = []
         for start in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[start : start + self.batch_size], padding=True, return_tensors="pt",
-                                 add_special_tokens=add_special_tokens).to(self.device)
+                                 add_special_tokens=add_special_tokens).to(self.device)  # fmt: skip
             out = self.lm.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                   pad_token_id=self.tokenizer.pad_token_id)
+                                   pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
             new = out[:, enc["input_ids"].shape[1] :]
             replies.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
         return replies

@@ -2,20 +2,27 @@
 
 import json
 import math
+import socket
 import threading
 import time
-import types
+import urllib.error
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from bpo_lightning import judge as judge_module
 from bpo_lightning.annotation import PairwiseAnnotator
-from bpo_lightning.judge import DEFAULT_TEMPLATE, HTTPJudge, LocalJudge, _endpoint, parse_verdict
+from bpo_lightning.judge import DEFAULT_TEMPLATE, HTTPJudge, LocalJudge, _endpoint, _is_timeout, parse_verdict
 
 KEY_ENV = "BPO_TEST_JUDGE_KEY"
 SECRET = "sk-test-0123456789-secret"
 NAN = math.nan
+
+
+def counts(**nonzero) -> dict[str, int]:
+    """A judge's full counter dict: the given counters, 0 for the others."""
+    names = ("requests", "retries", "timeouts", "failures", "unparseable", "disagreements")
+    return {**dict.fromkeys(names, 0), **nonzero}
 
 
 def same(values, expected):
@@ -43,6 +50,7 @@ class StubState:
         self.max_in_flight = 0
         self.lock = threading.Lock()
         self.release = threading.Event()  # ends "hang" requests at teardown
+        self.slow = threading.Event()  # prompts with SLOW wait for it (any mode but "hang")
         self.url = ""
 
 
@@ -101,6 +109,9 @@ def make_handler(state: StubState) -> type[BaseHTTPRequestHandler]:
             elif mode == "hang":
                 state.release.wait(1.0)
                 self.reply("Preferred: A")
+            elif "SLOW" in content:
+                state.slow.wait(5.0)
+                self.reply(good_answer(content))
             elif mode == "400":
                 self.send(400, {"error": "unknown model"})
             elif mode == "echo_auth_400":
@@ -130,6 +141,7 @@ def stub():
     state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     yield state
     state.release.set()
+    state.slow.set()
     server.shutdown()
     server.server_close()
     thread.join(timeout=2)
@@ -191,7 +203,7 @@ def test_good_verdicts_both_orders_and_auth(stub, make_judge):
     judge = make_judge()
     assert isinstance(judge, PairwiseAnnotator)
     assert judge.compare(PROMPTS, FIRST, SECOND) == [1.0, -1.0, 1.0]
-    assert judge.counts == {"requests": 6, "failures": 0, "unparseable": 0, "disagreements": 0, "retries": 0}
+    assert judge.counts == counts(requests=6)
     assert stub.calls == 6
     assert stub.auth == [f"Bearer {SECRET}"] * 6
     body = stub.bodies[0]
@@ -228,14 +240,14 @@ def test_garbage_is_unparseable_nan(stub, make_judge):
     judge = make_judge()
     out = judge.compare(["GARBAGE prompt", "Review it."], ["GOOD x", "y"], ["y", "GOOD x"])
     assert same(out, [NAN, -1.0])
-    assert judge.counts == {"requests": 4, "failures": 0, "unparseable": 2, "disagreements": 0, "retries": 0}
+    assert judge.counts == counts(requests=4, unparseable=2)
 
 
 def test_position_bias_is_a_disagreement(stub, make_judge):
     stub.mode = "biased"
     judge = make_judge()
     assert same(judge.compare(PROMPTS[:2], FIRST[:2], SECOND[:2]), [NAN, NAN])
-    assert judge.counts == {"requests": 4, "failures": 0, "unparseable": 0, "disagreements": 2, "retries": 0}
+    assert judge.counts == counts(requests=4, disagreements=2)
     single = make_judge(both_orders=False)
     assert single.compare(PROMPTS[:2], FIRST[:2], SECOND[:2]) == [1.0, 1.0]  # one order cannot see the bias
 
@@ -245,13 +257,13 @@ def test_transient_errors_are_retried(stub, make_judge, mode):
     stub.mode, stub.fail_first = mode, 2
     judge = make_judge(both_orders=False, max_retries=3, concurrency=1)
     assert judge.compare(PROMPTS, FIRST, SECOND) == [1.0, -1.0, 1.0]
-    assert judge.counts == {"requests": 5, "failures": 0, "unparseable": 0, "disagreements": 0, "retries": 2}
+    assert judge.counts == counts(requests=5, retries=2)
     assert stub.calls == 5
 
 
 def test_backoff_is_exponential_and_capped(stub, make_judge, monkeypatch):
     delays = []
-    monkeypatch.setattr(judge_module, "time", types.SimpleNamespace(sleep=delays.append))  # the stub keeps its own
+    monkeypatch.setattr(judge_module, "_pause", lambda seconds, stop: delays.append(seconds) or False)
     stub.mode, stub.fail_first = "500_first", 4
     judge = make_judge(both_orders=False, max_retries=4, backoff=0.5, max_backoff=1.5)
     assert judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1]) == [1.0]
@@ -264,25 +276,56 @@ def test_dead_endpoint_raises_naming_url(stub, make_judge):
     with pytest.raises(RuntimeError, match=stub.url) as info:
         judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
     assert "HTTP 500" in str(info.value) and SECRET not in str(info.value)
-    assert judge.counts == {"requests": 4, "failures": 2, "unparseable": 0, "disagreements": 0, "retries": 2}
+    assert judge.counts == counts(requests=4, retries=2, failures=2)
 
 
 def test_partial_failure_gives_nan(stub, make_judge):
     judge = make_judge(max_retries=1)
     out = judge.compare(["Review it.", "FAIL here"], ["GOOD a", "GOOD b"], ["c", "d"])
     assert same(out, [1.0, NAN])
-    assert judge.counts == {"requests": 6, "failures": 2, "unparseable": 0, "disagreements": 0, "retries": 2}
+    assert judge.counts == counts(requests=6, retries=2, failures=2)
 
 
-def test_timeout_is_retried_then_fails(stub, make_judge):
+def test_timeout_is_not_retried_by_default(stub, make_judge):
     stub.mode = "hang"
-    judge = make_judge(both_orders=False, timeout=0.2, max_retries=1)
+    judge = make_judge(both_orders=False, timeout=0.2, max_retries=3)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="timed out") as info:
         judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
+    assert time.monotonic() - start < 0.9
+    assert stub.url in str(info.value) and "init_args.timeout" in str(info.value)
+    assert judge.counts == counts(requests=1, timeouts=1, failures=1)
+    assert stub.calls == 1  # the slow answer was not asked for (and paid) twice
+
+
+def test_timeout_is_retried_when_configured(stub, make_judge):
+    stub.mode = "hang"
+    judge = make_judge(both_orders=False, timeout=0.2, max_retries=1, retry_timeouts=True)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="timed out"):
+        judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
     assert time.monotonic() - start < 1.5
-    assert stub.url in str(info.value)
-    assert judge.counts["requests"] == 2 and judge.counts["retries"] == 1 and judge.counts["failures"] == 1
+    assert judge.counts == counts(requests=2, retries=1, timeouts=2, failures=1)
+    assert stub.calls == 2
+
+
+def test_connection_errors_are_retried(monkeypatch):
+    monkeypatch.setattr(judge_module, "_pause", lambda seconds, stop: False)
+    with socket.socket() as sock:  # a port nobody listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    judge = HTTPJudge(base_url=f"http://127.0.0.1:{port}/v1", model="m", api_key_env=None, both_orders=False,
+                      max_retries=2, timeout=1.0)  # fmt: skip
+    with pytest.raises(RuntimeError, match="all 1 requests"):
+        judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
+    assert judge.counts == counts(requests=3, retries=2, failures=1)
+
+
+def test_is_timeout():
+    assert _is_timeout(TimeoutError("timed out")) and _is_timeout(socket.timeout("timed out"))  # noqa: UP041
+    assert _is_timeout(urllib.error.URLError(TimeoutError("timed out")))
+    assert not _is_timeout(urllib.error.URLError(ConnectionRefusedError(111, "refused")))
+    assert not _is_timeout(ConnectionResetError())
 
 
 def test_client_error_is_not_retried(stub, make_judge):
@@ -318,6 +361,90 @@ def test_concurrency_is_bounded(stub, make_judge):
     assert 1 <= stub.max_in_flight <= 2
 
 
+def judge_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name.startswith("judge")}
+
+
+def wait_until(condition, seconds: float = 2.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+@pytest.mark.parametrize("both_orders", [True, False])
+def test_verdicts_stream_as_pairs_complete(stub, make_judge, both_orders):
+    prompts = ["SLOW review 0", "Review 1.", "SLOW review 2", "Review 3.", "GARBAGE 4"]
+    first = ["GOOD a", "b", "GOOD c", "d", "GOOD e"]
+    second = ["x", "GOOD y", "z", "GOOD w", "v"]
+    judge = make_judge(both_orders=both_orders)
+    groups = []
+    for group in judge.compare_iter(prompts, first, second):
+        groups.append(group)
+        if len(groups) == 3:  # every fast pair is in while the slow ones are still waiting for the stub
+            assert not stub.slow.is_set()
+            assert sorted(position for g in groups for position, _ in g) == [1, 3, 4]
+            stub.slow.set()
+    assert all(len(group) == 1 for group in groups)
+    assert sorted(position for group in groups for position, _ in group) == [0, 1, 2, 3, 4]
+    streamed = dict(pair for group in groups for pair in group)
+    expected = make_judge(both_orders=both_orders).compare(prompts, first, second)
+    assert same([streamed[i] for i in range(5)], expected) and same(expected, [1.0, -1.0, 1.0, -1.0, NAN])
+    assert judge.counts == counts(requests=10 if both_orders else 5, unparseable=2 if both_orders else 1)
+
+
+def test_dead_endpoint_raises_after_the_verdicts(stub, make_judge):
+    stub.mode = "always500"
+    judge = make_judge(max_retries=0)
+    groups = []
+    with pytest.raises(RuntimeError, match="all 4 requests"):
+        for group in judge.compare_iter(PROMPTS[:2], FIRST[:2], SECOND[:2]):
+            groups.append(group)
+    assert sorted(position for group in groups for position, _ in group) == [0, 1]
+    assert all(math.isnan(verdict) for group in groups for _, verdict in group)
+
+
+def test_closing_early_stops_the_requests(stub, make_judge):
+    before = judge_threads()
+    stub.delay = 0.05
+    judge = make_judge(both_orders=False, concurrency=1)
+    prompts = [f"Review item {i}." for i in range(20)]
+    groups = judge.compare_iter(prompts, ["GOOD"] * 20, ["meh"] * 20)
+    assert next(groups) == [(0, 1.0)]
+    groups.close()
+    assert wait_until(lambda: not judge_threads() - before)
+    assert stub.calls <= 2  # the one running when the consumer left, no queued one
+
+
+def test_closing_early_ends_the_retries(stub, make_judge):
+    before = judge_threads()
+    judge = make_judge(both_orders=False, max_retries=5, backoff=30.0, max_backoff=30.0)
+    groups = judge.compare_iter(["Review it.", "FAIL one", "FAIL two"], ["GOOD a"] * 3, ["b"] * 3)
+    assert next(groups) == [(0, 1.0)]
+    assert wait_until(lambda: judge.counts["retries"] == 2)  # both failing requests are waiting to retry
+    start = time.monotonic()
+    groups.close()
+    assert wait_until(lambda: not judge_threads() - before) and time.monotonic() - start < 2.0
+    assert judge.counts == counts(requests=3, retries=2)
+
+
+def test_compare_iter_checks_lengths_at_once(make_judge):
+    with pytest.raises(ValueError, match="compare"):
+        make_judge().compare_iter(["p"], ["a"], [])
+    assert list(make_judge().compare_iter([], [], [])) == []
+
+
+def test_take_counts(stub, make_judge):
+    judge = make_judge(both_orders=False)
+    assert judge.take_counts() == counts()
+    judge.compare(PROMPTS[:2], FIRST[:2], SECOND[:2])
+    assert judge.take_counts() == counts(requests=2)
+    assert judge.take_counts() == counts()
+    judge.compare(["GARBAGE it", "FAIL it"], ["a", "b"], ["c", "d"])
+    assert judge.take_counts() == counts(requests=5, retries=3, failures=1, unparseable=1)
+    assert judge.counts == counts(requests=7, retries=3, failures=1, unparseable=1)
+
+
 def test_no_auth_without_key_env(stub, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     judge = HTTPJudge(base_url=stub.url, model="m", api_key_env=None, both_orders=False)
@@ -333,6 +460,49 @@ def test_key_is_read_at_call_time(stub, make_judge, monkeypatch):
     monkeypatch.delenv(KEY_ENV)
     with pytest.raises(ValueError, match=KEY_ENV):
         judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
+
+
+@pytest.mark.parametrize("pasted", [SECRET, "Bearer abc", "abc def", "", "1PASSWORD"])
+def test_pasted_key_is_not_shown(make_judge, pasted):
+    with pytest.raises(ValueError) as info:
+        make_judge(api_key_env=pasted)
+    message = str(info.value)
+    assert message.startswith(
+        "data.annotator.init_args.api_key_env must be the NAME of an environment variable holding the key, "
+        "not the key itself (the value given is not shown)"
+    )
+    assert not pasted or pasted not in message
+
+
+def test_unset_key_env_names_only_conventional_names(make_judge, monkeypatch):
+    token = "hf_AbCdEfGh0123456789aBcDeFgH"  # a key that is also a valid variable name
+    monkeypatch.delenv(token, raising=False)
+    monkeypatch.delenv("BPO_TEST_UNSET_VARIABLE", raising=False)
+    with pytest.raises(ValueError, match="api_key_env names an environment variable") as info:
+        make_judge(api_key_env=token)
+    assert token not in str(info.value)
+    with pytest.raises(ValueError, match="names environment variable BPO_TEST_UNSET_VARIABLE which is not set"):
+        make_judge(api_key_env="BPO_TEST_UNSET_VARIABLE")
+    monkeypatch.setenv(token, SECRET)
+    judge = make_judge(api_key_env=token, both_orders=False)
+    monkeypatch.delenv(token)
+    with pytest.raises(ValueError, match="api_key_env") as info:
+        judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
+    assert token not in str(info.value)
+
+
+def test_key_value_never_shown(stub, make_judge, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET + "\n")  # stray whitespace is not part of the key
+    judge = make_judge(both_orders=False)
+    assert judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1]) == [1.0]
+    assert stub.auth == [f"Bearer {SECRET}"]
+    loggable = [judge.identity, repr(judge), str(judge), json.dumps(vars(judge), default=repr)]
+    assert all(SECRET not in text and KEY_ENV not in text for text in loggable[:3])
+    assert all(SECRET not in text for text in loggable)
+    monkeypatch.setenv(KEY_ENV, "sk-with\nnewline")  # refused by http.client, whose message quotes the header
+    with pytest.raises(RuntimeError, match="Invalid header") as info:
+        judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
+    assert "sk-with" not in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -411,11 +581,24 @@ def test_local_judge_plumbing(local_judge, monkeypatch):
     monkeypatch.setattr(local_judge, "_generate", fake_generate)
     out = local_judge.compare(["p", "q", "garbage"], ["good one", "bad", "good"], ["bad", "good two", "bad"])
     assert same(out, [1.0, -1.0, NAN])
-    assert local_judge.counts == {"requests": 6, "failures": 0, "unparseable": 2, "disagreements": 0}
+    assert local_judge.counts == counts(requests=6, unparseable=2)
     monkeypatch.setattr(local_judge, "_generate", lambda texts, add_special_tokens=True: ["A"] * len(texts))
     assert same(local_judge.compare(["p"], ["good"], ["bad"]), [NAN])
     assert local_judge.counts["disagreements"] == 1
     assert local_judge.identity.startswith(f"LocalJudge:{local_judge.name_or_path}:template=")
+
+
+def test_local_judge_streams_per_batch(local_judge, monkeypatch):
+    batches = []
+    monkeypatch.setattr(local_judge, "_generate", lambda texts, add: batches.append(len(texts)) or fake_generate(texts))
+    long = " ".join(["word"] * 300)
+    prompts, first, second = ["p", "q", "r", "s"], ["good a", "bad", long, "good d"], ["bad", "good b", "c", "bad"]
+    seen = []
+    for group in local_judge.compare_iter(prompts, first, second):
+        seen.append((len(batches), group))
+    assert [(n, [position for position, _ in group]) for n, group in seen] == [(0, [2]), (1, [0]), (1, [1]), (2, [3])]
+    assert same([group[0][1] for _, group in seen], [NAN, 1.0, -1.0, 1.0])
+    assert batches == [4, 2] and local_judge.counts == counts(requests=6, failures=2)
 
 
 def test_local_judge_real_generate(local_judge, monkeypatch):
