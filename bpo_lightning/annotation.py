@@ -50,7 +50,9 @@ class PairwiseAnnotator(Annotator):
     def compare(self, prompts: list[str], first: list[str], second: list[str]) -> list[float]:
         raise NotImplementedError
 
-    def compare_iter(self, prompts: list[str], first: list[str], second: list[str]) -> Iterator[list[tuple[int, float]]]:
+    def compare_iter(
+        self, prompts: list[str], first: list[str], second: list[str]
+    ) -> Iterator[list[tuple[int, float]]]:
         """The verdicts as they are paid for: groups of ``(position, verdict)``, every position exactly once (see
         :meth:`Annotator.score_iter`); the default is one group from :meth:`compare`."""
         yield list(enumerate(self.compare(prompts, first, second)))
@@ -118,7 +120,7 @@ class RuleAnnotator(Annotator):
         scores = []
         for prompt, response in zip(prompts, responses, strict=True):
             value = self._fn(prompt, response, **self.kwargs)
-            scores.append(float(value) if value is not None else math.nan)
+            scores.append(math.nan if value is None else value)  # checked (a number?) where it is used
         return scores
 
     @property
@@ -162,17 +164,29 @@ class RewardModelAnnotator(Annotator):
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from bpo_lightning.policy import check_source, load_error
+
         self.name_or_path, self.tokenizer_path, self.revision = name_or_path, tokenizer or name_or_path, revision
         self.batch_size = batch_size
         self.max_length = max_length
         self.pair_encoding = pair_encoding
         self.label_index = label_index
         self.device = torch.device(resolve_device(device))
-        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, revision=revision,
-                                                       trust_remote_code=trust_remote_code)  # fmt: skip
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, revision=revision, trust_remote_code=trust_remote_code
-        )
+        model_key, tokenizer_key = "data.annotator.init_args.name_or_path", "data.annotator.init_args.tokenizer"
+        check_source(name_or_path, model_key, revision)
+        if tokenizer:
+            check_source(tokenizer, tokenizer_key, revision, kind="tokenizer")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, revision=revision,
+                                                           trust_remote_code=trust_remote_code)  # fmt: skip
+        except OSError as err:
+            raise load_error(err, tokenizer_key if tokenizer else model_key, self.tokenizer_path) from err
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, revision=revision, trust_remote_code=trust_remote_code
+            )
+        except OSError as err:
+            raise load_error(err, model_key, name_or_path) from err
         self.model.requires_grad_(False).eval().to(self.device)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from bpo_lightning.errors import InputError
+
 Snapshot = dict[str, torch.Tensor]
 
 
@@ -69,7 +71,7 @@ class EMA(BehaviorUpdate):
 
     def __init__(self, decay: float = 0.5) -> None:
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"model.behavior.init_args.decay must be in [0, 1), got {decay}")
+            raise InputError(f"model.behavior.init_args.decay must be in [0, 1), got {decay}")
         self.decay = decay
 
     def initial_snapshot(self, initial: Snapshot) -> Snapshot | None:

@@ -13,15 +13,48 @@ Plugins load before the command line is parsed, so registered class names work a
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
 
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from bpo_lightning.errors import debug_requested, one_line, reported
 from bpo_lightning.plugins import PluginError, format_plugins, get_plugins
+
+
+class BPOParser(LightningArgumentParser):
+    """The command line and config parser: a bad value is one line naming the key and the value given (jsonargparse's
+    usage text and nested explanation with ``--debug`` / ``BPO_DEBUG=1``)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or debug_requested():
+            return super().error(message, ex)
+        prog = self.prog.replace(" [options]", "")
+        print(f"bpo: error: {parser_message(message)} (see `{prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parser_message(message: str) -> str:
+    """jsonargparse's multi-line error as one line: the key, the most specific reason, the value given."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if not lines:
+        return "invalid arguments"
+    key = re.match(r'Parser key "([^"]+)":\s*(.*)', lines[0])
+    if key is None:
+        return one_line(" ".join(lines))[:400]
+    given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
+    skip = ("Given value", "Subtypes", "Errors")
+    reasons = [line.removeprefix("- ") for line in lines[1:] if not line.startswith(skip)]
+    reasons = [r for r in reasons if "Does not validate against any of the Union" not in r and "NoneType" not in r]
+    reasons = sorted(reasons, key=lambda r: "subclass" not in r)  # "… does not correspond to a subclass of …" first
+    reason = key.group(2) or (reasons[0] if reasons else "invalid value")
+    text = f"{key.group(1)}: {reason}"
+    if given is not None and given not in text:
+        text += f" (given: {given})"
+    return one_line(text)[:400]
 
 
 class BPOCLI(LightningCLI):
@@ -64,6 +97,17 @@ class BPOCLI(LightningCLI):
                 logger.init_args.version = self.subcommand
 
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads ``--ckpt_path`` here first (for saved hyperparameters): a file that does not load is an
+        error naming it (``checkpoints.checked_load``), not torch's unpickling traceback."""
+        try:
+            super()._parse_ckpt_path()
+        except Exception:
+            from bpo_lightning.checkpoints import checked_load
+
+            checked_load(self.config[self.config.subcommand].get("ckpt_path"), weights_only=True)
+            raise
+
     def before_fit(self) -> None:
         """Refuse a run directory that holds another run (``identity``), before anything in it is written."""
         from bpo_lightning.identity import RunMismatch, check_run_dir, fingerprint
@@ -97,11 +141,16 @@ class BPOCLI(LightningCLI):
 def main(argv: list[str] | None = None) -> None:
     """The ``bpo`` command. Errors about the input are one line naming the key, file or row (``errors``);
     ``--debug`` (anywhere on the line) or ``BPO_DEBUG=1`` shows their traceback instead."""
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv or debug_requested()
+    if "--debug" in argv:
+        os.environ["BPO_DEBUG"] = "1"  # also read by the parser and by every process of a multi-process run
+    debug = debug_requested()
     argv = [arg for arg in argv if arg != "--debug"]
+    if from_command_line:
+        sys.argv[1:] = argv  # LightningCLI reads the command line itself
     try:
-        _main(argv)
+        _main(argv, None if from_command_line else argv)
     except Exception as err:
         problem = None if debug else _user_error(err)
         if problem is None:
@@ -124,7 +173,7 @@ def _user_error(err: Exception) -> tuple[str, int] | None:
     return None
 
 
-def _main(argv: list[str]) -> None:
+def _main(argv: list[str], args: list[str] | None) -> None:
     try:
         plugins = get_plugins()
     except PluginError as err:
@@ -143,7 +192,7 @@ def _main(argv: list[str]) -> None:
 
         export_main(argv[1:])
         return
-    problem = unknown_component(argv, plugins) or epochs_given(argv)
+    problem = config_problems(argv) or unknown_component(argv, plugins) or epochs_given(argv)
     if problem:
         print(f"bpo: error: {problem}", file=sys.stderr)
         raise SystemExit(2)
@@ -153,7 +202,8 @@ def _main(argv: list[str]) -> None:
     BPOCLI(
         BPOModule,
         OnlineDataModule,
-        args=argv,
+        args=args,
+        parser_class=BPOParser,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # BPOModule.configure_optimizers owns the paper's AdamW + linear decay
     )
@@ -161,7 +211,23 @@ def _main(argv: list[str]) -> None:
 
 # config keys whose value may be a registered short name, and the registry that names it
 _REGISTERED = {"model.loss": "losses", "data.annotator": "annotators", "data.evaluator": "annotators",
-               "data.sampler": "samplers"}  # fmt: skip
+               "data.sampler": "samplers", "model.behavior": "behaviors", "model.policy": "policies"}  # fmt: skip
+
+
+def _known(kind: str, plugins) -> set[str]:
+    """Short names that ``kind`` accepts: a plugin registry, or the package's own behavior / policy classes."""
+    if kind in plugins.registries:
+        return set(plugins.registries[kind])
+    from bpo_lightning.behavior import BehaviorUpdate
+    from bpo_lightning.policy import PolicySource
+
+    base = BehaviorUpdate if kind == "behaviors" else PolicySource
+    found, todo = set(), [base]
+    while todo:
+        for cls in todo.pop().__subclasses__():
+            found.add(cls.__name__)
+            todo.append(cls)
+    return found
 
 
 def unknown_component(argv: list[str], plugins) -> str | None:
@@ -189,7 +255,7 @@ def unknown_component(argv: list[str], plugins) -> str | None:
                 if isinstance(entry, str):
                     given.append((dotted, entry, value))
     for key, name, where in given:
-        registry = plugins.registries[_REGISTERED[key]]
+        registry = _known(_REGISTERED[key], plugins)
         if name and "." not in name and name not in registry and name.lower() not in ("null", "none") and not (
             name.startswith(("{", "["))
         ):
@@ -221,4 +287,30 @@ def epochs_given(argv: list[str]) -> str | None:
         if where:
             return (f"trainer.max_epochs is set {where}, but the number of epochs is the number of collection "
                     "phases: set data.num_phases instead (e.g. --data.num_phases 4)")  # fmt: skip
+    return None
+
+
+def config_problems(argv: list[str]) -> str | None:
+    """A ``--config`` file that is missing or not plain YAML (a syntax error, a ``!!python`` tag), named with its line;
+    jsonargparse's own message names neither the file nor the line."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        key, sep, value = arg.partition("=")
+        if key not in ("--config", "-c"):
+            continue
+        path = Path(value if sep else (argv[i + 1] if i + 1 < len(argv) else ""))
+        if not path.is_file():
+            return f"--config: no file {path}"
+        try:
+            yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            return f"--config: {path} is not UTF-8 text ({err.reason} at byte {err.start})"
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            reason = getattr(err, "problem", None) or str(err)
+            if "constructor for the tag" in str(reason):
+                reason = f"{reason.split('for the tag', 1)[1].strip()} is a YAML tag, and only plain YAML is accepted"
+            return f"--config: {path}{where}: {one_line(reason)}"
     return None

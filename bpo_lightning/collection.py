@@ -28,6 +28,7 @@ from tqdm import tqdm
 from bpo_lightning.annotation import Annotator, JoinedPairs, PairwiseAnnotator
 from bpo_lightning.cache import AnnotationCache, cached_score
 from bpo_lightning.distributed import Ranks
+from bpo_lightning.errors import InputError, RunError
 from bpo_lightning.plugins import get_plugins
 from bpo_lightning.prompts import model_input
 from bpo_lightning.sampling import Samples, encode_prompt
@@ -55,7 +56,7 @@ def collect_phase(data, module, phase: int, ranks: Ranks) -> tuple[list[Preferen
             problem = str(err)
     problem = ranks.broadcast(problem)  # every process stops, not only the one that read the files
     if problem:
-        raise RuntimeError(problem)
+        raise RunError(problem)
     # process 0 reads the run directory for everyone (other nodes need not share its filesystem)
     saved = (store.load_pairs() if store.complete() else store.load_samples()) if ranks.rank == 0 else None
     saved = ranks.broadcast(saved)
@@ -137,9 +138,12 @@ def _sample_block(sampler, module, prompts: list, seed: int) -> Samples:
     return sampler.sample(module.policy, module.tokenizer, prompts, seed=seed)
 
 
-def check_context(sampler, module, prompts: list) -> None:
+def check_context(
+    sampler, module, prompts: list, key: str = "data.prompts", settings: str = "data.sampler.init_args"
+) -> None:
     """Refuse, naming the keys, prompts whose tokens plus the longest response (and its EOS) do not fit the policy's
-    context: the model would fail deep inside with an index error (a sampler without these settings is trusted)."""
+    context: the model would fail deep inside with an index error (a sampler without these settings is trusted).
+    ``key`` names the prompts, ``settings`` where ``max_new_tokens`` / ``max_prompt_tokens`` are set."""
     config = getattr(module.policy, "config", None)
     limit = getattr(config, "max_position_embeddings", None)
     new, most = getattr(sampler, "max_new_tokens", None), getattr(sampler, "max_prompt_tokens", None)
@@ -151,10 +155,10 @@ def check_context(sampler, module, prompts: list) -> None:
     prompt = prompts[lengths.index(longest)]
     if longest + new + 1 > limit:
         text = prompt if isinstance(prompt, str) else str(prompt)
-        raise ValueError(
-            f"data.prompts: the prompt {text[:60]!r}… has {longest} tokens; with data.sampler.init_args.max_new_tokens "
+        raise InputError(
+            f"{key}: the prompt {text[:60]!r}… has {longest} tokens; with {settings}.max_new_tokens "
             f"({new}) and the EOS token that exceeds the policy's context of {limit} positions. Set "
-            f"data.sampler.init_args.max_prompt_tokens to at most {limit - new - 1} (prompts keep their last tokens)."
+            f"{settings}.max_prompt_tokens to at most {limit - new - 1} (prompts keep their last tokens)."
         )
 
 

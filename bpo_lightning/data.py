@@ -23,6 +23,7 @@ from bpo_lightning.annotation import Annotator, PairwiseAnnotator
 from bpo_lightning.cache import AnnotationCache
 from bpo_lightning.collection import annotate, collect_phase, global_batches  # noqa: F401 (annotate: API)
 from bpo_lightning.distributed import Ranks
+from bpo_lightning.errors import InputError, RunError
 from bpo_lightning.logprobs import right_padded
 from bpo_lightning.plugins import get_plugins
 from bpo_lightning.prompts import PromptSource
@@ -79,9 +80,9 @@ class OnlineDataModule(L.LightningDataModule):
         if budget is not None and budget >= 1 and num_phases > budget:
             problems.append(f"data.num_phases ({num_phases}) exceeds data.budget ({budget}): each phase needs a prompt")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise InputError("; ".join(problems))
         if isinstance(annotator, PairwiseAnnotator) and getattr(sampler, "num_samples", 2) != 2:
-            raise ValueError("data.sampler.init_args.num_samples must be 2 with a pairwise annotator (a judge)")
+            raise InputError("data.sampler.init_args.num_samples must be 2 with a pairwise annotator (a judge)")
         self.prompts, self.eval_prompts, self.test_prompts = prompts, eval_prompts, test_prompts
         self.max_eval_prompts, self.eval_batch_size = max_eval_prompts, eval_batch_size
         self.annotator = annotator
@@ -107,7 +108,8 @@ class OnlineDataModule(L.LightningDataModule):
             self.eval_rows = self.eval_prompts.load("data.eval_prompts", require_reference=True)
             self.eval_rows = self.eval_rows[: self.max_eval_prompts]
         if stage == "test" and self.test_rows is None:
-            source, key = (self.test_prompts, "data.test_prompts") if self.test_prompts else (self.eval_prompts, "")
+            source, key = (self.test_prompts, "data.test_prompts") if self.test_prompts else (
+                self.eval_prompts, "data.eval_prompts")  # fmt: skip
             self.test_rows = [] if source is None else source.load(key, require_reference=True)[: self.max_eval_prompts]
         if stage == "fit" and self.pool is None:
             self._load_pool()
@@ -122,17 +124,19 @@ class OnlineDataModule(L.LightningDataModule):
         rows = self.prompts.load("data.prompts")
         budget = self.budget or len(rows)
         if budget > len(rows):
-            raise ValueError(f"data.budget ({budget}) exceeds the {len(rows)} usable prompts of data.prompts")
+            raise InputError(f"data.budget ({budget}) exceeds the {len(rows)} usable prompts of data.prompts")
         if self.num_phases > budget:
-            raise ValueError(f"data.num_phases ({self.num_phases}) exceeds the {budget} prompts of the budget")
+            raise InputError(f"data.num_phases ({self.num_phases}) exceeds the {budget} prompts of the budget")
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed))[:budget]
         self.pool = [rows[i] for i in order.tolist()]
 
     @property
-    def cache(self) -> AnnotationCache:
+    def cache(self) -> AnnotationCache | None:
         """Where paid scores are kept as they arrive: the annotation cache, or without one (``null``) the run's own
         journal ``data/annotations.journal.sqlite``, which only a resume of this run reads."""
         if self._cache is None:
+            if self.annotation_cache is None and self._run_dir is None and self.trainer is None:
+                return None  # outside a run: nothing to keep
             if self.annotation_cache is None:
                 path = self.run_dir / "data" / "annotations.journal.sqlite"
             else:
@@ -149,7 +153,7 @@ class OnlineDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         phase = self.trainer.current_epoch
         if phase >= self.num_phases:
-            raise ValueError(
+            raise InputError(
                 f"trainer.max_epochs asks for phase {phase + 1}, but data.num_phases is {self.num_phases}: "
                 "set both to the same value"
             )
@@ -172,12 +176,12 @@ class OnlineDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         if not self.eval_rows:
-            raise ValueError("bpo validate: data.eval_prompts is not set (held-out prompts with references)")
+            raise InputError("bpo validate: data.eval_prompts is not set (held-out prompts with references)")
         return self._eval_loader(self.eval_rows)
 
     def test_dataloader(self) -> DataLoader:
         if not self.test_rows:
-            raise ValueError("bpo test: set data.test_prompts or data.eval_prompts (held-out prompts with references)")
+            raise InputError("bpo test: set data.test_prompts or data.eval_prompts (held-out prompts with references)")
         return self._eval_loader(self.test_rows)
 
     def _eval_loader(self, rows: list[dict], rank: int | None = None, world: int | None = None) -> DataLoader:
@@ -201,7 +205,7 @@ class OnlineDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module
         records, stats = collect_phase(self, module, phase, Ranks.of(self.trainer))
         if len(records) < self.min_pairs:
-            raise RuntimeError(too_few_pairs(stats, self.min_pairs))
+            raise RunError(too_few_pairs(stats, self.min_pairs))
         self.stats[phase] = stats
         self.phases_collected = max(self.phases_collected, phase + 1)
         module.phase_stats = stats

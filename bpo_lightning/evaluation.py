@@ -25,6 +25,8 @@ from torchmetrics import MeanMetric
 
 from bpo_lightning.annotation import JoinedPairs, PairwiseAnnotator
 from bpo_lightning.cache import cached_score
+from bpo_lightning.collection import check_context
+from bpo_lightning.errors import InputError
 from bpo_lightning.logprobs import right_padded
 from bpo_lightning.metrics import ResponseStats, SequenceKL, WinTieLoss
 from bpo_lightning.prompts import model_input
@@ -70,7 +72,7 @@ class Evaluation:
         if kl_samples < 0:
             problems.append(f"model.evaluation.kl_samples must be >= 0, got {kl_samples}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise InputError("; ".join(problems))
         self.temperature, self.samples_per_prompt, self.top_k = temperature, samples_per_prompt, top_k
         self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
         self.seed, self.kl_samples, self.save_responses = seed, kl_samples, save_responses
@@ -161,6 +163,9 @@ def evaluation_step(module, batch: list[tuple[int, dict]], data, metrics: Evalua
     indices, rows = [i for i, _ in batch], [r for _, r in batch]
     answer_sampler, kl_sampler = settings.samplers(data.sampler, batch_size=len(rows))
     inputs = [model_input(r) for r in rows]
+    own = settings.max_new_tokens is not None or settings.max_prompt_tokens is not None
+    check_context(answer_sampler, module, inputs, key="data.eval_prompts",
+                  settings="model.evaluation" if own else "data.sampler.init_args")  # fmt: skip
     with module.policy_weights(), module.sampling_context():  # an ensemble is evaluated through its merged adapter
         answers = answer_sampler.sample(module.policy, module.tokenizer, inputs, seed=settings.seed + indices[0])
     if kl_sampler is not None:  # before anything is dropped: under ZeRO-3 every process answers as many prompts

@@ -50,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import torch
 
 from bpo_lightning.annotation import PairwiseAnnotator, resolve_device
+from bpo_lightning.errors import InputError
 from bpo_lightning.hookspecs import hookimpl
 
 KEY = "data.annotator.init_args"
@@ -99,7 +100,7 @@ def parse_verdict(text: str | None) -> float:
 
 def _check(condition: bool, name: str, message: str) -> None:
     if not condition:
-        raise ValueError(f"{KEY}.{name} {message}")
+        raise InputError(f"{KEY}.{name} {message}")
 
 
 class LLMJudge(PairwiseAnnotator):
@@ -123,7 +124,7 @@ class LLMJudge(PairwiseAnnotator):
         try:
             template.format(prompt="", response_a="", response_b="")
         except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(
+            raise InputError(
                 f"{KEY}.template is not a valid format string ({type(err).__name__}: {err}); "
                 "double literal braces as {{ and }}"
             ) from err
@@ -185,7 +186,7 @@ class LLMJudge(PairwiseAnnotator):
         as soon as its reply (with ``both_orders``, both of its replies) arrived. Closing the iterator early stops
         the requests not yet sent."""
         if not len(prompts) == len(first) == len(second):
-            raise ValueError(f"compare: {len(prompts)} prompts, {len(first)} first and {len(second)} second responses")
+            raise InputError(f"compare: {len(prompts)} prompts, {len(first)} first and {len(second)} second responses")
         texts = []
         for p, a, b in zip(prompts, first, second, strict=True):
             texts.append(self.template.format(prompt=p, response_a=a, response_b=b))
@@ -311,7 +312,7 @@ class HTTPJudge(LLMJudge):
             return None
         key = os.environ.get(self.api_key_env, "").strip()
         if not key:
-            raise ValueError(f"{KEY}.api_key_env: {_env_name(self.api_key_env)} is not set")
+            raise InputError(f"{KEY}.api_key_env: {_env_name(self.api_key_env)} is not set")
         return key
 
     def _complete_iter(self, texts: list[str]) -> Iterator[tuple[int, str | None]]:
@@ -390,7 +391,7 @@ class HTTPJudge(LLMJudge):
             content = json.loads(body)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as err:
             snippet = _redact(body[:200].decode(errors="replace"), key)
-            raise ValueError(f"malformed chat completion from {self.url} ({type(err).__name__}): {snippet!r}") from None
+            raise InputError(f"malformed chat completion from {self.url} ({type(err).__name__}): {snippet!r}") from None
         return content if isinstance(content, str) else ""
 
 

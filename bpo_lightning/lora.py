@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from bpo_lightning.errors import InputError
 from bpo_lightning.merge import MergeRule, merge_adapter_states, merged_rank
 
 MERGED = "merged"
@@ -57,7 +58,7 @@ class LoRA:
         if init_from is not None and len(init_from) != members:
             problems.append(f"model.lora.init_from lists {len(init_from)} adapters for {members} members")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise InputError("; ".join(problems))
         self.r, self.alpha, self.dropout, self.target_modules = r, alpha, dropout, target_modules
         self.members, self.merge, self.seed, self.init_from = members, merge, seed, init_from
 

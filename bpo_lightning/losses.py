@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bpo_lightning.errors import InputError
 from bpo_lightning.hookspecs import hookimpl
 
 
@@ -44,7 +45,7 @@ class PreferenceLoss(nn.Module):
     def __init__(self, beta: float = 0.1) -> None:
         super().__init__()
         if beta <= 0:
-            raise ValueError(f"model.loss.init_args.beta must be > 0, got {beta}")
+            raise InputError(f"model.loss.init_args.beta must be > 0, got {beta}")
         self.beta = beta
 
     def forward(
@@ -82,7 +83,7 @@ class DPOLoss(PreferenceLoss):
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
         super().__init__(beta)
         if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"model.loss.init_args.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+            raise InputError(f"model.loss.init_args.label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.label_smoothing = label_smoothing
 
     def pair_losses(self, h: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from bpo_lightning.distributed import (
     outside_zero_init,
     zero3_integration,
 )
+from bpo_lightning.errors import InputError
 from bpo_lightning.evaluation import Evaluation, EvaluationMetrics, evaluation_step, response_batch, save_records
 from bpo_lightning.logprobs import sequence_logps
 from bpo_lightning.lora import LoRA
@@ -95,9 +96,9 @@ class BPOModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if reference not in ("behavior", "initial"):
-            raise ValueError(f"model.reference must be 'behavior' or 'initial', got {reference!r}")
+            raise InputError(f"model.reference must be 'behavior' or 'initial', got {reference!r}")
         if lr <= 0:
-            raise ValueError(f"model.lr must be > 0, got {lr}")
+            raise InputError(f"model.lr must be > 0, got {lr}")
         self.save_hyperparameters(ignore=["policy", "loss", "behavior", "lora", "evaluation"])
         self.source = policy
         self.tokenizer = policy.tokenizer()

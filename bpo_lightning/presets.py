@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+from bpo_lightning.errors import InputError, one_line
 from bpo_lightning.prompts import _FILE_BUILDERS, PromptSource
 
 PaperSplit = Literal["sft", "sampling", "dev", "test"]
@@ -90,21 +91,21 @@ class _PaperPreset(PromptSource):
         boundaries: Mapping[str, Sequence[int | None]] | None,
     ) -> None:
         if split not in PAPER_SPLITS:
-            raise ValueError(f"split must be one of {list(PAPER_SPLITS)}, got {split!r}")
+            raise InputError(f"split must be one of {list(PAPER_SPLITS)}, got {split!r}")
         role, start, stop = self.splits[split]
         if boundaries is not None:
             unknown = sorted(set(boundaries) - set(PAPER_SPLITS))
             if unknown:
-                raise ValueError(f"boundaries: unknown splits {unknown} (known: {list(PAPER_SPLITS)})")
+                raise InputError(f"boundaries: unknown splits {unknown} (known: {list(PAPER_SPLITS)})")
             if split in boundaries:
                 bounds = list(boundaries[split])
                 if len(bounds) != 2 or not isinstance(bounds[0], int) or not isinstance(bounds[1], (int, type(None))):
-                    raise ValueError(f"boundaries[{split!r}] must be [start, stop] (stop may be null), got {bounds}")
+                    raise InputError(f"boundaries[{split!r}] must be [start, stop] (stop may be null), got {bounds}")
                 start, stop = bounds
         if start < 0 or (stop is not None and stop < start):
-            raise ValueError(f"split {split!r}: invalid slice [{start}, {stop})")
+            raise InputError(f"split {split!r}: invalid slice [{start}, {stop})")
         if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
+            raise InputError(f"limit must be >= 0, got {limit}")
         super().__init__(path or self.hub_path, split=source_splits[role], prompt_field=self.columns[0], limit=limit)
         self.paper_split, self.start, self.stop = split, start, stop
         self.tokenizer = tokenizer
@@ -126,7 +127,7 @@ class _PaperPreset(PromptSource):
         columns = list(ds.column_names)
         missing = [c for c in self.columns if c not in columns]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{key}.init_args.path: columns {missing} not found in {self._where()} (columns: {columns}); "
                 f"{type(self).__name__} expects the columns {list(self.columns)}"
             )
@@ -139,7 +140,9 @@ class _PaperPreset(PromptSource):
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.tokenizer)
         except (OSError, ValueError) as err:
-            raise ValueError(f"{key}.init_args.tokenizer: cannot load tokenizer {self.tokenizer!r}: {err}") from None
+            raise InputError(
+                f"{key}.init_args.tokenizer: cannot load tokenizer {self.tokenizer!r}: {one_line(err)}"
+            ) from None
         tokenizer.model_max_length = sys.maxsize  # only counting: no "longer than the maximum length" advice
         return tokenizer
 
@@ -150,7 +153,7 @@ class _PaperPreset(PromptSource):
             key: the config key of this source, named in errors (e.g. ``data.prompts``).
             require_reference: accepted for the interface; preset rows always have a reference.
         """
-        ds = self.dataset()
+        ds = self.dataset(key)
         self._check_columns(ds, key)
         tokenizer = self._load_tokenizer(key)
         stop = self.stop if self.limit is None else self.start + self.limit
@@ -188,7 +191,7 @@ class _PaperPreset(PromptSource):
         too_long = [i for i in too_long if i < end]
         self.counts = {
             "read": end, "skipped": len(skipped), "too_long": len(too_long), "filtered": position, "kept": len(rows),
-        }
+        }  # fmt: skip
         if skipped:
             warnings.warn(
                 f"{key}: skipped {len(skipped)} rows of {self._where()} with an empty, non-string or malformed "
@@ -197,7 +200,7 @@ class _PaperPreset(PromptSource):
             )
         if not rows:
             bounds = f"[{self.start}, {'end' if self.stop is None else self.stop})"
-            raise ValueError(
+            raise InputError(
                 f"{key}: {self._where()} has no usable prompts for split {self.paper_split!r} "
                 f"(filtered rows {bounds}; {position} filtered rows read)"
             )

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from bpo_lightning.errors import InputError
 from bpo_lightning.hookspecs import hookimpl
 
 
@@ -24,7 +25,7 @@ def encode_prompt(
     (``{"role", "content"}``) goes through the tokenizer's chat template, which brings its own special tokens."""
     if isinstance(prompt, list):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("model.policy: prompts are chat messages but the tokenizer has no chat template")
+            raise InputError("model.policy: prompts are chat messages but the tokenizer has no chat template")
         prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         add_bos = False
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -110,7 +111,7 @@ class GenerateSampler(Sampler):
         if batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {batch_size}")
         if problems:
-            raise ValueError("sampler: " + "; ".join(problems))
+            raise InputError("sampler: " + "; ".join(problems))
         self.num_samples = num_samples
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature

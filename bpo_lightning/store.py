@@ -8,17 +8,21 @@ Per phase ``p`` the directory ``<run_dir>/data`` holds
 - ``phase_000p.json``: provenance (phase, behavior version, sampler settings, annotator id, seed) and counts.
 
 A resumed run reuses complete phases as they are and continues a partial phase from its first unannotated prompt.
-Data written under a different setup is never overwritten: the run stops and names the difference.
+Data written under a different setup is never overwritten: the run stops and names the difference. A damaged file
+(not written by the run: a disk fault or an edit) stops the run with a :class:`~bpo_lightning.errors.RunError` that
+names the file and line; a full disk or an unwritable folder stops it with one that names the path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import warnings
 from pathlib import Path
 
+from bpo_lightning.errors import RunError, disk_error
 from bpo_lightning.types import PhaseStats, PreferenceRecord
 
 # provenance entries that must match for saved data to be reused
@@ -37,47 +41,59 @@ class PhaseStore:
     def check(self, provenance: dict) -> None:
         """Refuse data that a different setup produced in this run directory."""
         if not self.meta_path.exists():
-            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise disk_error(err, self.root) from err
             atomic_write(self.meta_path, json.dumps({"provenance": provenance, "complete": False}, indent=1))
             return
-        saved = json.loads(self.meta_path.read_text())["provenance"]
+        saved = self._meta("provenance")
         diff = [k for k in _MUST_MATCH if saved.get(k) != provenance.get(k)]
         if diff:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {provenance.get(k)!r}" for k in diff)
-            raise RuntimeError(
+            raise RunError(
                 f"{self.root} already holds phase {self.phase} data from a different setup ({detail}). "
                 "Resume with the original config, or start a new run with another trainer.default_root_dir."
             )
 
     def complete(self) -> bool:
-        return self.meta_path.exists() and json.loads(self.meta_path.read_text()).get("complete", False)
+        return self.meta_path.exists() and bool(self._meta().get("complete", False))
 
     def load_samples(self) -> dict[int, dict]:
-        """Annotated prompts saved so far, by prompt index. A torn last line (a killed job) is skipped."""
+        """Annotated prompts saved so far, by prompt index. A torn last line (a killed job) is skipped; a damaged
+        line before it is an error."""
         rows: dict[int, dict] = {}
         if not self.samples_path.exists():
             return rows
-        for number, line in enumerate(self.samples_path.read_text().splitlines(), 1):
+        lines = _read(self.samples_path).splitlines()
+        for number, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
-                warnings.warn(f"{self.samples_path}:{number}: skipping an incomplete line", stacklevel=2)
-                continue
+            except ValueError as err:
+                if number == len(lines):
+                    warnings.warn(f"{self.samples_path}:{number}: skipping an incomplete line", stacklevel=2)
+                    continue
+                raise self._damaged(self.samples_path, number, err) from None
+            if not isinstance(row, dict) or not isinstance(row.get("index"), int):
+                raise self._damaged(self.samples_path, number, KeyError("no prompt index"))
             rows[row["index"]] = row
         return rows
 
     def append_samples(self, rows: list[dict]) -> None:
         """Append rows, first cutting a torn last line (a job killed mid-append) so every line stays whole."""
-        if self.samples_path.exists():
-            with self.samples_path.open("rb+") as f:
-                data = f.read()
-                if data and not data.endswith(b"\n"):
-                    f.truncate(data.rfind(b"\n") + 1)
-        with self.samples_path.open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            if self.samples_path.exists():
+                with self.samples_path.open("rb+") as f:
+                    data = f.read()
+                    if data and not data.endswith(b"\n"):
+                        f.truncate(data.rfind(b"\n") + 1)
+            with self.samples_path.open("a") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            raise disk_error(err, self.samples_path) from err
 
     def write_pairs(self, records: list[PreferenceRecord], stats: PhaseStats, provenance: dict) -> None:
         atomic_write(self.pairs_path, "".join(json.dumps(r.to_json()) + "\n" for r in records))
@@ -85,28 +101,87 @@ class PhaseStore:
         atomic_write(self.meta_path, json.dumps(meta, indent=1))
 
     def load_pairs(self) -> tuple[list[PreferenceRecord], PhaseStats]:
-        records = [PreferenceRecord.from_json(json.loads(line)) for line in self.pairs_path.read_text().splitlines()]
-        saved = json.loads(self.meta_path.read_text())["stats"]
-        return records, PhaseStats(**saved)
+        if not self.pairs_path.exists():
+            raise self._damaged(self.pairs_path, None, FileNotFoundError(f"missing, though {self.meta_path.name} "
+                                                                         "marks the phase complete"))  # fmt: skip
+        records = []
+        for number, line in enumerate(_read(self.pairs_path).splitlines(), 1):
+            try:
+                records.append(PreferenceRecord.from_json(json.loads(line)))
+            except (ValueError, TypeError, AttributeError) as err:
+                raise self._damaged(self.pairs_path, number, err) from None
+        try:
+            stats = PhaseStats(**self._meta("stats"))
+        except TypeError as err:
+            raise self._damaged(self.meta_path, None, err) from None
+        return records, stats
+
+    def _meta(self, entry: str | None = None):
+        """The phase's ``.json`` file (or one entry of it); a damaged file is a ``RunError``."""
+        try:
+            meta = json.loads(_read(self.meta_path))
+        except ValueError as err:
+            raise self._damaged(self.meta_path, getattr(err, "lineno", None), err) from None
+        if not isinstance(meta, dict):
+            raise self._damaged(self.meta_path, None, TypeError(f"a JSON {type(meta).__name__}, not an object"))
+        if entry is None:
+            return meta
+        if not isinstance(meta.get(entry), dict):
+            raise self._damaged(self.meta_path, None, KeyError(f"no {entry!r} entry"))
+        return meta[entry]
+
+    def _damaged(self, path: Path, line: int | None, err: Exception) -> RunError:
+        where = f"{path} line {line}" if line else str(path)
+        if isinstance(err, json.JSONDecodeError):
+            reason = f"{err.msg} at column {err.colno}"
+        else:
+            reason = " ".join(str(err.args[0] if err.args else err).split()) or type(err).__name__
+        return RunError(
+            f"trainer.default_root_dir: {where} is damaged ({reason}), so a disk fault or an edit changed it: restore "
+            f"it from a backup, or delete {self.root}/phase_{self.phase:04d}.* to collect phase {self.phase} again"
+        )
+
+
+def _read(path: Path) -> str:
+    """A run-folder file's text; a file that cannot be read or is not UTF-8 is a ``RunError``."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = err.object.count(b"\n", 0, err.start) + 1
+        raise RunError(
+            f"trainer.default_root_dir: {path} line {line} is damaged (not UTF-8 text); restore it from a backup, or "
+            "delete that phase's files to collect the phase again"
+        ) from None
+    except OSError as err:
+        raise RunError(f"trainer.default_root_dir: cannot read {path} ({err.strerror or err})") from err
 
 
 def _stats_json(stats: PhaseStats) -> dict:
     return {"phase": stats.phase, "prompts": stats.prompts, "kept": stats.kept, "dropped": stats.dropped,
-            "annotated": stats.annotated, "cached": stats.cached}  # fmt: skip
+            "annotated": stats.annotated, "cached": stats.cached, "annotator": stats.annotator}  # fmt: skip
 
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: a complete file or the old one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")  # unique per writer
+def atomic_write(path: Path, text: str, key: str = "trainer.default_root_dir") -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a complete file or the old one, never half.
+
+    An ``OSError`` (a full disk, a folder without write permission) is a ``RunError`` naming ``path`` and ``key``;
+    no temporary file is left behind.
+    """
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")  # unique per writer
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~_UMASK)  # the mode a plain open() would give, not mkstemp's 0600
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise disk_error(err, path, key) from err
         raise

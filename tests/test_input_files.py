@@ -1,0 +1,320 @@
+"""Bad input files and a damaged run folder: each is one line naming the config key, the file and the row or line."""
+
+import errno
+import json
+import os
+import re
+
+import pytest
+
+from bpo_lightning.errors import InputError, RunError
+from bpo_lightning.prompts import PromptSource
+from bpo_lightning.store import PhaseStore, atomic_write
+
+
+def _raises(kind, call, *parts):
+    """``call()`` raises ``kind`` with a one-line message holding every one of ``parts``; the message."""
+    with pytest.raises(kind) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message, message
+    for part in parts:
+        assert str(part) in message, f"{part!r} not in {message!r}"
+    return message
+
+
+def _load(path, key="data.prompts", **kwargs):
+    return lambda: PromptSource(str(path), **kwargs).load(key, require_reference=key == "data.eval_prompts")
+
+
+def _jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# -- prompt files ----------------------------------------------------------------------------------------------------
+def test_a_malformed_jsonl_line_is_named(tmp_path):
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"}, '{"prompt": "c", oops}', {"prompt": "d"}])
+    message = _raises(InputError, _load(path), f"data.prompts: {path} line 3 is not valid JSON (")
+    assert "column 17" in message
+
+
+def test_a_jsonl_line_that_is_not_an_object_is_named(tmp_path):
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, "[1, 2]"])
+    _raises(InputError, _load(path), f"data.prompts: {path} line 2 is not a JSON object")
+
+
+def test_a_json_list_with_a_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('[{"prompt": "a"},\n {"prompt": "b"},\n {"prompt" "c"}]\n')
+    _raises(InputError, _load(path), f"data.prompts: {path} line 3 is not valid JSON")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_prompt_file_that_is_not_utf8_names_the_line(tmp_path, suffix):
+    path = tmp_path / f"p{suffix}"
+    first = b'{"prompt": "a"}\n' if suffix == ".jsonl" else b"prompt\na\n"
+    second = b'{"prompt": "caf\xe9"}\n' if suffix == ".jsonl" else b"caf\xe9\n"
+    path.write_bytes(first + second)
+    line = 2 if suffix == ".jsonl" else 3
+    _raises(InputError, _load(path), f"data.prompts: {path} line {line} is not UTF-8 text", "byte 0xe9")
+
+
+def test_a_csv_without_the_prompt_column_lists_its_columns(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("question,reference\na,b\n")
+    _raises(InputError, _load(path), "data.prompts.init_args.prompt_field", str(path), "['question', 'reference']")
+
+
+def test_a_csv_row_with_too_many_fields_is_named(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,reference\na,b\nc,d,e\nf,g\n")
+    _raises(InputError, _load(path), f"data.prompts: row 1 of {path} (line 3) has 3 fields but the header has 2")
+
+
+def test_an_empty_csv_cell_is_skipped_and_its_row_named(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,reference\n,b\nc,d\n")
+    with pytest.warns(UserWarning, match=rf"data.prompts: skipped 1 rows of {re.escape(str(path))} .*\[0\]"):
+        rows = PromptSource(str(path)).load("data.prompts")
+    assert [r["prompt"] for r in rows] == ["c"]
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        ({"question": "b"}, "has no 'prompt' (missing or null)"),
+        ({"prompt": None}, "has no 'prompt' (missing or null)"),
+        ({"prompt": 5}, "has 'prompt' = 5, a number, not text"),
+        ({"prompt": {"text": "b"}}, "a JSON object, not text"),
+    ],
+)
+def test_a_jsonl_row_without_a_text_prompt_is_named(tmp_path, row, problem):
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, "", row])  # a blank line: row 1 is on line 3
+    _raises(InputError, _load(path), f"data.prompts: row 1 of {path} (line 3) ", problem)
+
+
+def test_a_prompt_of_mixed_kinds_after_a_blank_line_is_named(tmp_path):
+    """pyarrow stops at a column that changes kind; its own message names neither the file nor the line."""
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "reference": "x"}, "", {"prompt": "b", "reference": 3}])
+    _raises(InputError, _load(path), f"data.prompts: row 1 of {path} (line 3) has 'reference' = 3, a number, where "
+            "line 1 has text")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "problem"),
+    [
+        ("p.jsonl", "", "is empty (no rows)"),
+        ("p.jsonl", "\n  \n", "is empty (no rows)"),
+        ("p.json", "[]", "is empty"),
+        ("p.csv", "prompt,reference\n", "has a header (prompt, reference) but no rows"),
+    ],
+)
+def test_an_empty_prompt_file_is_named(tmp_path, name, text, problem):
+    path = tmp_path / name
+    path.write_text(text)
+    _raises(InputError, _load(path, "data.eval_prompts"), f"data.eval_prompts: {path} {problem}")
+
+
+def test_a_file_of_empty_prompts_has_no_usable_prompts(tmp_path):
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": " "}, {"prompt": ""}])
+    with pytest.warns(UserWarning, match="skipped 2 rows"):
+        _raises(InputError, _load(path), f"data.prompts: {path} has no usable prompts")
+
+
+def test_a_missing_prompt_file_is_an_input_error_and_a_file_not_found_error(tmp_path):
+    path = tmp_path / "nope.jsonl"
+    _raises(InputError, _load(path), f"data.prompts: prompt file {path} does not exist")
+    _raises(FileNotFoundError, _load(path), str(path))
+    _raises(InputError, _load(tmp_path / "folder.jsonl"), "does not exist")
+    (tmp_path / "folder.jsonl").mkdir()
+    _raises(InputError, _load(tmp_path / "folder.jsonl"), f"{tmp_path / 'folder.jsonl'} is a folder")
+
+
+def test_a_missing_local_dataset_folder_is_named(tmp_path):
+    path = tmp_path / "no" / "such" / "folder"
+    _raises(InputError, _load(path, "data.eval_prompts"), f"data.eval_prompts: no file or folder {path}")
+
+
+def test_eval_prompts_without_a_reference_name_the_row(tmp_path):
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "reference": "x"}, {"prompt": "b"}])
+    _raises(InputError, _load(path, "data.eval_prompts"), f"data.eval_prompts: row 1 of {path} (line 2) has no "
+            "reference answer ('reference' is None)")  # fmt: skip
+    csv = tmp_path / "p.csv"
+    csv.write_text('prompt,reference\na,x\n"two\nlines",y\nc\n')
+    _raises(InputError, _load(csv, "data.eval_prompts"), f"data.eval_prompts: row 2 of {csv} (line 5) has no")
+
+
+def test_a_good_prompt_file_still_loads(tmp_path):
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "reference": "x"}, {"prompt": "b", "reference": "y"}])
+    assert [r["prompt"] for r in PromptSource(str(path)).load("data.eval_prompts", require_reference=True)] == [
+        "a", "b"
+    ]  # fmt: skip
+
+
+# -- model folders ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny causal LM and its tokenizer saved as a transformers folder."""
+    from bpo_lightning.tasks import reviews
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = reviews.build_tokenizer(["a tiny corpus for a tiny tokenizer"] * 4)
+    reviews.build_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("given", ["./no-such-model", "../no/such-model", "~/no-such-model-folder", "a/b/c"])
+def test_a_policy_folder_that_does_not_exist_is_named(given):
+    from bpo_lightning.policy import Pretrained
+
+    shown = os.path.expanduser(given)  # a folder in the home directory is named in full
+    _raises(InputError, lambda: Pretrained(given), f"model.policy.init_args.name_or_path: no model folder {shown}")
+
+
+def test_a_policy_folder_given_by_absolute_path_is_named(tmp_path):
+    from bpo_lightning.policy import Pretrained
+
+    path = tmp_path / "gone"
+    _raises(InputError, lambda: Pretrained(str(path)), f"model.policy.init_args.name_or_path: no model folder {path},")
+
+
+def test_a_hub_id_missing_from_the_offline_cache_is_named(monkeypatch):
+    from huggingface_hub import constants
+
+    from bpo_lightning.policy import Pretrained
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _raises(InputError, lambda: Pretrained("no-such-org/no-such-model"), "model.policy.init_args.name_or_path: "
+            "no model folder no-such-org/no-such-model", "not in the local hub cache", "HF_HUB_OFFLINE=1")  # fmt: skip
+
+
+def test_a_policy_folder_without_config_or_weights_is_named(tmp_path, tiny_model):
+    from bpo_lightning.policy import Pretrained
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _raises(InputError, lambda: Pretrained(str(empty)), f"model.policy.init_args.name_or_path: the model folder "
+            f"{empty} has no config.json")  # fmt: skip
+    (empty / "config.json").write_text((tiny_model / "config.json").read_text())
+    _raises(InputError, lambda: Pretrained(str(empty)), f"the model folder {empty} has no weights", "model.safetensors")
+
+
+def test_a_policy_tokenizer_folder_that_does_not_exist_is_named(tmp_path, tiny_model):
+    from bpo_lightning.policy import Pretrained
+
+    path = tmp_path / "tok"
+    _raises(InputError, lambda: Pretrained(str(tiny_model), tokenizer=str(path)), "model.policy.init_args.tokenizer: "
+            f"no tokenizer folder {path}")  # fmt: skip
+
+
+def test_an_inline_config_policy_names_a_missing_tokenizer_folder(tmp_path, tiny_model):
+    from bpo_lightning.policy import FromConfig
+
+    path = tmp_path / "tok"
+    _raises(InputError, lambda: FromConfig({"model_type": "gpt2"}, tokenizer=str(path)),
+            f"model.policy.init_args.tokenizer: no tokenizer folder {path}")  # fmt: skip
+    assert FromConfig({"model_type": "gpt2"}, tokenizer=str(tiny_model)).tokenizer().eos_token_id is not None
+
+
+def test_an_existing_policy_folder_still_loads(tiny_model):
+    from bpo_lightning.policy import Pretrained
+
+    source = Pretrained(str(tiny_model))
+    assert source.tokenizer().eos_token_id is not None
+    assert source.model().config.model_type == "gpt2"
+
+
+def test_a_reward_model_folder_that_does_not_exist_is_named(tmp_path, tiny_model):
+    from bpo_lightning import RewardModelAnnotator
+
+    path = tmp_path / "rm"
+    _raises(InputError, lambda: RewardModelAnnotator(str(path), device="cpu"),
+            f"data.annotator.init_args.name_or_path: no model folder {path}")  # fmt: skip
+    _raises(InputError, lambda: RewardModelAnnotator("./no/such/rm", device="cpu"), "no model folder ./no/such/rm")
+    _raises(InputError, lambda: RewardModelAnnotator(str(tiny_model), tokenizer=str(path), device="cpu"),
+            f"data.annotator.init_args.tokenizer: no tokenizer folder {path}")  # fmt: skip
+
+
+# -- the run folder --------------------------------------------------------------------------------------------------
+def _phase(tmp_path):
+    store = PhaseStore(tmp_path / "data", 0)
+    store.check({"phase": 0})
+    return store
+
+
+def test_a_damaged_phase_json_is_named(tmp_path):
+    store = _phase(tmp_path)
+    store.meta_path.write_text('{"provenance": {"phase": 0},\n "complete": tru')
+    for call in (lambda: store.check({"phase": 0}), store.complete):
+        _raises(RunError, call, f"trainer.default_root_dir: {store.meta_path} line 2 is damaged",
+                "delete", "phase_0000.*", "to collect phase 0 again")  # fmt: skip
+
+
+def test_a_damaged_pairs_line_is_named(tmp_path):
+    store = _phase(tmp_path)
+    store.meta_path.write_text(json.dumps({"provenance": {}, "complete": True, "stats": {"phase": 0}}))
+    store.pairs_path.write_text('{"prompt": "p"}\n{"prompt": \x00\x00\n')
+    _raises(RunError, store.load_pairs, f"{store.pairs_path} line 1 is damaged")  # a record without its fields
+    store.pairs_path.unlink()
+    _raises(RunError, store.load_pairs, f"{store.pairs_path} is damaged (missing")
+
+
+def test_a_damaged_samples_line_is_named_but_a_torn_last_line_is_skipped(tmp_path):
+    store = _phase(tmp_path)
+    store.append_samples([{"index": 0}, {"index": 1}])
+    with store.samples_path.open("a") as f:
+        f.write('{"index": 2, "respo')  # a job killed mid-append
+    with pytest.warns(UserWarning, match=r"phase_0000.samples.jsonl:3: skipping an incomplete line"):
+        assert sorted(store.load_samples()) == [0, 1]
+    store.samples_path.write_text('{"index": 0}\n{"ind\n{"index": 2}\n')
+    _raises(RunError, store.load_samples, f"trainer.default_root_dir: {store.samples_path} line 2 is damaged")
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_in_atomic_write_keeps_the_old_file_and_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "phase_0000.json"
+    atomic_write(path, "old")
+    monkeypatch.setattr(os, "replace", _no_space)
+    _raises(RunError, lambda: atomic_write(path, "new"), f"trainer.default_root_dir: cannot write {path} (No space")
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_a_full_disk_while_appending_samples_is_named(tmp_path, monkeypatch):
+    store = _phase(tmp_path)
+    monkeypatch.setattr(os, "fsync", _no_space)
+    _raises(RunError, lambda: store.append_samples([{"index": 0}]), f"cannot write {store.samples_path} (No space")
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EROFS])
+def test_a_write_refused_when_a_phase_starts_is_named(tmp_path, monkeypatch, code):
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    store = PhaseStore(tmp_path / "data", 0)
+    _raises(RunError, lambda: store.check({"phase": 0}), f"cannot write {store.meta_path} ({os.strerror(code)})")
+    assert list((tmp_path / "data").iterdir()) == []
+    monkeypatch.setattr(type(tmp_path), "mkdir", refuse)
+    other = PhaseStore(tmp_path / "other", 0)
+    _raises(RunError, lambda: other.check({"phase": 0}), f"cannot write {tmp_path / 'other'} ({os.strerror(code)})")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes to any folder")
+def test_an_unwritable_run_folder_is_named(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        store = PhaseStore(folder, 0)
+        _raises(RunError, lambda: store.check({"phase": 0}), f"cannot write {store.meta_path} (Permission denied)")
+        sub = PhaseStore(folder / "sub", 0)
+        _raises(RunError, lambda: sub.check({"phase": 0}), f"cannot write {folder / 'sub'} (Permission denied)")
+    finally:
+        folder.chmod(0o700)
