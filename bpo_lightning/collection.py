@@ -19,7 +19,6 @@ same number of times. ``Lockstep`` pads the rounds with forwards whose results a
 from __future__ import annotations
 
 import math
-import warnings
 from contextlib import contextmanager
 
 import torch
@@ -237,8 +236,7 @@ def _choose(row: dict) -> str:
     """Best vs worst response by score (strict: equal scores carry no preference)."""
     scored = [(row["scores"][i], i) for i in _distinct(row["responses"])]
     if any(score is None for score, _ in scored):
-        warnings.warn(f"annotator gave no score (NaN) for prompt #{row['index']}; the prompt is dropped", stacklevel=3)
-        return "annotator_nan"
+        return "annotator_nan"  # counted: the phase line and data/dropped report it
     (best, c), (worst, r) = max(scored), min(scored)
     if best == worst:
         return "tie"

@@ -1,8 +1,8 @@
 """Bad input through the `bpo` command: each case ends in one line, ``bpo: error: …``, that names the config key and
 the file (and row) at fault, with no traceback — or, where the input is acceptable, works as documented.
 
-Every case runs ``bpo fit`` in this process on a shrunk quickstart (1 phase of 8 prompts). The table of cases is
-the checklist of docs/troubleshooting.md.
+Every case runs ``bpo fit`` in this process on a shrunk quickstart (1 phase of 8 prompts); docs/troubleshooting.md
+lists them.
 """
 
 import errno

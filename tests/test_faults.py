@@ -14,6 +14,7 @@ from conftest import KILL_TABLE, CountingAnnotator, make_run
 from bpo_lightning.cache import AnnotationCache, cached_score
 from bpo_lightning.data import OnlineDataModule
 from bpo_lightning.errors import RunError
+from bpo_lightning.judge import LLMJudge
 from bpo_lightning.prompts import PromptSource, ReviewPrompts
 from bpo_lightning.store import PhaseStore
 
@@ -276,3 +277,44 @@ def test_a_killed_run_resumes_to_the_uninterrupted_run(point, kill_runs):
     assert problems == []
     assert missing == [], missing[:5]
     assert resumed.stats["phases"] == full.stats["phases"]
+
+
+class ScriptedJudge(LLMJudge):
+    """A judge without a model: prefers the longer response, answers one prompt in five with nonsense, and is
+    position-biased (always "A") on prompts mentioning a hotel, so those verdicts disagree between orders."""
+
+    def __init__(self):
+        super().__init__("scripted", template="{prompt}\n[A]{response_a}\n[B]{response_b}")
+
+    def _complete(self, texts):
+        replies = []
+        for text in texts:
+            self._count("requests")
+            prompt, rest = text.split("\n[A]", 1)
+            a, b = rest.split("\n[B]", 1)
+            if sum(map(ord, prompt)) % 5 == 0:
+                replies.append("I cannot decide.")
+            elif "hotel" in prompt:
+                replies.append("Preferred: A")
+            else:
+                replies.append("Preferred: A" if len(a) >= len(b) else "Preferred: B")
+        return replies
+
+
+@pytest.mark.slow
+def test_judge_counters_reach_the_phase_stats_and_line(tmp_path, sft_dir):
+    """Position bias and unparseable replies are told apart per phase (they used to be invisible)."""
+    judge = ScriptedJudge()
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=32, num_phases=2, annotator=judge)
+    trainer.fit(module, datamodule=data)
+    for phase in (0, 1):
+        stats = data.stats[phase]
+        counts = stats.annotator
+        judged = stats.prompts - stats.dropped.get("identical", 0)  # prompts with two distinct responses
+        assert counts["requests"] == 2 * judged  # both orders
+        assert counts["unparseable"] > 0 and counts["disagreements"] > 0
+        assert stats.dropped["annotator_nan"] >= counts["disagreements"]  # a disagreement gives no verdict
+        assert f"| annotator {counts['requests']} requests, 0 retries, 0 timeouts" in stats.describe()
+    assert sum(data.stats[p].annotator["requests"] for p in (0, 1)) == judge.counts["requests"]
+    saved = PhaseStore(tmp_path / "data", 0).load_pairs()[1]  # and they are saved with the phase
+    assert saved.annotator == data.stats[0].annotator
