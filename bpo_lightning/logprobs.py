@@ -1,15 +1,19 @@
-"""Sequence log-probabilities of responses, computed without a full-vocabulary float32 log-softmax.
+"""Sequence log-probabilities of responses, with memory that does not grow with the vocabulary times the length.
 
 log π(y|x) is the sum of the response tokens' log-probabilities (the prompt is masked; the response ends with
-EOS), bpo_spec §2.1. Real vocabularies reach 150k+ entries, so the per-token normaliser (logsumexp) is computed
-over chunks of positions: peak extra memory is (N, chunk, V) floats instead of (N, T, V).
+EOS; docs/concepts.md). Real vocabularies reach 128k-262k entries, where an (N, T, V) float32 logits tensor is
+gigabytes: the output head and the per-token normaliser (logsumexp) run on chunks of response positions from the
+backbone's hidden states, recomputed in the backward pass, so the extra memory is (chunk, V) whatever N and T.
 """
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -49,11 +53,86 @@ def sequence_logps(
     loss_mask: torch.Tensor,  # (N, T), 1 on response tokens (incl. EOS)
     chunk_size: int = 128,
 ) -> SequenceLogps:
-    """Summed response log-probabilities of a causal LM."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, T, V)
-    logps = token_logps(logits[:, :-1], input_ids[:, 1:], chunk_size)  # position t predicts token t+1
-    mask = loss_mask[:, 1:].to(logps.dtype)
-    return SequenceLogps((logps * mask).sum(-1), mask.sum(-1))
+    """Summed response log-probabilities of a causal LM, without ever holding an (N, T, V) logits tensor.
+
+    The backbone's hidden states at the response positions are gathered, (M, H), and the output head plus
+    logsumexp run over ``chunk_size`` of them at a time; with gradients, each chunk is recomputed in the backward
+    pass (activation checkpointing), so the extra memory is one chunk's (chunk_size, V) float32 logits and their
+    gradient, whatever T. A model whose logits are not ``head(hidden states)`` (see ``split_head``) is scored from its
+    full logits instead, chunked over positions (``token_logps``).
+    """
+    split = split_head(model)
+    mask = loss_mask[:, 1:].bool()  # position t predicts token t+1
+    counts = mask.sum(-1).to(torch.float32)
+    if split is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, T, V)
+        logps = token_logps(logits[:, :-1], input_ids[:, 1:], chunk_size)
+        return SequenceLogps((logps * mask).sum(-1), counts)
+    backbone, head, cap = split
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]  # (N, T, H)
+    rows = mask.nonzero(as_tuple=True)[0]  # (M,) the sequence of each response position
+    states, targets = hidden[:, :-1][mask], input_ids[:, 1:][mask]  # (M, H), (M,)
+    checkpointed = torch.is_grad_enabled() and states.requires_grad
+    parts = []
+    for start in range(0, states.shape[0], chunk_size):
+        args = (head, cap, states[start : start + chunk_size], targets[start : start + chunk_size])
+        parts.append(checkpoint(_head_logps, *args, use_reentrant=False) if checkpointed else _head_logps(*args))
+    token = torch.cat(parts) if parts else states.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=token.device).index_add(0, rows, token)
+    return SequenceLogps(sums, counts)
+
+
+def _head_logps(head: torch.nn.Module, cap: float | None, states: torch.Tensor, targets: torch.Tensor):
+    """log softmax(head(states))[targets], (c,) float32, for c positions."""
+    logits = head(states).float()  # (c, V)
+    if cap:  # final-logit soft-capping (Gemma 2/3)
+        logits = torch.tanh(logits / cap) * cap
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (backbone, head, cap), or None
+
+
+def split_head(model: torch.nn.Module) -> tuple | None:
+    """``(backbone, output head, soft-cap)`` of a transformers causal LM (also inside a PEFT wrapper), such that
+    ``model(x).logits == head(backbone(x)[0])`` (soft-capped where the config says so); ``None`` when the model has no
+    such split. Checked once per model on a short input against the model's own logits: a model that processes its
+    logits further (a scale, another transform) falls back to the full-logits path with a warning."""
+    if model in _SPLITS:
+        return _SPLITS[model]
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model: its wrapped LM
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    backbone = getattr(inner, "base_model", None)
+    config = getattr(inner, "config", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    split = None
+    if isinstance(head, torch.nn.Module) and isinstance(backbone, torch.nn.Module) and backbone is not inner:
+        split = (backbone, head, cap)
+        if not _same_logits(model, split):
+            name = type(inner).__name__
+            warnings.warn(f"{name}: its logits are not the output head applied to the last hidden states; log-probs "
+                          "are computed from the full logits (more memory)", stacklevel=3)  # fmt: skip
+            split = None
+    _SPLITS[model] = split
+    return split
+
+
+@torch.no_grad()
+def _same_logits(model: torch.nn.Module, split: tuple) -> bool:
+    backbone, head, cap = split
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None) or head.weight.shape[0]
+    ids = torch.arange(min(8, vocab), device=head.weight.device)[None] % vocab  # (1, 8)
+    was_training = model.training
+    model.eval()
+    try:
+        want = model(input_ids=ids, use_cache=False).logits.float()
+        logits = head(backbone(input_ids=ids, use_cache=False)[0]).float()
+    finally:
+        model.train(was_training)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return want.shape == logits.shape and torch.allclose(want, logits, atol=1e-4, rtol=1e-4)
 
 
 def right_padded(sequences: list[list[int]], starts: list[int], pad_id: int) -> dict[str, torch.Tensor]:

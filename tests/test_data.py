@@ -107,13 +107,12 @@ class TableAnnotator(CountingAnnotator):
 def test_annotate_picks_best_vs_worst_and_counts_drops():
     pool = [{"prompt": f"p{i}"} for i in range(5)]
     annotator = TableAnnotator({"a": 1.0, "b": 3.0, "c": 2.0, "d": 2.0, "n": math.nan})
-    with pytest.warns(UserWarning, match="prompt #3"):
-        rows = annotate(
-            annotator,
-            [0, 1, 2, 3, 4],
-            pool,
-            _samples([["a", "b", "c"], ["x", "x"], ["c", "d"], ["a", "n"], ["a", "a", "b"]]),
-        )
+    rows = annotate(  # no warning for the unscored prompt #3: it is counted
+        annotator,
+        [0, 1, 2, 3, 4],
+        pool,
+        _samples([["a", "b", "c"], ["x", "x"], ["c", "d"], ["a", "n"], ["a", "a", "b"]]),
+    )
     assert [r["status"] for r in rows] == ["kept", "identical", "tie", "annotator_nan", "kept"]
     assert (rows[0]["chosen"], rows[0]["rejected"]) == (1, 0)  # best "b" vs worst "a" of three
     assert (rows[4]["chosen"], rows[4]["rejected"]) == (2, 0)
@@ -328,13 +327,11 @@ def test_pairwise_annotator_verdicts_become_pairs_and_are_cached(tmp_path):
     pool = [{"prompt": f"p{i}"} for i in range(4)]
     samples = _samples([["ab", "abc"], ["same", "same"], ["xy", "zw"], ["a?", "bb"]])
     judge, cache = LongerIsBetter(), AnnotationCache(tmp_path / "c.sqlite")
-    with pytest.warns(UserWarning, match="prompt #3"):
-        rows = annotate(judge, [0, 1, 2, 3], pool, samples, cache)
+    rows = annotate(judge, [0, 1, 2, 3], pool, samples, cache)
     assert [r["status"] for r in rows] == ["kept", "identical", "tie", "annotator_nan"]
     assert (rows[0]["chosen"], rows[0]["rejected"]) == (1, 0) and rows[0]["scores"] == [-1, 1]
     assert len(judge.compared) == 3  # the identical pair was not judged
-    with pytest.warns(UserWarning, match="prompt #3"):
-        again = annotate(judge, [0, 1, 2, 3], pool, samples, cache)
+    again = annotate(judge, [0, 1, 2, 3], pool, samples, cache)
     assert len(judge.compared) == 4  # only the unanswered (NaN) pair is asked again; verdicts came from the cache
     assert [r["status"] for r in again] == [r["status"] for r in rows]
     assert again[0].get("cached") == 2 and again[0].get("annotated") is None

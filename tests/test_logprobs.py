@@ -1,0 +1,93 @@
+"""Sequence log-probs from hidden states, chunk by chunk: the same values and gradients as a full log-softmax over
+the model's logits, for GPT-2 (tied head), Llama- and Qwen-style heads, Gemma's soft-capped logits and a LoRA
+policy; a model whose logits are transformed further falls back to its full logits with a warning."""
+
+import warnings
+
+import pytest
+import torch
+import transformers
+from torch.testing import assert_close
+
+from bpo_lightning.logprobs import right_padded, sequence_logps, split_head
+
+V = 97
+
+
+def tiny(kind: str):
+    torch.manual_seed(0)
+    common = {"vocab_size": V, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "intermediate_size": 64, "max_position_embeddings": 64}  # fmt: skip
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        return transformers.GPT2LMHeadModel(config)
+    if kind == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **common))
+    if kind == "qwen2-tied":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(tie_word_embeddings=True, num_key_value_heads=2, **common))
+    if kind == "gemma2-softcap":
+        config = transformers.Gemma2Config(num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5, **common)
+        return transformers.Gemma2ForCausalLM(config)
+    if kind == "cohere-scaled":  # logits = head(h) * logit_scale: not separable
+        return transformers.CohereForCausalLM(transformers.CohereConfig(num_key_value_heads=2, logit_scale=0.3,
+                                                                        **common))  # fmt: skip
+    raise ValueError(kind)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, V, (n,), generator=g).tolist() for n in (12, 20, 7, 16)]
+    return right_padded(seqs, [3, 8, 2, 5], pad_id=0)
+
+
+def reference(model, b):
+    """The naive definition: log_softmax over the full logits, response positions summed."""
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+    logps = logits[:, :-1].log_softmax(-1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
+    return (logps * b["loss_mask"][:, 1:]).sum(-1)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2-tied", "gemma2-softcap"])
+@pytest.mark.parametrize("chunk", [1, 5, 128])
+def test_flat_logps_equal_the_full_log_softmax_with_gradients(kind, chunk):
+    model = tiny(kind).eval()
+    b = batch()
+    assert split_head(model) is not None  # the chunked path is taken
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    got = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], chunk)
+    (got.sums * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    want = reference(model, b)
+    (want * weights).sum().backward()
+    assert_close(got.sums, want, atol=1e-5, rtol=1e-5)
+    assert got.counts.tolist() == b["loss_mask"][:, 1:].sum(-1).float().tolist()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_lora_policy_takes_the_chunked_path():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for module in model.modules():  # non-zero adapters, so that they matter
+        if hasattr(module, "lora_B"):
+            for b_weight in module.lora_B.values():
+                torch.nn.init.normal_(b_weight.weight, std=0.5)
+    model.eval()
+    b = batch()
+    assert split_head(model) is not None
+    got = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], 4)
+    assert_close(got.sums, reference(model, b), atol=1e-5, rtol=1e-5)
+
+
+def test_logits_transformed_after_the_head_fall_back_to_full_logits():
+    model = tiny("cohere-scaled").eval()
+    b = batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], 4)
+    assert any("logits are not the output head" in str(w.message) for w in caught)
+    assert split_head(model) is None
+    assert_close(got.sums, reference(model, b), atol=1e-5, rtol=1e-5)
