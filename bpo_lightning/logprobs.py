@@ -51,7 +51,7 @@ def sequence_logps(
     input_ids: torch.Tensor,  # (N, T), right-padded prompt + response + EOS
     attention_mask: torch.Tensor,  # (N, T)
     loss_mask: torch.Tensor,  # (N, T), 1 on response tokens (incl. EOS)
-    chunk_size: int = 128,
+    chunk_size: int = 32,
 ) -> SequenceLogps:
     """Summed response log-probabilities of a causal LM, without ever holding an (N, T, V) logits tensor.
 

@@ -66,7 +66,8 @@ class BPOModule(L.LightningModule):
         warmup_steps: linear warm-up steps before the schedule.
         lr_schedule: ``linear`` decay to 0 over the whole run (paper), or ``constant``.
         disable_dropout: set every dropout probability to 0 (paper), so π_θ and π_β agree at a phase start.
-        logprob_chunk_size: positions per chunk of the log-softmax (memory vs speed).
+        logprob_chunk_size: response positions whose logits exist at once when log-probs are computed (memory vs
+            speed; ``benchmarks/logprob_memory.py``).
         scoring_batch_size: pairs per forward pass when behavior/reference log-probs are computed.
         offload_snapshots: keep behavior/initial weight snapshots in CPU memory.
         gather_for_sampling: under ZeRO-3, gather the whole policy on every process while it samples (once per
@@ -89,7 +90,7 @@ class BPOModule(L.LightningModule):
         warmup_steps: int = 0,
         lr_schedule: Literal["linear", "constant"] = "linear",
         disable_dropout: bool = True,
-        logprob_chunk_size: int = 128,
+        logprob_chunk_size: int = 32,
         scoring_batch_size: int = 32,
         offload_snapshots: bool = True,
         gather_for_sampling: bool = False,

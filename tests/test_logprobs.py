@@ -24,7 +24,8 @@ def tiny(kind: str):
     if kind == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **common))
     if kind == "qwen2-tied":
-        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(tie_word_embeddings=True, num_key_value_heads=2, **common))
+        config = transformers.Qwen2Config(tie_word_embeddings=True, num_key_value_heads=2, **common)
+        return transformers.Qwen2ForCausalLM(config)
     if kind == "gemma2-softcap":
         config = transformers.Gemma2Config(num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5, **common)
         return transformers.Gemma2ForCausalLM(config)

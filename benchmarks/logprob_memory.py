@@ -1,0 +1,103 @@
+"""Train-step memory of sequence log-probs against the vocabulary size: bpo-lightning's chunked path from hidden
+states, the previous path (full logits, log-softmax chunked over positions) and a naive full log-softmax.
+
+Each cell runs in a fresh process: a 2-layer GPT-2 (hidden 64, tied head) with V tokens, 4 pairs (8 sequences) of
+128 tokens (16 prompt + 112 response), one forward + backward of the summed response log-probs. Extra memory is the
+process's peak RSS during the step minus its RSS before it (after a one-token warm-up step, so kernels and the
+gradient buffers already exist), shown as a multiple of the fp32 logits tensor (8 × 128 × V × 4 bytes).
+
+    python benchmarks/logprob_memory.py                 # V = 32k, 128k, 256k
+    python benchmarks/logprob_memory.py --vocab 32000 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+N, T, PROMPT = 8, 128, 16
+VARIANTS = ("bpo", "logits-chunked", "naive")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cell(variant: str, vocab: int, chunk: int) -> dict:
+    import torch
+    import transformers
+
+    from bpo_lightning.logprobs import sequence_logps, token_logps
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=T)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, vocab, (N, T))
+    attention = torch.ones(N, T, dtype=torch.long)
+    loss_mask = torch.zeros(N, T, dtype=torch.long)
+    loss_mask[:, PROMPT:] = 1
+
+    def step(ids, attention, loss_mask):
+        if variant == "bpo":
+            sums = sequence_logps(model, ids, attention, loss_mask, chunk).sums
+        else:
+            logits = model(input_ids=ids, attention_mask=attention).logits  # (N, T, V)
+            targets, mask = ids[:, 1:], loss_mask[:, 1:]
+            if variant == "naive":
+                logps = logits[:, :-1].float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+            else:
+                logps = token_logps(logits[:, :-1], targets)
+            sums = (logps * mask).sum(-1)
+        sums.sum().backward()
+        model.zero_grad(set_to_none=False)  # the gradient buffers exist before the measured step
+
+    # warm-up: kernels, autograd and the gradient buffers exist before the measured step
+    step(ids[:1, :4], attention[:1, :4], torch.ones_like(loss_mask[:1, :4]))
+    before, peak_before = rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step(ids, attention, loss_mask)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    logits_bytes = N * T * vocab * 4
+    return {"variant": variant, "vocab": vocab, "extra": peak - before, "logits": logits_bytes,
+            "valid": peak > peak_before}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32_000, 128_000, 256_000])
+    parser.add_argument("--repeats", type=int, default=1, help="processes per cell (the minimum is shown)")
+    parser.add_argument("--chunk", type=int, default=32, help="positions per chunk (model.logprob_chunk_size)")
+    parser.add_argument("--cell", nargs=2, metavar=("VARIANT", "VOCAB"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.cell:
+        print(json.dumps(cell(args.cell[0], int(args.cell[1]), args.chunk)))
+        return
+    # large blocks straight from mmap, so that freed memory leaves the RSS and its peak is the live memory's peak
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    results = {}
+    for vocab in args.vocab:
+        for variant in VARIANTS:
+            runs = []
+            for _ in range(args.repeats):
+                command = [sys.executable, __file__, "--cell", variant, str(vocab), "--chunk", str(args.chunk)]
+                out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+                runs.append(json.loads(out.strip().splitlines()[-1]))
+            results[variant, vocab] = min(runs, key=lambda r: r["extra"])
+    mib = 2**20
+    print(f"train-step extra memory, {N} sequences x {T} tokens, GPT-2 2x64 with V tokens, chunks of {args.chunk} "
+          "positions (multiple of the fp32 logits tensor)")
+    print(f"{'V':>8} | {'fp32 logits':>11} | " + " | ".join(f"{v:>20}" for v in VARIANTS) + " | bpo / naive")
+    for vocab in args.vocab:
+        row = [results[v, vocab] for v in VARIANTS]
+        cells = [f"{r['extra'] / mib:8.0f} MiB {r['extra'] / r['logits']:5.2f}x" for r in row]
+        ratio = row[0]["extra"] / row[2]["extra"]
+        print(f"{vocab:>8} | {row[0]['logits'] / mib:7.0f} MiB | " + " | ".join(f"{c:>20}" for c in cells)
+              + f" | {ratio:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
