@@ -8,6 +8,7 @@ backbone's hidden states, recomputed in the backward pass, so the extra memory i
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ def sequence_logps(
     attention_mask: torch.Tensor,  # (N, T)
     loss_mask: torch.Tensor,  # (N, T), 1 on response tokens (incl. EOS)
     chunk_size: int = 32,
+    min_chunks: int = 0,
 ) -> SequenceLogps:
     """Summed response log-probabilities of a causal LM, without ever holding an (N, T, V) logits tensor.
 
@@ -60,6 +62,9 @@ def sequence_logps(
     pass (activation checkpointing), so the extra memory is one chunk's (chunk_size, V) float32 logits and their
     gradient, whatever T. A model whose logits are not ``head(hidden states)`` (see ``split_head``) is scored from its
     full logits instead, chunked over positions (``token_logps``).
+
+    ``min_chunks``: run the head at least this many times (extra calls on a stand-in position, their result
+    discarded). Under ZeRO-3 every call of the head is collective, so every process must make as many.
     """
     split = split_head(model)
     mask = loss_mask[:, 1:].bool()  # position t predicts token t+1
@@ -72,13 +77,20 @@ def sequence_logps(
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]  # (N, T, H)
     rows = mask.nonzero(as_tuple=True)[0]  # (M,) the sequence of each response position
     states, targets = hidden[:, :-1][mask], input_ids[:, 1:][mask]  # (M, H), (M,)
-    checkpointed = torch.is_grad_enabled() and states.requires_grad
-    parts = []
-    for start in range(0, states.shape[0], chunk_size):
-        args = (head, cap, states[start : start + chunk_size], targets[start : start + chunk_size])
-        parts.append(checkpoint(_head_logps, *args, use_reentrant=False) if checkpointed else _head_logps(*args))
-    token = torch.cat(parts) if parts else states.new_zeros(0, dtype=torch.float32)
-    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=token.device).index_add(0, rows, token)
+    checkpointed = torch.is_grad_enabled() and hidden.requires_grad
+    parts, padding = [], []
+    for k in range(max(math.ceil(states.shape[0] / chunk_size), min_chunks)):
+        start = k * chunk_size
+        if start < states.shape[0]:
+            args = (head, cap, states[start : start + chunk_size], targets[start : start + chunk_size])
+        else:  # a stand-in call: the first position of the batch, scored and discarded
+            args = (head, cap, hidden[:1, 0], input_ids[:1, 0])
+        out = checkpoint(_head_logps, *args, use_reentrant=False) if checkpointed else _head_logps(*args)
+        (parts if start < states.shape[0] else padding).append(out)
+    token = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, token)
+    if padding:  # kept in the graph with weight 0, so the backward pass recomputes them as well
+        sums = sums + 0.0 * torch.cat(padding).sum()
     return SequenceLogps(sums, counts)
 
 
@@ -123,11 +135,12 @@ def _same_logits(model: torch.nn.Module, split: tuple) -> bool:
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None) or head.weight.shape[0]
     ids = torch.arange(min(8, vocab), device=head.weight.device)[None] % vocab  # (1, 8)
+    mask = torch.ones_like(ids)
     was_training = model.training
     model.eval()
     try:
-        want = model(input_ids=ids, use_cache=False).logits.float()
-        logits = head(backbone(input_ids=ids, use_cache=False)[0]).float()
+        want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        logits = head(backbone(input_ids=ids, attention_mask=mask, use_cache=False)[0]).float()
     finally:
         model.train(was_training)
     if cap:

@@ -139,10 +139,20 @@ class BPOModule(L.LightningModule):
             for module in self.policy.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
-        if self.reference == "initial" or self.behavior.keeps_snapshot or self.evaluation.kl_samples:
+        if self.reference == "initial" or self.behavior.keeps_snapshot or self._measures_kl():
             self.initial = self._copy(self.weights.state())
         if self.behavior.keeps_snapshot:
             self.behavior_snapshot = self.behavior.initial_snapshot(self.initial)
+
+    def _measures_kl(self) -> bool:
+        """Whether evaluations will estimate KL to the initial and behavior models, so that their weights must be
+        kept: ``model.evaluation.kl_samples`` > 0 and held-out prompts configured (no copy that nothing uses)."""
+        if not self.evaluation.kl_samples:
+            return False
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if data is None:  # outside a trainer: keep them for whoever evaluates
+            return True
+        return getattr(data, "eval_prompts", None) is not None or getattr(data, "test_prompts", None) is not None
 
     def _copy(self, state: Snapshot) -> Snapshot:
         device = "cpu" if self.hparams.offload_snapshots else None
@@ -156,7 +166,7 @@ class BPOModule(L.LightningModule):
                     localize(self.policy, self.behavior_snapshot)  # EMA averages this process's shards
                 self.behavior_snapshot = self.behavior.update(self.weights.state, self.behavior_snapshot)
                 self.behavior_version += not isinstance(self.behavior, Frozen)
-                if self.behavior_snapshot is None and self.evaluation.kl_samples:
+                if self.behavior_snapshot is None and self._measures_kl():
                     self.behavior_copy = self._copy(self.weights.state())
             self.phases_started += 1
         return self.behavior_version
@@ -274,7 +284,10 @@ class BPOModule(L.LightningModule):
     def _policy_logps(self, batch: dict[str, torch.Tensor]):
         device = next(self.policy.parameters()).device
         ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
-        return sequence_logps(self.policy, ids, attn, mask, self.hparams.logprob_chunk_size)
+        size, least = self.hparams.logprob_chunk_size, 0
+        if self.lockstep:  # ZeRO-3: the output head is called as often on every process
+            least = Ranks.of(self.trainer).most(math.ceil(int(mask[:, 1:].sum()) / size))
+        return sequence_logps(self.policy, ids, attn, mask, size, least)
 
     # --- training ---------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -318,9 +331,8 @@ class BPOModule(L.LightningModule):
 
     def _log_step(self, values: dict[str, torch.Tensor]) -> None:
         for name, value in values.items():
-            metric = self.step_metrics[name.replace("/", "_")]
-            metric.update(value)
-            self.log(name, value.float().mean(), on_step=True, on_epoch=False, prog_bar=name == "rewards/accuracy")
+            self.step_metrics[name.replace("/", "_")].update(value)
+        self.log_dict({name: value.float().mean() for name, value in values.items()}, on_step=True, on_epoch=False)
 
     def phase_summary(self) -> dict[str, float]:
         """Means over the current phase's steps (torchmetrics, reduced across processes)."""
@@ -389,9 +401,19 @@ class BPOModule(L.LightningModule):
         self._eval_records = []
         return self.last_evaluation
 
+    def _fusable(self) -> bool:
+        """Fused AdamW needs floating-point parameters on CPU or CUDA; DeepSpeed keeps its own optimizer copies."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if self._trainer is not None and isinstance(self._trainer.strategy, DeepSpeedStrategy):
+            return False
+        devices = {p.device.type for p in self.policy.parameters() if p.requires_grad}
+        return devices <= {"cpu", "cuda"}
+
     def configure_optimizers(self):
         hp = self.hparams
-        adamw = torch.optim.AdamW
+        # the fused kernel: one pass over all parameters instead of a Python loop (CPU and CUDA)
+        adamw = partial(torch.optim.AdamW, fused=True) if self._fusable() else torch.optim.AdamW
         if offloads_optimizer(self.trainer.strategy):  # ZeRO-Offload steps on CPU: DeepSpeed's AdamW kernel
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 

@@ -52,7 +52,7 @@ class PhaseStore:
         if diff:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {provenance.get(k)!r}" for k in diff)
             raise RunError(
-                f"{self.root} already holds phase {self.phase} data from a different setup ({detail}). "
+                f"{self.root} already holds phase {self.phase + 1} data from a different setup ({detail}). "
                 "Resume with the original config, or start a new run with another trainer.default_root_dir."
             )
 
@@ -84,14 +84,9 @@ class PhaseStore:
         try:
             if self.samples_path.exists():
                 with self.samples_path.open("rb+") as f:
-                    data = f.read()
-                    if data and not data.endswith(b"\n"):
-                        f.truncate(data.rfind(b"\n") + 1)
-            with self.samples_path.open("a") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                    _cut_torn_line(f)
+            with self.samples_path.open("a") as f:  # flushed, not fsynced: a killed process loses nothing written
+                f.write("".join(json.dumps(row) + "\n" for row in rows))
         except OSError as err:
             raise disk_error(err, self.samples_path) from err
 
@@ -138,7 +133,8 @@ class PhaseStore:
             reason = " ".join(str(err.args[0] if err.args else err).split()) or type(err).__name__
         return RunError(
             f"trainer.default_root_dir: {where} is damaged ({reason}), so a disk fault or an edit changed it: restore "
-            f"it from a backup, or delete {self.root}/phase_{self.phase:04d}.* to collect phase {self.phase} again"
+            f"it from a backup, or delete {self.root}/phase_{self.phase:04d}.* to collect phase {self.phase + 1} "
+            "again"
         )
 
 
@@ -154,6 +150,24 @@ def _read(path: Path) -> str:
         ) from None
     except OSError as err:
         raise RunError(f"trainer.default_root_dir: cannot read {path} ({err.strerror or err})") from err
+
+
+def _cut_torn_line(f) -> None:
+    """Truncate a binary file open for update after its last newline (reading backwards from the end only)."""
+    end = f.seek(0, os.SEEK_END)
+    position = end
+    while position > 0:
+        start = max(0, position - 65536)
+        f.seek(start)
+        block = f.read(position - start)
+        if start + len(block) == end and block.endswith(b"\n"):
+            return  # whole lines
+        newline = block.rfind(b"\n")
+        if newline >= 0:
+            f.truncate(start + newline + 1)
+            return
+        position = start
+    f.truncate(0)  # one torn line and nothing else
 
 
 def _stats_json(stats: PhaseStats) -> dict:

@@ -318,3 +318,17 @@ def test_judge_counters_reach_the_phase_stats_and_line(tmp_path, sft_dir):
     assert sum(data.stats[p].annotator["requests"] for p in (0, 1)) == judge.counts["requests"]
     saved = PhaseStore(tmp_path / "data", 0).load_pairs()[1]  # and they are saved with the phase
     assert saved.annotator == data.stats[0].annotator
+
+
+@pytest.mark.parametrize(("data", "kept"), [
+    (b"", b""), (b"a\n", b"a\n"), (b"a\nbc", b"a\n"), (b"abc", b""), (b"x\n" + b"y" * 200_000, b"x\n"),
+    (b"z" * 70_000 + b"\n" + b"q" * 70_000, b"z" * 70_000 + b"\n"),  # the newline in an earlier 64 KiB block
+])  # fmt: skip
+def test_a_torn_last_line_is_cut_reading_only_the_end(tmp_path, data, kept):
+    from bpo_lightning.store import _cut_torn_line
+
+    path = tmp_path / "samples.jsonl"
+    path.write_bytes(data)
+    with path.open("rb+") as f:
+        _cut_torn_line(f)
+    assert path.read_bytes() == kept

@@ -92,3 +92,18 @@ def test_logits_transformed_after_the_head_fall_back_to_full_logits():
     assert any("logits are not the output head" in str(w.message) for w in caught)
     assert split_head(model) is None
     assert_close(got.sums, reference(model, b), atol=1e-5, rtol=1e-5)
+
+
+def test_stand_in_head_calls_change_neither_values_nor_gradients():
+    """Under ZeRO-3 every process calls the head as often as the busiest one (``min_chunks``)."""
+    model = tiny("gpt2")
+    b = batch()
+    results = []
+    for least in (0, 40):
+        model.zero_grad()
+        out = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], 8, min_chunks=least)
+        out.sums.sum().backward()
+        results.append((out.sums.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert_close(results[0][0], results[1][0], atol=0, rtol=0)
+    for name, grad in results[0][1].items():
+        assert_close(results[1][1][name], grad, atol=1e-7, rtol=1e-6, msg=name)
