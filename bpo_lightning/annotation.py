@@ -15,11 +15,15 @@ from pathlib import Path
 
 import torch
 
+from bpo_lightning.arguments import RecordsArguments, describe
 from bpo_lightning.hookspecs import hookimpl
 
 
-class Annotator:
-    """Base class of annotators."""
+class Annotator(RecordsArguments):
+    """Base class of annotators.
+
+    ``identity`` keys cached scores and is saved with every phase: by default the class and the arguments its
+    ``__init__`` was called with (recorded automatically), so two settings never share scores."""
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """One score per (prompt, response); ``nan`` where no score could be given."""
@@ -36,7 +40,7 @@ class Annotator:
 
     @property
     def identity(self) -> str:
-        return type(self).__name__
+        return describe(self, self.arguments)
 
 
 class PairwiseAnnotator(Annotator):

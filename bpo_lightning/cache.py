@@ -32,7 +32,8 @@ class AnnotationCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # several training processes write to one file: wait (``timeout`` s) for each other's short transactions
-        self._db = sqlite3.connect(self.path, timeout=timeout)
+        # used from the collection's annotation thread too (one at a time)
+        self._db = sqlite3.connect(self.path, timeout=timeout, check_same_thread=False)
         try:
             # write-ahead log: readers never wait for a writer, and a commit (one per paid group of scores) is cheap
             # yet survives the process being killed

@@ -6,7 +6,9 @@
 - ``PhaseCheckpoint`` is Lightning's ``ModelCheckpoint`` with the run's conventions: a checkpoint at the very end of
   every phase (after its evaluation, so a resume neither skips nor repeats one), overwritten when a resumed run redoes
   the phase (no ``-v1`` copies), and ``last.ckpt`` a link to the newest one (no second full copy), replaced
-  atomically. Temporary files a killed run left in the folder are removed when the next fit starts.
+  atomically. Its file names may use ``{phase}``, the phase counted from 1 (``phase-1.ckpt`` after the first phase;
+  ``{epoch}`` is Lightning's, counted from 0). Temporary files a killed run left in the folder are removed when the
+  next fit starts.
 
 Under DeepSpeed the strategy writes its own checkpoint folders; ``PhaseCheckpoint`` leaves its I/O alone.
 """
@@ -84,7 +86,13 @@ def checked_load(path, map_location: Any = None, weights_only: bool | None = Non
 
 
 class PhaseCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` for phases: see the module docstring. Its arguments are ``ModelCheckpoint``'s."""
+    """``ModelCheckpoint`` for phases: see the module docstring. Its arguments are ``ModelCheckpoint``'s; ``filename``
+    may use ``{phase}`` (= ``{epoch}`` + 1)."""
+
+    def _format_checkpoint_name(self, filename, metrics, prefix=None, auto_insert_metric_name=True) -> str:
+        if "epoch" in metrics and "phase" not in metrics:
+            metrics = {**metrics, "phase": metrics["epoch"] + 1}
+        return super()._format_checkpoint_name(filename, metrics, prefix, auto_insert_metric_name)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -115,4 +123,3 @@ class PhaseCheckpoint(ModelCheckpoint):
                 shutil.copyfile(filepath, tmp)
             os.replace(tmp, linkpath)
         trainer.strategy.barrier()
-

@@ -1,4 +1,5 @@
-"""The ``bpo`` command: LightningCLI over ``BPOModule`` and ``OnlineDataModule``, plus ``bpo plugins``.
+"""The ``bpo`` command: ``fit``, ``validate`` and ``test`` are a LightningCLI over ``BPOModule`` and
+``OnlineDataModule`` (``lightning_cli``); ``plugins``, ``compare`` and ``export`` are our own.
 
     bpo fit --config configs/quickstart.yaml          # train
     bpo fit --config configs/quickstart.yaml --print_config
@@ -8,7 +9,9 @@
     bpo export --run runs/quickstart --out exported/  # trained policy as a transformers folder
     bpo compare runs/a runs/b --out compare.png       # several runs' phases in one figure
 
-Plugins load before the command line is parsed, so registered class names work as config shorthands.
+Plugins load before the command line is parsed, so registered class names work as config shorthands. ``bpo`` and
+``bpo --help`` import neither torch nor Lightning: they answer at once. The libraries' own logs are silenced
+(``console``) unless ``--verbose``.
 """
 
 from __future__ import annotations
@@ -18,124 +21,38 @@ import re
 import sys
 from pathlib import Path
 
-from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
+from bpo_lightning.console import VERBOSE_ENV
 from bpo_lightning.errors import debug_requested, one_line, reported
-from bpo_lightning.plugins import PluginError, format_plugins, get_plugins
+
+# every command, in the order ``bpo --help`` lists them; the first three are Lightning's (``lightning_cli``)
+COMMANDS = {
+    "fit": "train: collect, annotate and train on each phase in turn (bpo fit --config configs/quickstart.yaml)",
+    "validate": "evaluate a checkpoint on the held-out prompts (--config <run>/config.yaml --ckpt_path …)",
+    "test": "evaluate a checkpoint on data.test_prompts (default: the held-out prompts)",
+    "plugins": "list the installed plugins and the losses, annotators and samplers they register",
+    "compare": "plot several runs' phases in one figure (bpo compare runs/a runs/b --out compare.png)",
+    "export": "write a run's trained policy as a transformers folder (bpo export --run runs/a --out exported/)",
+}
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
-class BPOParser(LightningArgumentParser):
-    """The command line and config parser: a bad value is one line naming the key and the value given (jsonargparse's
-    usage text and nested explanation with ``--debug`` / ``BPO_DEBUG=1``)."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        if not self.exit_on_error or debug_requested():
-            return super().error(message, ex)
-        prog = self.prog.replace(" [options]", "")
-        print(f"bpo: error: {parser_message(message)} (see `{prog} --help`)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def parser_message(message: str) -> str:
-    """jsonargparse's multi-line error as one line: the key, the most specific reason, the value given."""
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    if not lines:
-        return "invalid arguments"
-    key = re.match(r'Parser key "([^"]+)":\s*(.*)', lines[0])
-    if key is None:
-        return one_line(" ".join(lines))[:400]
-    given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
-    skip = ("Given value", "Subtypes", "Errors")
-    reasons = [line.removeprefix("- ") for line in lines[1:] if not line.startswith(skip)]
-    reasons = [r for r in reasons if "Does not validate against any of the Union" not in r and "NoneType" not in r]
-    reasons = sorted(reasons, key=lambda r: "subclass" not in r)  # "… does not correspond to a subclass of …" first
-    reason = key.group(2) or (reasons[0] if reasons else "invalid value")
-    text = f"{key.group(1)}: {reason}"
-    if given is not None and given not in text:
-        text += f" (given: {given})"
-    return one_line(text)[:400]
-
-
-class BPOCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        from bpo_lightning.checkpoints import PhaseCheckpoint
-        from bpo_lightning.evaluation import PhaseReport
-
-        parser.add_lightning_class_args(PhaseReport, "report")
-        parser.add_lightning_class_args(PhaseCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.save_last": "link",  # last.ckpt links to the newest phase checkpoint (no second copy)
-                "checkpoint.enable_version_counter": False,  # a resumed run that redoes a phase overwrites its file
-                "checkpoint.save_top_k": -1,  # keep the end of every phase
-                "checkpoint.filename": "phase-{epoch}",  # 0-based, like data/phase_NNNN files
-                "checkpoint.auto_insert_metric_name": False,
-                "trainer.reload_dataloaders_every_n_epochs": 1,  # one epoch = one collection phase
-                "trainer.gradient_clip_val": 1.0,
-                "trainer.num_sanity_val_steps": 0,  # PhaseReport evaluates the start instead
-                "trainer.check_val_every_n_epoch": 1,  # evaluate after every phase
-                "trainer.default_root_dir": "runs/bpo",
-            }
-        )
-        parser.link_arguments("data.num_phases", "trainer.max_epochs")
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.trainer.logger in (None, True):  # default: CSV metrics in the run directory
-            config.trainer.logger = Namespace(
-                class_path="bpo_lightning.logs.RunCSVLogger",
-                init_args=Namespace(save_dir=config.trainer.default_root_dir, name="", version=""),
-            )
-        if config.checkpoint.dirpath is None:  # the same folder for fit, validate and test
-            config.checkpoint.dirpath = str(Path(config.trainer.default_root_dir) / "checkpoints")
-        logger = config.trainer.logger
-        if self.subcommand not in (None, "fit") and isinstance(logger, Namespace) and "CSVLogger" in logger.class_path:
-            # `bpo validate` / `bpo test` on a run's config.yaml log (and save their config) in a sub-folder, so the
-            # fit's metrics.csv and config.yaml stay as they are
-            if logger.init_args.get("version") in (None, ""):
-                logger.init_args.version = self.subcommand
-
-
-    def _parse_ckpt_path(self) -> None:
-        """Lightning reads ``--ckpt_path`` here first (for saved hyperparameters): a file that does not load is an
-        error naming it (``checkpoints.checked_load``), not torch's unpickling traceback."""
-        try:
-            super()._parse_ckpt_path()
-        except Exception:
-            from bpo_lightning.checkpoints import checked_load
-
-            checked_load(self.config[self.config.subcommand].get("ckpt_path"), weights_only=True)
-            raise
-
-    def before_fit(self) -> None:
-        """Refuse a run directory that holds another run (``identity``), before anything in it is written."""
-        from bpo_lightning.identity import RunMismatch, check_run_dir, fingerprint
-
-        config = self.config["fit"]
-        try:
-            check_run_dir(config.data.run_dir or config.trainer.default_root_dir, fingerprint(config))
-        except RunMismatch as err:
-            print(f"bpo: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-
-    def before_validate(self) -> None:
-        self._consolidate_deepspeed_checkpoint()
-
-    def before_test(self) -> None:
-        self._consolidate_deepspeed_checkpoint()
-
-    def _consolidate_deepspeed_checkpoint(self) -> None:
-        """``--ckpt_path`` may be a DeepSpeed checkpoint folder from a multi-process fit: evaluated with any other
-        strategy (e.g. one process), it is consolidated into a single file first."""
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        from bpo_lightning.export import consolidated
-
-        config = self.config_init[self.subcommand]
-        ckpt = config.get("ckpt_path")
-        if ckpt and Path(ckpt).is_dir() and not isinstance(self.trainer.strategy, DeepSpeedStrategy):
-            config["ckpt_path"] = str(consolidated(ckpt))
+def usage() -> str:
+    """The text of ``bpo`` / ``bpo --help``: the commands, where the docs are, ``--debug`` and ``--verbose``."""
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    where = f"{docs.parent / 'README.md'} and {docs}/" if docs.is_dir() else "README.md and docs/ of bpo-lightning"
+    width = max(map(len, COMMANDS))
+    lines = ["usage: bpo <command> [options]", "",
+             "Online preference alignment of LLMs (BPO) on PyTorch Lightning.", "", "commands:"]  # fmt: skip
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += [
+        "",
+        "`bpo <command> --help` lists a command's options; `bpo fit --config FILE --print_config` prints every "
+        "setting.",
+        "--debug (anywhere on the line, or BPO_DEBUG=1): tracebacks instead of one-line errors.",
+        "--verbose (or BPO_VERBOSE=1): the logs and progress bars of Lightning, transformers, datasets and DeepSpeed.",
+        f"Docs: {where} (errors: troubleshooting.md).",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,14 +60,43 @@ def main(argv: list[str] | None = None) -> None:
     ``--debug`` (anywhere on the line) or ``BPO_DEBUG=1`` shows their traceback instead."""
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
+    if from_command_line:
+        return _command(argv, True)
+    switches = {name: os.environ.get(name) for name in ("BPO_DEBUG", VERBOSE_ENV)}
+    try:  # called from Python: --debug / --verbose last as long as this call
+        return _command(argv, False)
+    finally:
+        for name, value in switches.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _command(argv: list[str], from_command_line: bool) -> None:
     if "--debug" in argv:
         os.environ["BPO_DEBUG"] = "1"  # also read by the parser and by every process of a multi-process run
+    if "--verbose" in argv:
+        os.environ[VERBOSE_ENV] = "1"
     debug = debug_requested()
-    argv = [arg for arg in argv if arg != "--debug"]
+    argv = [arg for arg in argv if arg not in ("--debug", "--verbose")]
     if from_command_line:
         sys.argv[1:] = argv  # LightningCLI reads the command line itself
+    if argv in ([], ["-h"], ["--help"]):
+        print(usage())
+        return
+    if argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        print(f"bpo: error: {argv[0]!r} is not a bpo command; the commands are {', '.join(COMMANDS)} (see `bpo "
+              "--help`)", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
     try:
         _main(argv, None if from_command_line else argv)
+    except SystemExit as err:  # Lightning ends a fit that received SIGTERM with SystemExit(None): status 0
+        if type(err).__name__ != "SIGTERMException":
+            raise
+        print("bpo: error: stopped by SIGTERM during training; the phases collected and the last phase checkpoint "
+              "are saved: the same command with --ckpt_path last continues", file=sys.stderr)  # fmt: skip
+        raise SystemExit(143) from None
     except Exception as err:
         problem = None if debug else _user_error(err)
         if problem is None:
@@ -174,6 +120,14 @@ def _user_error(err: Exception) -> tuple[str, int] | None:
 
 
 def _main(argv: list[str], args: list[str] | None) -> None:
+    options = {arg.split("=", 1)[0] for arg in argv}
+    first = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0"  # not a re-executed child
+    if argv[0] in LIGHTNING_COMMANDS and first and not options & {"-h", "--help", "--print_config"}:
+        # the libraries take seconds to import: say so before the first of them
+        print(f"bpo {argv[0]}: loading PyTorch, transformers and Lightning …", file=sys.stderr, flush=True)
+    from bpo_lightning.console import quiet_third_party
+    from bpo_lightning.plugins import PluginError, format_plugins, get_plugins
+
     try:
         plugins = get_plugins()
     except PluginError as err:
@@ -185,28 +139,23 @@ def _main(argv: list[str], args: list[str] | None) -> None:
     if argv[:1] == ["compare"]:
         from bpo_lightning.plots import main as compare_main
 
-        compare_main(argv[1:])
+        with quiet_third_party():
+            compare_main(argv[1:])
         return
     if argv[:1] == ["export"]:
         from bpo_lightning.export import main as export_main
 
-        export_main(argv[1:])
+        with quiet_third_party():
+            export_main(argv[1:])
         return
     problem = config_problems(argv) or unknown_component(argv, plugins) or epochs_given(argv)
     if problem:
         print(f"bpo: error: {problem}", file=sys.stderr)
         raise SystemExit(2)
-    from bpo_lightning.data import OnlineDataModule
-    from bpo_lightning.module import BPOModule
+    from bpo_lightning.lightning_cli import run
 
-    BPOCLI(
-        BPOModule,
-        OnlineDataModule,
-        args=args,
-        parser_class=BPOParser,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,  # BPOModule.configure_optimizers owns the paper's AdamW + linear decay
-    )
+    with quiet_third_party():
+        run(args)
 
 
 # config keys whose value may be a registered short name, and the registry that names it

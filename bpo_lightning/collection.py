@@ -19,6 +19,7 @@ same number of times. ``Lockstep`` pads the rounds with forwards whose results a
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from bpo_lightning.annotation import Annotator, JoinedPairs, PairwiseAnnotator
 from bpo_lightning.cache import AnnotationCache, cached_score
 from bpo_lightning.distributed import Ranks
-from bpo_lightning.errors import InputError, RunError
+from bpo_lightning.errors import InputError, RunError, Stopped
 from bpo_lightning.plugins import get_plugins
 from bpo_lightning.prompts import model_input
 from bpo_lightning.sampling import Samples, encode_prompt
@@ -88,7 +89,11 @@ def sample_and_annotate(
     data, module, phase: int, store: PhaseStore, ranks: Ranks, done: dict[int, dict]
 ) -> dict[int, dict]:
     """Every prompt of the phase sampled and annotated exactly once across processes; rows by pool index, starting
-    from the rows a killed run had saved (``done``)."""
+    from the rows a killed run had saved (``done``).
+
+    With ``data.pipeline`` a block is annotated in a worker thread while the next one is sampled (a judge's or a
+    reward model's latency hides behind generation); rows are still appended in block order, and one block at most
+    waits in memory."""
     positions = list(data.phase_indices(phase))
     size = max(1, int(getattr(data.sampler, "batch_size", 16)))
     blocks = [positions[start : start + size] for start in range(0, len(positions), size)]
@@ -97,25 +102,62 @@ def sample_and_annotate(
     show = bool(getattr(data.sampler, "progress", False)) and ranks.rank == 0
     bar = tqdm(total=len(positions), initial=len(done), desc=f"phase {phase + 1}: sampling + annotating",
                unit="prompt", leave=False, disable=not show)  # fmt: skip
-    with module.behavior_weights(), module.precision_context(), module.sampling_context(), quiet(data.sampler), bar:
-        for first in range(0, len(blocks), ranks.world):  # one round: a block per process
-            b = first + ranks.rank
-            block = blocks[b] if b < len(blocks) else []
-            rows: list[dict] = []
-            if any(index not in done for index in block):
-                prompts = [model_input(data.pool[index]) for index in block]
-                samples = _sample_block(data.sampler, module, prompts, phase_seed + b * size)
-                todo = [k for k, index in enumerate(block) if index not in done]
-                rows = annotate(data.annotator, [block[k] for k in todo], data.pool, _subset(samples, todo), data.cache,
-                                origin=str(data.run_dir.resolve()))  # fmt: skip
-            elif lockstep:  # ZeRO-3: this process's share of every collective generate, results discarded
-                _sample_block(data.sampler, module, [model_input(data.pool[positions[0]])], phase_seed)
-            new = [row for part in ranks.gather(rows) for row in part]
-            if ranks.rank == 0 and new:
-                store.append_samples(new)
-            done.update((row["index"], row) for row in new)
-            bar.update(len(new))
+    pipelined = bool(getattr(data, "pipeline", False))
+    annotator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="annotate") if pipelined else None
+
+    def finish(rows: list[dict]) -> None:  # one round's rows: gathered, appended by process 0, counted
+        new = [row for part in ranks.gather(rows) for row in part]
+        if ranks.rank == 0 and new:
+            store.append_samples(new)
+        done.update((row["index"], row) for row in new)
+        bar.update(len(new))
+
+    pending = None  # the previous round's annotation, running while this round samples
+    try:
+        with module.behavior_weights(), module.precision_context(), module.sampling_context(), quiet(data.sampler), \
+                bar:  # fmt: skip
+            for first in range(0, len(blocks), ranks.world):  # one round: a block per process
+                if stop_requested(module, ranks):  # the block in flight is saved first
+                    if pending is not None:
+                        finish(pending.result())
+                    raise _stopped(phase, len(done), len(positions))
+                b = first + ranks.rank
+                block = blocks[b] if b < len(blocks) else []
+                job = None
+                if any(index not in done for index in block):
+                    prompts = [model_input(data.pool[index]) for index in block]
+                    samples = _sample_block(data.sampler, module, prompts, phase_seed + b * size)
+                    todo = [k for k, index in enumerate(block) if index not in done]
+                    job = (data.annotator, [block[k] for k in todo], data.pool, _subset(samples, todo), data.cache)
+                elif lockstep:  # ZeRO-3: this process's share of every collective generate, results discarded
+                    _sample_block(data.sampler, module, [model_input(data.pool[positions[0]])], phase_seed)
+                origin = str(data.run_dir.resolve())
+                if annotator is None:
+                    finish(annotate(*job, origin=origin) if job else [])
+                    continue
+                if pending is not None:
+                    finish(pending.result())
+                pending = annotator.submit(annotate, *job, origin=origin) if job else _done([])
+            if pending is not None:
+                finish(pending.result())
+            if stop_requested(module, ranks):  # collected, not trained: stop before training starts
+                raise _stopped(phase, len(done), len(positions))
+    finally:
+        if annotator is not None:
+            annotator.shutdown(wait=True, cancel_futures=True)
     return done
+
+
+def _stopped(phase: int, saved: int, total: int) -> Stopped:
+    return Stopped(f"stopped by a signal during phase {phase + 1}'s collection, with {saved} of {total} prompts "
+                   "saved; the same command with --ckpt_path last continues from them")
+
+
+def stop_requested(module, ranks: Ranks) -> bool:
+    """Whether a process received SIGTERM (Lightning's signal handler sets the flag); agreed by every process."""
+    trainer = module._trainer
+    stop = bool(getattr(trainer, "received_sigterm", False)) if trainer is not None else False
+    return ranks.most(int(stop)) > 0 if ranks.world > 1 else stop
 
 
 @contextmanager
@@ -159,6 +201,12 @@ def check_context(
             f"({new}) and the EOS token that exceeds the policy's context of {limit} positions. Set "
             f"{settings}.max_prompt_tokens to at most {limit - new - 1} (prompts keep their last tokens)."
         )
+
+
+def _done(value) -> Future:
+    future = Future()
+    future.set_result(value)
+    return future
 
 
 def _subset(samples: Samples, keep: list[int]) -> Samples:

@@ -53,6 +53,8 @@ class OnlineDataModule(L.LightningDataModule):
             kept only in the run's ``data/annotations.journal.sqlite``, so that a resume never pays for them twice.
         min_pairs: the fewest pairs a phase may keep; a phase with fewer stops the run, naming the phase and why its
             prompts were dropped (a phase that trains on nothing is an error, not a success).
+        pipeline: annotate each block of samples in a worker thread while the next block is sampled (the same
+            results and files as one after the other).
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class OnlineDataModule(L.LightningDataModule):
         run_dir: str | None = None,
         annotation_cache: str | None = "auto",
         min_pairs: int = 1,
+        pipeline: bool = True,
     ) -> None:
         super().__init__()
         problems = [f"data.{k} must be >= 1, got {v}" for k, v in [("num_phases", num_phases),
@@ -92,6 +95,7 @@ class OnlineDataModule(L.LightningDataModule):
         self._run_dir = run_dir
         self.annotation_cache = annotation_cache
         self.min_pairs = min_pairs
+        self.pipeline = pipeline
         self._cache: AnnotationCache | None = None
         self.pool: list[dict] | None = None
         self.eval_rows: list[dict] = []

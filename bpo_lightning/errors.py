@@ -6,6 +6,7 @@ traceback instead. Anything else (a bug, a plugin's own exception) keeps its tra
 - ``InputError`` (a ``ValueError``): a bad setting or input file; nothing was run. Exit status 2.
 - ``RunError`` (a ``RuntimeError``): the run stopped for a reason outside the code (a phase without pairs, an
   annotator that failed, a disk that is full, a damaged run folder); what was already produced is on disk. Exit 1.
+- ``Stopped`` (a ``RunError``): SIGTERM / SIGINT; exit 143.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ class InputError(BPOError, ValueError):
 
 class RunError(BPOError, RuntimeError):
     """The run stopped for a reason outside the code; everything produced so far is kept."""
+
+
+class Stopped(RunError):
+    """SIGTERM or SIGINT (a scheduler's preemption, Ctrl-C): the run stopped at a safe point with everything it had
+    collected saved. Exit status 143 (128 + SIGTERM), what schedulers read as "terminated", never 0."""
+
+    exit_code = 143
 
 
 def debug_requested() -> bool:

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torchmetrics import MeanMetric
+from tqdm import tqdm
 
 from bpo_lightning.annotation import JoinedPairs, PairwiseAnnotator
 from bpo_lightning.cache import cached_score
@@ -253,10 +254,12 @@ def _describe(result: dict) -> str:
     line = f"eval win rate {result['win_rate']:.3f} (ties {result['tie_rate']:.3f})"
     if "reward" in result:
         line += f" | gold reward {result['reward']:+.3f}"
-    if "kl_initial" in result:
-        line += f" | KL(policy‖initial) {result['kl_initial']:.3f}"
-    if "kl_behavior" in result:
-        line += f" | KL(policy‖behavior) {result['kl_behavior']:.3f}"
+    for name, label in (("kl_initial", "KL(policy‖initial)"), ("kl_behavior", "KL(policy‖behavior)")):
+        if name in result:
+            line += f" | {label} {result[name]:.3f}"
+            stderr = result.get(f"{name}_stderr")
+            if stderr is not None and math.isfinite(stderr):
+                line += f" ± {stderr:.3f}"  # standard error of the Monte-Carlo estimate
     return line
 
 
@@ -279,6 +282,10 @@ class PhaseReport(L.Callback):
     ``trainer.check_val_every_n_epoch`` phases, or every ``trainer.val_check_interval`` steps with
     ``trainer.check_val_every_n_epoch: null``. This callback adds the evaluation before the first training step.
 
+    Where Lightning's progress bar is off (``trainer.enable_progress_bar: false``, the recipes' setting), it shows
+    its own bars on stderr while a phase trains and while the policy is evaluated, when ``data.sampler``'s
+    ``progress`` is on (the setting of every progress bar of a run).
+
     Args:
         evaluate_at_start: evaluate the initial policy before training (phase 0 of the history).
         plots: draw ``plots/phases.png`` in the run directory after every phase.
@@ -290,6 +297,78 @@ class PhaseReport(L.Callback):
         self.history: list[dict] = []
         self._pending: dict | None = None  # the evaluation at the end of the current phase
         self._phase_start = time.perf_counter()
+        self._bar: tqdm | None = None
+        self._paused: tuple | None = None  # the training bar's place while an evaluation inside the phase runs
+
+    # -- progress bars ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _show_bars(trainer: L.Trainer) -> bool:
+        sampler = getattr(trainer.datamodule, "sampler", None)
+        own = trainer.progress_bar_callback is None  # Lightning's bar, where on, already shows the loops
+        return own and trainer.global_rank == 0 and bool(getattr(sampler, "progress", False))
+
+    def _open_bar(self, trainer: L.Trainer, total, desc: str, unit: str = "batch", initial: int = 0) -> None:
+        self._close_bar()
+        if self._show_bars(trainer):
+            total = int(total) if total is not None and math.isfinite(total) else None
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+
+    def _advance_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _counted(self, batches):
+        for batch in batches:
+            yield batch
+            self._advance_bar()
+
+    @staticmethod
+    def _evaluation_name(trainer: L.Trainer) -> str:
+        fn = getattr(trainer.state.fn, "value", trainer.state.fn)
+        return f"phase {trainer.current_epoch + 1}: evaluating" if fn == "fit" else f"{fn}: evaluating"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module) -> None:
+        self._open_bar(trainer, trainer.num_training_batches, f"phase {trainer.current_epoch + 1}: training", "step")
+
+    def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
+        self._advance_bar()
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, module) -> None:
+        if self._bar is not None and self._bar.total is not None and self._bar.n < self._bar.total:
+            self._paused = (self._bar.total, self._bar.desc, self._bar.unit, self._bar.n)  # resumed after it
+        if not trainer.sanity_checking:
+            self._open_bar(trainer, sum(trainer.num_val_batches), self._evaluation_name(trainer))
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
+        self._advance_bar()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module) -> None:
+        self._close_bar()
+        if self._paused is not None:
+            total, desc, unit, done = self._paused
+            self._paused = None
+            self._open_bar(trainer, total, desc, unit, initial=done)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, module) -> None:
+        self._open_bar(trainer, sum(trainer.num_test_batches), self._evaluation_name(trainer))
+
+    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
+        self._advance_bar()
+
+    def on_test_epoch_end(self, trainer: L.Trainer, module) -> None:
+        self._close_bar()
+
+    def on_exception(self, trainer: L.Trainer, module, exception: BaseException) -> None:
+        self._close_bar()
+        self._paused = None
+
+    # -- the report ------------------------------------------------------------------------------------------------
 
     def save(self, trainer: L.Trainer) -> None:
         """Write ``report.json`` and ``plots/phases.png`` into the run directory (rank zero only)."""
@@ -319,7 +398,10 @@ class PhaseReport(L.Callback):
         dm = trainer.datamodule
         if not self.evaluate_at_start or not dm.eval_rows:
             return
-        result = module.evaluate(dm.eval_batches(trainer.global_rank, trainer.world_size), stage="start")
+        batches = dm.eval_batches(trainer.global_rank, trainer.world_size)
+        self._open_bar(trainer, len(batches), "start: evaluating")
+        result = module.evaluate(self._counted(batches), stage="start")
+        self._close_bar()
         self._record(trainer, {"phase": 0, "step": 0, **result})
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"eval/{k}": v for k, v in result.items()}, step=0)
@@ -339,9 +421,11 @@ class PhaseReport(L.Callback):
             self._pending = entry  # printed and recorded with the phase's line
             return
         self._record(trainer, entry)
-        _say(f"step {trainer.global_step:<5}| phase {phase:.2f} | {_describe(entry)}")
+        where = f"phase {trainer.current_epoch + 1}/{trainer.datamodule.num_phases} at {done / total:.0%}"
+        _say(f"step {trainer.global_step:<5}| {where} | {_describe(entry)}")
 
     def on_train_epoch_end(self, trainer: L.Trainer, module) -> None:
+        self._close_bar()
         phase = trainer.current_epoch + 1
         summary = module.phase_summary()
         stats = module.phase_stats

@@ -38,7 +38,12 @@ def export_policy(module, out_dir: str | Path) -> Path:
         else:
             model = model.merge_and_unload()
     model.save_pretrained(out)
-    module.tokenizer.save_pretrained(out)
+    tokenizer = module.tokenizer
+    generating_side, tokenizer.padding_side = tokenizer.padding_side, getattr(tokenizer, "source_padding_side", "right")
+    try:  # saved with the source's padding side (right for most), not the left padding batched sampling uses
+        tokenizer.save_pretrained(out)
+    finally:
+        tokenizer.padding_side = generating_side
     return out
 
 

@@ -32,6 +32,7 @@ IGNORED = (
     "data.eval_batch_size",
     "data.run_dir",
     "data.annotation_cache",
+    "data.pipeline",
     "data.sampler.init_args.progress",
 )
 TRAINER_KEYS = ("precision", "gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")

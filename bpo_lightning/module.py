@@ -402,10 +402,15 @@ class BPOModule(L.LightningModule):
         return self.last_evaluation
 
     def _fusable(self) -> bool:
-        """Fused AdamW needs floating-point parameters on CPU or CUDA; DeepSpeed keeps its own optimizer copies."""
+        """Fused AdamW needs floating-point parameters on CPU or CUDA; DeepSpeed keeps its own optimizer copies, and
+        Lightning's mixed precision refuses to clip the gradients of a fused optimizer."""
+        from lightning.pytorch.plugins.precision import MixedPrecision
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        if self._trainer is not None and isinstance(self._trainer.strategy, DeepSpeedStrategy):
+        trainer = self._trainer
+        if trainer is not None and isinstance(trainer.strategy, DeepSpeedStrategy):
+            return False
+        if trainer is not None and isinstance(trainer.precision_plugin, MixedPrecision):
             return False
         devices = {p.device.type for p in self.policy.parameters() if p.requires_grad}
         return devices <= {"cpu", "cuda"}
@@ -472,7 +477,32 @@ class BPOModule(L.LightningModule):
             state["behavior_snapshot"] = whole(self.policy, self.behavior_snapshot)  # e.g. EMA
         if self.behavior_copy is not None:  # lets `bpo validate` report KL(policy‖behavior) for a hard-synced run
             state["behavior_copy"] = whole(self.policy, self.behavior_copy)
+        if self.lora is not None and isinstance(checkpoint.get("state_dict"), dict):
+            # adapters only: the frozen base model is rebuilt from model.policy on load (a fraction of the size)
+            frozen = self._frozen_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+            state["base"] = "model.policy"
         checkpoint["bpo"] = state
+
+    def _frozen_keys(self) -> set[str]:
+        """State-dict keys of the policy's frozen base weights when LoRA adapters are trained."""
+        if self.lora is None or self.policy is None:
+            return set()
+        state = self.policy.state_dict(keep_vars=True)  # tied weights appear under each of their names
+        return {f"policy.{k}" for k, v in state.items() if not (isinstance(v, nn.Parameter) and v.requires_grad)}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``; with LoRA, a checkpoint may leave out the frozen base weights (they
+        come from ``model.policy``), and every other key must match."""
+        frozen = self._frozen_keys()
+        if not frozen or not strict:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if k not in frozen]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"the checkpoint does not fit this model: missing {missing[:5]}, unexpected "
+                               f"{result.unexpected_keys[:5]}")  # fmt: skip
+        return result
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("bpo", {})

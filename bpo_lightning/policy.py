@@ -86,6 +86,7 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, key: str) -> PreTraine
     if tokenizer.pad_token_id is None:
         warnings.warn(f"{key}: the tokenizer has no pad token; using its EOS token for padding", stacklevel=2)
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.source_padding_side = tokenizer.padding_side  # what `bpo export` saves (the source's own)
     tokenizer.padding_side = "left"
     return tokenizer
 
@@ -192,6 +193,7 @@ class EmbeddedSFT(Pretrained):
         from bpo_lightning.tasks import reviews
 
         steps = reviews.SFT_STEPS if steps is None else steps
-        path = reviews.ensure_sft(Path(cache_dir).expanduser(), steps=steps, seed=seed)
+        first = os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"  # one process tells
+        path = reviews.ensure_sft(Path(cache_dir).expanduser(), steps=steps, seed=seed, progress=first)
         super().__init__(str(path))
         self.cache_dir, self.steps, self.seed = cache_dir, steps, seed

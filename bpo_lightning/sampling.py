@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from bpo_lightning.arguments import RecordsArguments
 from bpo_lightning.errors import InputError
 from bpo_lightning.hookspecs import hookimpl
 
@@ -44,8 +45,11 @@ class Samples:
     finished: list[list[bool]]  # True when the model emitted EOS, False when cut at max_new_tokens
 
 
-class Sampler:
-    """Base class of samplers. ``num_samples`` responses are drawn for each prompt."""
+class Sampler(RecordsArguments):
+    """Base class of samplers. ``num_samples`` responses are drawn for each prompt.
+
+    ``settings()`` is saved with every phase and compared on resume: by default the class and the arguments its
+    ``__init__`` was called with (``self.arguments``, recorded automatically; ``progress`` left out)."""
 
     num_samples: int = 2
 
@@ -66,8 +70,9 @@ class Sampler:
         return out
 
     def settings(self) -> dict:
-        """Settings recorded with every sampled pair (provenance)."""
-        return {"class": type(self).__name__}
+        """Settings recorded with every sampled pair (provenance): the class and its constructor arguments."""
+        cls = type(self)
+        return {"class": f"{cls.__module__}.{cls.__qualname__}", **self.arguments}
 
 
 class GenerateSampler(Sampler):
@@ -124,7 +129,8 @@ class GenerateSampler(Sampler):
 
     def settings(self) -> dict:
         keys = ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "max_prompt_tokens", "add_bos")
-        return {"class": type(self).__name__, **{k: getattr(self, k) for k in keys}}
+        extra = {k: v for k, v in self.arguments.items() if k not in keys and k != "batch_size"}  # a subclass's own
+        return {"class": type(self).__name__, **{k: getattr(self, k) for k in keys}, **extra}
 
     def generation_config(self, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
         greedy = self.temperature == 0

@@ -186,7 +186,7 @@ def test_evaluation_every_n_steps_records_mid_phase_points(tmp_path, sft_dir, ca
     points = [(h["phase"], h["step"], "win_rate" in h) for h in report.history]
     assert points == [(0, 0, True), (round(2 / 3, 4), 2, True), (1, 3, False), (round(4 / 3, 4), 4, True),
                       (2, 6, True)]  # fmt: skip
-    assert "step 2    | phase 0.67 | eval win rate" in capsys.readouterr().out
+    assert "step 2    | phase 1/2 at 67% | eval win rate" in capsys.readouterr().out
     saved = sorted(p.name for p in (tmp_path / "evaluations").iterdir())
     assert saved == ["fit_step0000002.jsonl", "fit_step0000004.jsonl", "fit_step0000006.jsonl",
                      "start_step0000000.jsonl"]  # fmt: skip

@@ -212,8 +212,9 @@ def snapshot(out: Path) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a torn last line is expected after some kills
         samples = sum(len(PhaseStore(data, p).load_samples()) for p in range(2)) if data.exists() else 0
+    checkpoints = len(list((run / "ckpt").glob("phase-*.ckpt"))) if (run / "ckpt").exists() else 0
     return {"paid": paid, "lost": [pr for pr in paid if pr not in kept], "complete_phases": len(phases),
-            "sample_rows": samples}  # fmt: skip
+            "sample_rows": samples, "checkpoints": checkpoints}  # fmt: skip
 
 
 def files_problems(out: Path) -> list[str]:
@@ -277,6 +278,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_run(point, kill_runs):
     assert problems == []
     assert missing == [], missing[:5]
     assert resumed.stats["phases"] == full.stats["phases"]
+    # on_pairs_ready fires once per phase that is trained: in the resumed run, for the phases after the checkpoint
+    ready = [event[1] for event in resumed.hooks(0) if event[0] == "on_pairs_ready"]
+    assert ready == list(range(state["checkpoints"], 2)), ready
 
 
 class ScriptedJudge(LLMJudge):
@@ -332,3 +336,45 @@ def test_a_torn_last_line_is_cut_reading_only_the_end(tmp_path, data, kept):
     with path.open("rb+") as f:
         _cut_torn_line(f)
     assert path.read_bytes() == kept
+
+
+@pytest.mark.slow
+def test_pipelined_collection_writes_the_sequential_files(tmp_path, sft_dir):
+    """Annotating block k while block k+1 is sampled: the same phase files, byte for byte, and the overlap happens."""
+    import time
+
+    from bpo_lightning.sampling import GenerateSampler
+
+    events = []
+
+    class Slow(CountingAnnotator):
+        def score(self, prompts, responses):
+            events.append(("annotate", time.perf_counter()))
+            time.sleep(0.3)
+            return super().score(prompts, responses)
+
+    class Timed(GenerateSampler):
+        def sample(self, *args, **kwargs):
+            events.append(("sample", time.perf_counter()))
+            return super().sample(*args, **kwargs)
+
+    files = {}
+    for pipeline in (False, True):
+        events.clear()
+        root = tmp_path / str(pipeline)
+        module, data, trainer = make_run(root, sft_dir, budget=32, num_phases=1, annotator=Slow())
+        data.sampler = Timed(max_new_tokens=16, batch_size=8, progress=False)
+        data.pipeline = pipeline
+        trainer.fit(module, datamodule=data)
+        files[pipeline] = {p.name: p.read_bytes() for p in sorted((root / "data").iterdir()) if "sqlite" not in p.name}
+        order = [kind for kind, _ in events]
+        # sequential: sample, annotate, sample, annotate…; pipelined: block 2 is sampled before block 1's rows wait
+        assert order.count("sample") == 4 and order.count("annotate") == 4
+        if pipeline:
+            assert order[:3] == ["sample", "annotate", "sample"] or order[:3] == ["sample", "sample", "annotate"]
+            starts = [t for kind, t in events if kind == "annotate"]
+            samples = [t for kind, t in events if kind == "sample"]
+            assert any(a < s < a + 0.3 for a in starts for s in samples)  # a block sampled during an annotation
+        else:
+            assert order == ["sample", "annotate"] * 4
+    assert files[True] == files[False] and len(files[True]) == 3  # samples, pairs, phase file

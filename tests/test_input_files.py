@@ -249,7 +249,7 @@ def test_a_damaged_phase_json_is_named(tmp_path):
     store.meta_path.write_text('{"provenance": {"phase": 0},\n "complete": tru')
     for call in (lambda: store.check({"phase": 0}), store.complete):
         _raises(RunError, call, f"trainer.default_root_dir: {store.meta_path} line 2 is damaged",
-                "delete", "phase_0000.*", "to collect phase 0 again")  # fmt: skip
+                "delete", "phase_0000.*", "to collect phase 1 again")  # fmt: skip
 
 
 def test_a_damaged_pairs_line_is_named(tmp_path):
@@ -286,8 +286,19 @@ def test_a_full_disk_in_atomic_write_keeps_the_old_file_and_no_temporary_file(tm
 
 def test_a_full_disk_while_appending_samples_is_named(tmp_path, monkeypatch):
     store = _phase(tmp_path)
-    monkeypatch.setattr(os, "fsync", _no_space)
-    _raises(RunError, lambda: store.append_samples([{"index": 0}]), f"cannot write {store.samples_path} (No space")
+    store.append_samples([{"index": 0}])
+    full = type(store.samples_path)
+
+    def no_space_left(self, mode="r", *args, **kwargs):  # the file opens, its write fails
+        handle = open(self, mode, *args, **kwargs)  # noqa: SIM115
+        if "a" in mode:
+            handle.write = _no_space
+        return handle
+
+    monkeypatch.setattr(full, "open", no_space_left)
+    _raises(RunError, lambda: store.append_samples([{"index": 1}]), f"cannot write {store.samples_path} (No space")
+    monkeypatch.undo()
+    assert store.samples_path.read_text() == '{"index": 0}\n'  # the rows written before are intact
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EROFS])

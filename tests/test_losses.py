@@ -7,7 +7,9 @@ import torch
 from torch.testing import assert_close
 
 from bpo_lightning import DPOLoss, IPOLoss, PreferenceLoss, SLiCLoss
+from bpo_lightning.losses import LossOutput
 from bpo_lightning.plugins import load_plugins
+from bpo_lightning.testing import check_loss, loss_problems
 
 REGISTERED = sorted(load_plugins().registries["losses"].items())
 
@@ -63,36 +65,48 @@ def test_every_builtin_is_registered():
 
 
 @pytest.mark.parametrize(("name", "cls"), REGISTERED)
-def test_invariant_finite_on_extreme_inputs(name, cls):
-    loss = cls()
-    values = [-500.0, -1e-3, 0.0, 1e-3, 500.0]
-    out = _call(loss, values, values[::-1], [0.0] * 5, [0.0] * 5)
-    assert torch.isfinite(out.losses).all(), name
-    assert out.losses.shape == (5,)
+def test_every_registered_loss_conforms(name, cls):
+    """``bpo_lightning.testing.check_loss``: finite losses and gradients for margins of ±1000 nats in float64,
+    float32 and bfloat16, no gradient into the behavior log-probs, the margin pushed up at 0, a cited paper."""
+    check_loss(cls)
 
 
-@pytest.mark.parametrize(("name", "cls"), REGISTERED)
-def test_invariant_no_gradient_reaches_behavior(name, cls):
-    policy_c = torch.tensor([-3.0, -4.0], requires_grad=True)
-    policy_r = torch.tensor([-5.0, -2.0], requires_grad=True)
-    behavior_c = torch.tensor([-3.5, -4.5], requires_grad=True)
-    behavior_r = torch.tensor([-4.0, -2.5], requires_grad=True)
-    out = cls()(policy_c, policy_r, behavior_c, behavior_r)
-    out.losses.sum().backward()
-    assert behavior_c.grad is None and behavior_r.grad is None
-    assert policy_c.grad is not None and policy_c.grad.abs().sum() > 0
-    assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
+class Exponential(PreferenceLoss):
+    """ℓ(h) = exp(−βh) (the exponential loss of arXiv 2402.05369, written naively)."""
+
+    def pair_losses(self, h):
+        return torch.exp(-self.beta * h)
 
 
-@pytest.mark.parametrize(("name", "cls"), REGISTERED)
-def test_invariant_loss_falls_as_margin_grows(name, cls):
-    margins = torch.tensor([0.0, 0.5, 1.0, 2.0], dtype=torch.float64)
-    zeros = torch.zeros_like(margins)
-    losses = cls()(margins, zeros, zeros, zeros).losses
-    assert (losses[1:] < losses[:-1]).all(), f"{name}: {losses.tolist()}"
+class Backwards(PreferenceLoss):
+    """A loss that prefers the rejected response (arXiv 2305.18290 with the sign flipped)."""
+
+    def pair_losses(self, h):
+        return torch.nn.functional.softplus(self.beta * h)
 
 
-@pytest.mark.parametrize(("name", "cls"), REGISTERED)
-def test_invariant_is_a_preference_loss(name, cls):
-    assert issubclass(cls, PreferenceLoss)
-    assert cls.__doc__ and "arXiv" in cls.__doc__, f"{name} must cite its paper"
+class Uncited(DPOLoss):
+    """DPO without a citation."""
+
+
+def test_the_conformance_checks_catch_what_they_are_for():
+    """A naive exp(−βh) is finite in float64 but not in float32 or bfloat16 at h = −1000 (the float64-only checks
+    let it pass); a loss pushing the margin down, a missing citation and gradient leaks are each reported."""
+    problems = loss_problems(Exponential)
+    assert not any("float64" in p for p in problems)
+    assert any("float32: the loss is not finite for margins h = [-1000.0]" in p for p in problems)
+    assert any("bfloat16" in p and "gradient is not finite" in p for p in problems)
+    assert any("not negative" in p for p in loss_problems(Backwards))
+    assert loss_problems(Uncited) == ["Uncited: the docstring must cite the loss's paper (an arXiv id, a DOI or a URL)"]
+
+    class Leaky(DPOLoss):
+        """DPO (arXiv 2305.18290) that forgets to detach the behavior log-probs."""
+
+        def forward(self, pc, pr, bc, br):
+            h = (pc - bc) - (pr - br)
+            return LossOutput(self.pair_losses(h), self.beta * (pc - bc), self.beta * (pr - br))
+
+    leaks = loss_problems(Leaky, dtypes=(torch.float64,))
+    assert any("reaches the behavior" in p for p in leaks) and any("detached" in p for p in leaks)
+    with pytest.raises(AssertionError, match="Exponential in float32"):
+        check_loss(Exponential)

@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
 from .reviews_data import (
@@ -286,10 +288,12 @@ def train_sft(
     seed: int = 0,
     batch_size: int = SFT_BATCH_SIZE,
     lr: float = SFT_LR,
+    progress: bool = False,
 ) -> list[float]:
     """Fine-tune ``model`` in place on ``prompt -> reference`` rows (loss on response tokens and eos only).
 
     Plain PyTorch: AdamW with warmup and cosine decay, batches drawn without replacement from a ``seed``-ed shuffle.
+    ``progress`` shows a bar over the steps on stderr.
 
     Returns:
         The training loss of every step.
@@ -301,7 +305,7 @@ def train_sft(
     order: list[int] = []
     losses = []
     model.train()
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="starting policy: SFT", unit="step", leave=False, disable=not progress):
         if len(order) < batch_size:
             order += rng.sample(range(len(examples)), len(examples))
         batch = _collate([examples[i] for i in order[:batch_size]], tokenizer.pad_token_id)
@@ -326,23 +330,29 @@ def _is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
-def ensure_sft(cache_dir: str | os.PathLike[str], *, steps: int = SFT_STEPS, seed: int = 0) -> Path:
+def ensure_sft(
+    cache_dir: str | os.PathLike[str], *, steps: int = SFT_STEPS, seed: int = 0, progress: bool = False
+) -> Path:
     """Return a folder holding the SFT starting policy and its tokenizer, training it first if needed.
 
     The folder ``<cache_dir>/<sft_dir_name(steps, seed)>`` is built in a temporary folder and renamed into place, so
     an existing folder is always complete and is reused as is. It loads offline with
-    ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
+    ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``. ``progress``: say on stderr that
+    it is being built, with a bar over the SFT steps.
     """
     cache = Path(cache_dir)
     target = cache / sft_dir_name(steps, seed)
     if _is_complete(target):
         return target
+    if progress:
+        print(f"building the starting policy ({steps} SFT steps, once; cached for later runs) in {target}",
+              file=sys.stderr, flush=True)  # fmt: skip
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
     try:
         tokenizer = build_tokenizer()
         model = build_model(tokenizer, seed)
-        train_sft(model, tokenizer, load_split("sft"), steps=steps, seed=seed)
+        train_sft(model, tokenizer, load_split("sft"), steps=steps, seed=seed, progress=progress)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if _is_complete(target):  # another process finished first: keep its folder

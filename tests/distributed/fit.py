@@ -236,7 +236,7 @@ def main() -> None:
                        gather_for_sampling=args.gather_for_sampling)  # fmt: skip
     annotator = CountingAnnotator(out / f"calls.rank{os.environ.get('LOCAL_RANK', '0')}.json", args.kill_at,
                                   kill_item=int(n) if point == "annotate" else 0)  # fmt: skip
-    checkpoint = PhaseCheckpoint(dirpath=out / "run" / "ckpt", filename="phase-{epoch}", save_last="link",
+    checkpoint = PhaseCheckpoint(dirpath=out / "run" / "ckpt", filename="phase-{phase}", save_last="link",
                                  save_top_k=-1, enable_version_counter=False, auto_insert_metric_name=False)
     callbacks = [SaveInitial(out / "initial.pt"), *([PhaseReport(plots=False)] if args.eval_prompts else [])]
     callbacks.append(checkpoint)

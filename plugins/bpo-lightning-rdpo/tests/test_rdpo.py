@@ -65,3 +65,13 @@ def test_accepted_as_model_loss(loss):
     assert result.returncode == 0, result.stderr
     assert "class_path: bpo_lightning_rdpo.RobustDPOLoss" in result.stdout
     assert "flip_rate: 0.2" in result.stdout
+
+
+def test_conforms_to_the_loss_contract():
+    """The package's own conformance checks (float64, float32 and bfloat16; gradients; citation)."""
+    from bpo_lightning_rdpo import RobustDPOLoss
+
+    from bpo_lightning.testing import check_loss
+
+    check_loss(RobustDPOLoss)
+    check_loss(RobustDPOLoss(beta=0.5, flip_rate=0.3))
