@@ -19,6 +19,7 @@ same number of times. ``Lockstep`` pads the rounds with forwards whose results a
 from __future__ import annotations
 
 import math
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -76,8 +77,17 @@ def collect_phase(data, module, phase: int, ranks: Ranks) -> tuple[list[Preferen
     for index in data.phase_indices(phase):
         row = rows[index]
         stats.count(row["status"], row.get("annotated", 0), row.get("cached", 0))
+        stats.responses += len(row["responses"])
+        stats.truncated += sum(not f for f in row.get("finished") or [True] * len(row["responses"]))
         if row["status"] == "kept":
             records.append(record_from_row(row, phase, version))
+    if stats.responses and stats.truncated / stats.responses > 0.5 and ranks.rank == 0:
+        limit = getattr(data.sampler, "max_new_tokens", "?")
+        scored = ("scored as if they ended there (model.truncated_eos: true, the paper's convention)"
+                  if module.hparams.get("truncated_eos", True) else "scored without an EOS term")  # fmt: skip
+        warnings.warn(f"phase {phase + 1}: {stats.truncated} of {stats.responses} responses reached "
+                      f"data.sampler.init_args.max_new_tokens ({limit}) without EOS and are {scored}; raise "
+                      "max_new_tokens, or set model.truncated_eos: false", stacklevel=2)  # fmt: skip
     score_shared(module, records, ranks)
     if ranks.rank == 0:
         store.write_pairs(records, stats, provenance)
@@ -234,10 +244,11 @@ def annotate(
     """Score each prompt's distinct responses in one annotator call; identical responses are not annotated, and
     responses the cache knows are not sent to the annotator (``origin``: the run, see ``cached_score``)."""
     rows, queries = [], []
-    blocks = zip(indices, samples.prompt_ids, samples.responses, samples.response_ids, strict=False)
-    for index, prompt_ids, texts, ids in blocks:  # `indices` may run past this block
+    blocks = zip(indices, samples.prompt_ids, samples.responses, samples.response_ids, samples.finished, strict=False)
+    for index, prompt_ids, texts, ids, finished in blocks:  # `indices` may run past this block
         row = {"index": index, "prompt": pool[index]["prompt"], "prompt_ids": prompt_ids, "responses": texts,
-               "response_ids": ids, "scores": [None] * len(texts), "status": "identical"}  # fmt: skip
+               "response_ids": ids, "finished": [bool(f) for f in finished], "scores": [None] * len(texts),
+               "status": "identical"}  # fmt: skip
         rows.append(row)
         distinct = _distinct(texts)
         if len(distinct) >= 2:
@@ -294,11 +305,12 @@ def _choose(row: dict) -> str:
 
 def record_from_row(row: dict, phase: int, version: int) -> PreferenceRecord:
     c, r = row["chosen"], row["rejected"]
+    finished = row.get("finished") or [True] * len(row["responses"])  # rows saved before EOS was recorded
     return PreferenceRecord(
         phase=phase, index=row["index"], prompt=row["prompt"], chosen=row["responses"][c],
         rejected=row["responses"][r], chosen_score=row["scores"][c], rejected_score=row["scores"][r],
         prompt_ids=row["prompt_ids"], chosen_ids=row["response_ids"][c], rejected_ids=row["response_ids"][r],
-        behavior_version=version,
+        behavior_version=version, chosen_finished=finished[c], rejected_finished=finished[r],
     )  # fmt: skip
 
 

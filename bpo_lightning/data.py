@@ -168,12 +168,13 @@ class OnlineDataModule(L.LightningDataModule):
         records = self.collect(phase)
         plan = global_batches(len(records), self.batch_size, self.seed * 1000 + phase, ranks)
         pad, eos = module.tokenizer.pad_token_id, module.tokenizer.eos_token_id
+        truncated_eos = module.hparams.get("truncated_eos", True)
 
         def collate(item: tuple[list[int], int]) -> dict[str, torch.Tensor]:
             mine, total = item
             if ranks.world == 1:
-                return pair_batch([records[i] for i in mine], pad, eos)
-            return weighted_pair_batch(records, mine, total, ranks.world, pad, eos)
+                return pair_batch([records[i] for i in mine], pad, eos, truncated_eos)
+            return weighted_pair_batch(records, mine, total, ranks.world, pad, eos, truncated_eos)
 
         # batch_size=None: each item is one step's share; a DistributedSampler subclass, so Lightning keeps it
         return DataLoader(plan, batch_size=None, sampler=Shard(len(plan)), collate_fn=collate)
@@ -249,15 +250,20 @@ class Shard(DistributedSampler):
         return sum(1 for _ in iter(self))
 
 
-def pair_batch(records: list[PreferenceRecord], pad_id: int, eos_id: int) -> dict[str, torch.Tensor]:
+def pair_batch(
+    records: list[PreferenceRecord], pad_id: int, eos_id: int, truncated_eos: bool = True
+) -> dict[str, torch.Tensor]:
     """Right-padded batch of 2B sequences, chosen first then rejected: prompt + response + EOS.
 
-    ``loss_mask`` marks the response tokens and EOS; behavior/reference log-probs come along as (2B,) tensors.
+    ``loss_mask`` marks the response tokens and EOS; behavior/reference log-probs come along as (2B,) tensors. A
+    response cut at ``max_new_tokens`` gets the EOS term too with ``truncated_eos`` (the paper's convention), none
+    without.
     """
     seqs, prompt_lens = [], []
-    for side in ("chosen_ids", "rejected_ids"):
+    for side in ("chosen", "rejected"):
         for r in records:
-            seqs.append(r.prompt_ids + getattr(r, side) + [eos_id])
+            ended = getattr(r, f"{side}_finished", True) or truncated_eos
+            seqs.append(r.prompt_ids + getattr(r, f"{side}_ids") + [eos_id] * ended)
             prompt_lens.append(len(r.prompt_ids))
     batch = right_padded(seqs, prompt_lens, pad_id)
 
@@ -273,7 +279,8 @@ def pair_batch(records: list[PreferenceRecord], pad_id: int, eos_id: int) -> dic
 
 
 def weighted_pair_batch(
-    records: list[PreferenceRecord], mine: list[int], total: int, world: int, pad_id: int, eos_id: int
+    records: list[PreferenceRecord], mine: list[int], total: int, world: int, pad_id: int, eos_id: int,
+    truncated_eos: bool = True,
 ) -> dict[str, torch.Tensor]:
     """One process's share of a global step of ``total`` pairs over ``world`` processes.
 
@@ -282,7 +289,7 @@ def weighted_pair_batch(
     loss over the step's ``total`` pairs, whatever their split.
     """
     rows = [records[i] for i in mine] or [records[0]]
-    batch = pair_batch(rows, pad_id, eos_id)
+    batch = pair_batch(rows, pad_id, eos_id, truncated_eos)
     batch["pair_weight"] = torch.tensor([1.0 if mine else 0.0] * len(rows))  # (B,)
     batch["loss_scale"] = torch.tensor(world / total)
     return batch

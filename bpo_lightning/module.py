@@ -73,6 +73,9 @@ class BPOModule(L.LightningModule):
         gather_for_sampling: under ZeRO-3, gather the whole policy on every process while it samples (once per
             phase, and per evaluation batch) instead of layer by layer at every decoding step: much faster, but the
             whole model must fit in one GPU's memory.
+        truncated_eos: score a response cut at ``max_new_tokens`` with an EOS term, as if it ended there (the
+            paper's convention), or leave the EOS term out for such responses (``false``); the phase line shows
+            the truncated share and warns when it is above half.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class BPOModule(L.LightningModule):
         scoring_batch_size: int = 32,
         offload_snapshots: bool = True,
         gather_for_sampling: bool = False,
+        truncated_eos: bool = True,
     ) -> None:
         super().__init__()
         if reference not in ("behavior", "initial"):
@@ -248,7 +252,9 @@ class BPOModule(L.LightningModule):
             stand_in = records[:1] or [PreferenceRecord(0, -1, "", "", "", 0.0, 0.0, [eos], [eos], [eos], 0)]
             chunks += [stand_in] * (Ranks.of(self.trainer).most(real) - real)
         out = []
-        for chunk, sums in zip(chunks[:real], self._logp_sums(pair_batch(c, pad, eos) for c in chunks), strict=False):
+        truncated_eos = self.hparams.truncated_eos
+        batches = (pair_batch(c, pad, eos, truncated_eos) for c in chunks)
+        for chunk, sums in zip(chunks[:real], self._logp_sums(batches), strict=False):
             sums = sums.tolist()  # (2b,): chosen then rejected
             out.extend(zip(sums[: len(chunk)], sums[len(chunk) :], strict=True))
         return out
@@ -348,6 +354,7 @@ class BPOModule(L.LightningModule):
             self.log("data/dropped", float(self.phase_stats.dropped_total))
             self.log("data/annotations", float(self.phase_stats.annotated))  # budget spent in this phase
             self.log("data/cache_hits", float(self.phase_stats.cached))
+            self.log("data/truncated", self.phase_stats.truncated / max(self.phase_stats.responses, 1))
             for name, n in self.phase_stats.annotator.items():  # e.g. a judge's data/annotator_timeouts
                 self.log(f"data/annotator_{name}", float(n))
         self.log("behavior/version", float(self.behavior_version))

@@ -172,7 +172,8 @@ def _cut_torn_line(f) -> None:
 
 def _stats_json(stats: PhaseStats) -> dict:
     return {"phase": stats.phase, "prompts": stats.prompts, "kept": stats.kept, "dropped": stats.dropped,
-            "annotated": stats.annotated, "cached": stats.cached, "annotator": stats.annotator}  # fmt: skip
+            "annotated": stats.annotated, "cached": stats.cached, "annotator": stats.annotator,
+            "responses": stats.responses, "truncated": stats.truncated}  # fmt: skip
 
 
 _UMASK = os.umask(0)

@@ -28,6 +28,8 @@ class PreferenceRecord:
     behavior_rejected_logps: float = float("nan")
     reference_chosen_logps: float = float("nan")  # = behavior_* when the reference is the behavior LLM
     reference_rejected_logps: float = float("nan")
+    chosen_finished: bool = True  # the response ended with EOS (False: cut at max_new_tokens)
+    rejected_finished: bool = True
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -49,6 +51,8 @@ class PhaseStats:
     annotated: int = 0  # responses the annotator scored (the budget spent)
     cached: int = 0  # responses whose score came from the annotation cache
     annotator: dict[str, int] = field(default_factory=dict)  # the annotator's own counters (a judge's requests, …)
+    responses: int = 0  # responses sampled
+    truncated: int = 0  # of them, cut at max_new_tokens (no EOS)
 
     @property
     def dropped_total(self) -> int:
@@ -66,6 +70,8 @@ class PhaseStats:
     def describe(self) -> str:
         reasons = ", ".join(f"{n} {k}" for k, n in sorted(self.dropped.items()))
         text = f"{self.kept} kept, {self.dropped_total} dropped" + (f" ({reasons})" if reasons else "")
+        if self.truncated:
+            text += f" | {self.truncated / max(self.responses, 1):.0%} truncated"
         text += f" | annotations {self.annotated} paid, {self.cached} cached"
         if self.annotator:
             text += " | annotator " + ", ".join(f"{n} {name}" for name, n in self.annotator.items())

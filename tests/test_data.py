@@ -16,6 +16,7 @@ from bpo_lightning.logprobs import sequence_logps, token_logps
 from bpo_lightning.policy import Pretrained, prepare_tokenizer
 from bpo_lightning.prompts import PromptSource, ReviewPrompts
 from bpo_lightning.sampling import Samples, encode_prompt
+from bpo_lightning.store import PhaseStore
 from bpo_lightning.types import PreferenceRecord
 
 
@@ -360,3 +361,29 @@ def test_a_judge_annotates_and_evaluates_a_run(tmp_path, sft_dir):
     valid = [r for r in saved if r["score"] is not None]
     assert report.history[-1]["win_rate"] == pytest.approx(sum(r["score"] > 0 for r in valid) / len(valid))
     assert report.history[0]["phase"] == 0 and report.history[-1]["phase"] == 1
+
+
+def test_truncated_responses_get_an_eos_term_only_when_asked():
+    record = PreferenceRecord(0, 0, "p", "c", "r", 1.0, 0.0, [5, 6], [7, 8], [9], 0, chosen_finished=True,
+                              rejected_finished=False)  # fmt: skip
+    paper = pair_batch([record], pad_id=0, eos_id=2)  # the paper's convention: EOS after both
+    assert paper["input_ids"].tolist() == [[5, 6, 7, 8, 2], [5, 6, 9, 2, 0]]
+    assert paper["loss_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 1, 0]]
+    plain = pair_batch([record], pad_id=0, eos_id=2, truncated_eos=False)  # no EOS term for the cut response
+    assert plain["input_ids"].tolist() == [[5, 6, 7, 8, 2], [5, 6, 9, 0, 0]]
+    assert plain["loss_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]]
+
+
+@pytest.mark.slow
+def test_mostly_truncated_responses_are_counted_and_warned_about(tmp_path, sft_dir):
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=16, num_phases=1, truncated_eos=False)
+    data.sampler = GenerateSampler(max_new_tokens=2, batch_size=16, progress=False)  # far too short to finish
+    with pytest.warns(UserWarning, match=r"phase 1: \d+ of 32 responses reached data.sampler.init_args.max_new_tokens "
+                                         r"\(2\) without EOS and are scored without an EOS term"):
+        trainer.fit(module, datamodule=data)
+    stats = data.stats[0]
+    assert stats.responses == 32 and stats.truncated > 16 and "% truncated" in stats.describe()
+    pairs = PhaseStore(tmp_path / "data", 0).load_pairs()[0]
+    assert any(not p.chosen_finished or not p.rejected_finished for p in pairs)
+    rows = PhaseStore(tmp_path / "data", 0).load_samples()
+    assert all(len(row["finished"]) == 2 for row in rows.values())
