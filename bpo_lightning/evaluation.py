@@ -1,7 +1,7 @@
 """Evaluation against reference answers, and the one-line-per-phase report.
 
 The policy answers held-out prompts (greedily by default, the paper's protocol); the evaluator scores each answer
-and the prompt's reference answer; a win is a strictly higher score (ties are counted apart), bpo_spec §5.3.
+and the prompt's reference answer; a win is a strictly higher score (ties are counted apart), docs/algorithm.md §5.3.
 Responses sampled from the policy's full distribution also give KL(policy‖initial) and KL(policy‖behavior).
 
 The same code runs in three places: ``BPOModule.validation_step`` (``bpo validate``, and during ``bpo fit`` every
@@ -288,7 +288,8 @@ class PhaseReport(L.Callback):
 
     Args:
         evaluate_at_start: evaluate the initial policy before training (phase 0 of the history).
-        plots: draw ``plots/phases.png`` in the run directory after every phase.
+        plots: draw ``plots/phases.png`` in the run directory when the fit ends (``report.json`` is written after every
+            evaluation).
     """
 
     def __init__(self, evaluate_at_start: bool = True, plots: bool = True) -> None:
@@ -367,20 +368,30 @@ class PhaseReport(L.Callback):
     def on_exception(self, trainer: L.Trainer, module, exception: BaseException) -> None:
         self._close_bar()
         self._paused = None
+        self.draw(trainer)  # what the run has so far
+
+    def on_train_end(self, trainer: L.Trainer, module) -> None:
+        self.draw(trainer)
 
     # -- the report ------------------------------------------------------------------------------------------------
 
     def save(self, trainer: L.Trainer) -> None:
-        """Write ``report.json`` and ``plots/phases.png`` into the run directory (rank zero only)."""
+        """Write ``report.json`` into the run directory (rank zero only), after every evaluation."""
         if trainer.global_rank != 0 or not self.history:
+            return
+        run_dir = trainer.datamodule.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "report.json", json.dumps(_strict(self.history), indent=1, allow_nan=False))
+
+    def draw(self, trainer: L.Trainer) -> None:
+        """``plots/phases.png`` from the history, once at the end of the fit (or when it stops): drawing is not on the
+        training path (``bpo compare`` draws any run's report at any time)."""
+        if trainer.global_rank != 0 or not self.history or not self.plots:
             return
         from bpo_lightning.plots import plot_histories
 
         run_dir = trainer.datamodule.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "report.json", json.dumps(_strict(self.history), indent=1, allow_nan=False))
-        if self.plots:
-            plot_histories({run_dir.name: self.history}, run_dir / "plots" / "phases.png")
+        plot_histories({run_dir.name: self.history}, run_dir / "plots" / "phases.png")
 
     def _record(self, trainer: L.Trainer, entry: dict) -> None:
         # evaluations arrive in order: entries at or after this point come from an interrupted earlier attempt
