@@ -4,7 +4,7 @@
     python benchmarks/study.py --report-only   # rebuild the tables and figure from benchmarks/results/study.jsonl
     python benchmarks/study.py --quick         # 1 seed, small budget: a smoke run of the whole pipeline
 
-Regimes (bpo_spec §1.2), full fine-tuning: offline DPO (F = 1), BPO with F ∈ {2, 4, T}, the same schedules with the
+Regimes (docs/algorithm.md §1.2), full fine-tuning: offline DPO (F = 1), BPO, F ∈ {2, 4, T}, the same schedules with the
 SFT model as reference instead of the behavior (F ∈ {2, 4}: the trust-region ablation) and on-policy DPO (F = T,
 reference = SFT); losses DPO, IPO, SLiC; seeds 0-4. Each finished run appends one line to
 ``benchmarks/results/study.jsonl`` (per-prompt gold outcomes included), so an interrupted study resumes where it

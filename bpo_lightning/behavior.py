@@ -1,6 +1,6 @@
 """How the behavior LLM π_β follows the policy between collection phases.
 
-π_β samples a phase's responses and, in BPO, is the reference of the loss (bpo_spec §1.2). It is frozen within a
+π_β samples a phase's responses and, in BPO, is the loss's reference (docs/algorithm.md §1.2). It is frozen within a
 phase, so its log-probabilities are computed once, when the phase's data is built. What differs between the
 regimes is only how π_β is updated at a phase start:
 

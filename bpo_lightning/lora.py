@@ -3,7 +3,7 @@
 With ``members = 1`` the policy is one LoRA adapter; snapshots of the behavior or initial model then hold the
 adapter weights only (they are the only trainable tensors), never a second base model.
 
-With ``members = K > 1`` (bpo_spec §3): adapters ``member_0 … member_{K-1}`` start from different seeds (or from
+With ``members = K > 1`` (docs/algorithm.md §3): adapters ``member_0 … member_{K-1}`` start from distinct seeds (or from
 K given adapter directories) and all train on the same pairs, each with its own loss against the *merged*
 reference; an extra frozen adapter ``merged`` holds their merge (``bpo_lightning.merge``) and is what samples,
 serves as π_β, is evaluated and exported. One base model is shared by all adapters.

@@ -5,7 +5,7 @@ chosen and rejected responses, and the implicit log-ratio margin
 
     h = [log π(y_w) − log π(y_l)] − [log π_β(y_w) − log π_β(y_l)]
 
-(bpo_spec §2.1). In BPO, π_β is the model that sampled the pair; in offline or on-policy DPO it is the initial
+(docs/algorithm.md §2.1). In BPO, π_β is the model that sampled the pair; in offline or on-policy DPO it is the initial
 model. Each loss returns per-pair losses plus detached implicit rewards for logging; the module averages them.
 """
 
@@ -97,7 +97,7 @@ class IPOLoss(PreferenceLoss):
         ℓ(h̄) = (h̄ − 1/(2τ))²,   τ = β
 
     where h̄ is the margin of per-token *mean* log-probabilities (the official BPO code's convention,
-    bpo_spec §2.2). A squared loss regresses the margin onto 1/(2τ) = 5 for β = 0.1 instead of pushing it to
+    docs/algorithm.md §2.2). A squared loss regresses the margin onto 1/(2τ) = 5 for β = 0.1 instead of pushing it to
     infinity, so it does not overfit deterministic preferences.
 
     Args:

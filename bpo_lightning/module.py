@@ -1,6 +1,6 @@
 """The LightningModule: a policy trained with a DAP loss whose reference is the behavior LLM.
 
-Regimes by configuration alone (bpo_spec §1.2):
+Regimes by configuration alone (docs/algorithm.md §1.2):
 
 | regime            | ``behavior``  | ``reference`` |
 |-------------------|---------------|---------------|

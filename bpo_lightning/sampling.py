@@ -78,7 +78,7 @@ class Sampler(RecordsArguments):
 class GenerateSampler(Sampler):
     """Batched ancestral sampling with ``transformers`` ``generate`` (left padding, KV cache).
 
-    Defaults are the BPO paper's (bpo_spec §2.5): temperature 1, top-k 50, top-p 1, 128 new tokens, 2 samples.
+    Defaults are the BPO paper's (docs/algorithm.md §2.5): temperature 1, top-k 50, top-p 1, 128 new tokens, 2 samples.
 
     Args:
         num_samples: responses per prompt (≥ 2; with more, the pair is the best vs the worst by annotator score).
