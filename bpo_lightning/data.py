@@ -101,6 +101,7 @@ class OnlineDataModule(L.LightningDataModule):
         self.eval_rows: list[dict] = []
         self.test_rows: list[dict] | None = None
         self.phases_collected = 0  # cursor: phases whose pairs are complete
+        self._ready: tuple | None = None  # (phase, pairs, stats) collected, not yet announced
         self.stats: dict[int, PhaseStats] = {}
 
     @property
@@ -215,9 +216,15 @@ class OnlineDataModule(L.LightningDataModule):
         self.phases_collected = max(self.phases_collected, phase + 1)
         module.phase_stats = stats
         module.plan_steps(phase, len(records))  # the learning-rate schedule counts the pairs actually kept
-        if self.trainer.global_rank == 0:
-            get_plugins().hook.on_pairs_ready(phase=phase, pairs=tuple(records), stats=stats, run_dir=self.run_dir)
+        self._ready = (phase, tuple(records), stats)  # announced when the phase's training starts (``announce``)
         return records
+
+    def announce(self, phase: int) -> None:
+        """``on_pairs_ready`` for ``phase``, once, as its training starts (process 0). Lightning may ask for a
+        phase's loader without training it (a resumed fit reloads the finished phase first): that is not announced."""
+        ready, self._ready = self._ready, None
+        if ready is not None and ready[0] == phase and self.trainer.global_rank == 0:
+            get_plugins().hook.on_pairs_ready(phase=phase, pairs=ready[1], stats=ready[2], run_dir=self.run_dir)
 
     def state_dict(self) -> dict:
         return {"phases_collected": self.phases_collected}

@@ -36,13 +36,23 @@ def parser_message(message: str) -> str:
     key = re.match(r'Parser key "([^"]+)":\s*(.*)', lines[0])
     if key is None:
         return one_line(" ".join(lines))[:400]
+    names, rest = [key.group(1)], lines[1:]
+    while rest and (nested := re.match(r'(?:- )?Parser key "([^"]+)":\s*(.*)', rest[0])) or (
+        rest and rest[0].startswith("Problem with given class_path")
+    ):  # a class's own argument: data.prompts → data.prompts.init_args.split
+        if nested:
+            names.append(f"init_args.{nested.group(1)}" if len(names) == 1 else nested.group(1))
+            if nested.group(2):
+                rest = [nested.group(2), *rest[1:]]
+                break
+        rest = rest[1:]
     given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
     skip = ("Given value", "Subtypes", "Errors")
-    reasons = [line.removeprefix("- ") for line in lines[1:] if not line.startswith(skip)]
+    reasons = [line.removeprefix("- ") for line in rest if not line.startswith(skip)]
     reasons = [r for r in reasons if "Does not validate against any of the Union" not in r and "NoneType" not in r]
     reasons = sorted(reasons, key=lambda r: "subclass" not in r)  # "… does not correspond to a subclass of …" first
-    reason = key.group(2) or (reasons[0] if reasons else "invalid value")
-    text = f"{key.group(1)}: {reason}"
+    reason = (key.group(2) if len(names) == 1 else "") or (reasons[0] if reasons else "invalid value")
+    text = f"{'.'.join(names)}: {reason}"
     if given is not None and given not in text:
         text += f" (given: {given})"
     return one_line(text)[:400]

@@ -347,6 +347,9 @@ class BPOModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         for metric in self.step_metrics.values():
             metric.reset()
+        data = self.trainer.datamodule
+        if hasattr(data, "announce"):  # on_pairs_ready: the phase's pairs, right before the policy trains on them
+            data.announce(self.trainer.current_epoch)
 
     def on_train_epoch_end(self) -> None:
         if self.phase_stats is not None:
