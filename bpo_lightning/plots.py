@@ -1,7 +1,7 @@
 """Figures of a run's phases, and of several runs side by side.
 
 Each run's ``PhaseReport`` writes ``report.json`` (one entry per phase: evaluation and training summaries) and
-``plots/phases.png`` into the run directory after every phase. Compare runs with::
+``plots/phases.png`` (when the fit ends) into the run directory. Compare runs, finished or running, with::
 
     bpo compare runs/quickstart/bpo runs/quickstart/offline_dpo --out compare.png
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 PANELS = (
@@ -24,31 +25,47 @@ PANELS = (
 )
 
 
+STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # runs with equal values stay visible
+ERRORS = {"kl_initial": "kl_initial_stderr", "kl_behavior": "kl_behavior_stderr"}  # ±1 standard error bars
+
+
 def plot_histories(histories: dict[str, list[dict]], out: str | Path) -> Path:
     """A grid of panels (see ``PANELS``), one line per run, phases on the x axis (evaluations every N steps fall
-    between phases). Panels no run has are left out."""
+    between phases), KL estimates with ±1 standard error. Panels no run has are left out; runs are told apart by
+    line style and marker as well as colour and drawn slightly apart along x; the legend sits below the panels."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = [(k, t) for k, t in PANELS if any(h.get(k) is not None for hs in histories.values() for h in hs)]
     cols = min(max(len(panels), 1), 4)
     rows = -(-max(len(panels), 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows + 0.6), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
+    last = max((h["phase"] for hs in histories.values() for h in hs), default=0)
     for ax, (key, title) in zip(axes.flat, panels, strict=False):
-        for name, history in histories.items():
-            points = [(h["phase"], h[key]) for h in history if h.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=name)
+        for k, (name, history) in enumerate(histories.items()):
+            rows_with = [h for h in history if h.get(key) is not None]
+            if not rows_with:
+                continue
+            line, marker = STYLES[k % len(STYLES)]
+            dodge = (k - (len(histories) - 1) / 2) * 0.04  # runs with equal values side by side, not on top
+            x, y = [h["phase"] + dodge for h in rows_with], [h[key] for h in rows_with]
+            errors = [h.get(ERRORS[key]) or 0.0 for h in rows_with] if key in ERRORS else None
+            ax.errorbar(x, y, yerr=errors, linestyle=line, marker=marker, capsize=3, label=name, alpha=0.85,
+                        markersize=6 - min(k, 3))  # fmt: skip
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("phase (0 = start)")
+        ax.set_xlim(-0.25, max(1, last) + 0.25)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     if panels:
-        axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.6 / (3.4 * rows + 0.6), 1, 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
@@ -68,8 +85,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("runs", nargs="+", help="run directories (each with a report.json)")
     parser.add_argument("--out", default="compare.png", help="PNG file to write")
     args = parser.parse_args(argv)
+    names = [Path(run).name for run in args.runs]
+    labels = [name if names.count(name) == 1 else str(Path(run)) for name, run in zip(names, args.runs, strict=True)]
     try:
-        histories = {Path(run).name: load_history(run) for run in args.runs}
+        histories = {label: load_history(run) for label, run in zip(labels, args.runs, strict=True)}
     except FileNotFoundError as err:
         parser.error(str(err))
+    for label, history in histories.items():
+        if not any(h["phase"] >= 1 for h in history):
+            print(f"bpo compare: {label} has not finished a phase yet: only its start is drawn", file=sys.stderr)
     print(f"wrote {plot_histories(histories, args.out)}")

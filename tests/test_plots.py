@@ -38,3 +38,24 @@ def test_run_writes_report_and_figure_and_compare_reads_them(tmp_path, sft_dir, 
     with pytest.raises(SystemExit):
         main(["compare", str(tmp_path / "nothing"), "--out", str(tmp_path / "d.png")])
     assert "report.json not found" in capsys.readouterr().err
+
+
+def test_compare_says_which_runs_have_no_phase_yet_and_keeps_runs_of_one_name_apart(tmp_path, capsys, monkeypatch):
+    from bpo_lightning.plots import plot_histories
+
+    finished = [{"phase": 0, "win_rate": 0.4, "kl_initial": 0.0, "kl_initial_stderr": 0.0},
+                {"phase": 1, "win_rate": 0.6, "kl_initial": 1.0, "kl_initial_stderr": 0.2}]  # fmt: skip
+    for folder, history in [("x/run", finished), ("y/run", finished), ("new", finished[:1])]:
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "report.json").write_text(json.dumps(history))
+    monkeypatch.setattr("sys.argv", ["bpo"])
+    main(["compare", str(tmp_path / "x/run"), str(tmp_path / "y/run"), str(tmp_path / "new"), "--out",
+          str(tmp_path / "c.png")])  # fmt: skip
+    captured = capsys.readouterr()
+    assert "new has not finished a phase yet: only its start is drawn" in captured.err
+    assert "run has not finished" not in captured.err and (tmp_path / "c.png").stat().st_size > 5000
+    captured_histories = {}
+    monkeypatch.setattr("bpo_lightning.plots.plot_histories",
+                        lambda histories, out: captured_histories.update(histories) or plot_histories(histories, out))
+    main(["compare", str(tmp_path / "x/run"), str(tmp_path / "y/run"), "--out", str(tmp_path / "d.png")])
+    assert sorted(captured_histories) == [str(tmp_path / "x/run"), str(tmp_path / "y/run")]  # both kept, by path
