@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import os
 import tempfile
@@ -38,12 +39,31 @@ def export_policy(module, out_dir: str | Path) -> Path:
         else:
             model = model.merge_and_unload()
     model.save_pretrained(out)
-    tokenizer = module.tokenizer
+    tokenizer = with_bos(module.tokenizer)
     generating_side, tokenizer.padding_side = tokenizer.padding_side, getattr(tokenizer, "source_padding_side", "right")
     try:  # saved with the source's padding side (right for most), not the left padding batched sampling uses
         tokenizer.save_pretrained(out)
     finally:
         tokenizer.padding_side = generating_side
+    from bpo_lightning.tasks.reviews import shareable
+
+    shareable(out)  # not the 0600 safetensors gives its files
+    return out
+
+
+def with_bos(tokenizer):
+    """The tokenizer to export: the policy saw BOS before every prompt (samplers prepend it), so a tokenizer whose
+    plain ``tokenizer(text)`` leaves BOS out gets a post-processor that adds it — ``tokenizer(prompt)`` plus
+    ``generate`` then gives the model the context it was trained on. Others are returned as they are."""
+    bos = tokenizer.bos_token
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if bos is None or backend is None or tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    out = copy.deepcopy(tokenizer)
+    out._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B:1",
+                                                       special_tokens=[(bos, tokenizer.bos_token_id)])  # fmt: skip
     return out
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,10 @@ def test_export_reloads_and_generates_like_the_trained_policy(tmp_path, members,
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tokenizer.padding_side == "right"  # the source's, not the left padding used for batched sampling
+    assert tokenizer("hotel review :").input_ids[0] == tokenizer.bos_token_id  # as the policy saw its prompts
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not 0600
     assert not any("lora" in name for name, _ in exported.named_parameters())
     module = module_from_run(run)
     greedy = GenerateSampler(num_samples=1, temperature=0, max_new_tokens=16, progress=False)

@@ -330,6 +330,15 @@ def _is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
+def shareable(folder: Path) -> None:
+    """Give the files of a saved model folder the mode a plain ``open`` gives (``safetensors`` writes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def ensure_sft(
     cache_dir: str | os.PathLike[str], *, steps: int = SFT_STEPS, seed: int = 0, progress: bool = False
 ) -> Path:
@@ -360,6 +369,7 @@ def ensure_sft(
         if target.exists():  # leftover from an interrupted copy made by other means
             shutil.rmtree(target)
         tmp.chmod(0o755)  # mkdtemp makes the folder private; the cache is meant to be shared like any model folder
+        shareable(tmp)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
