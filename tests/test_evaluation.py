@@ -199,7 +199,7 @@ def _last_row(path: Path, key: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("members", [0, 3], ids=["full", "lora-ensemble"])
-def test_bpo_validate_and_test_reproduce_the_fits_final_evaluation(tmp_path, monkeypatch, members):
+def test_bpo_validate_and_test_reproduce_the_fits_final_evaluation(tmp_path, monkeypatch, members, capsys):
     monkeypatch.setattr("sys.argv", ["bpo"])  # arguments come from the list below
     run = tmp_path / "run"
     lora = ["--model.lora=bpo_lightning.lora.LoRA", "--model.lora.r=4", f"--model.lora.members={members}",
@@ -228,6 +228,9 @@ def test_bpo_validate_and_test_reproduce_the_fits_final_evaluation(tmp_path, mon
     assert (run / "metrics.csv").read_bytes() == fit_metrics  # the fit's own log is untouched
     saved = {p.name for p in (run / "evaluations").iterdir()}
     assert {"validate_step0000004.jsonl", "test_step0000004.jsonl", "fit_step0000004.jsonl"} <= saved
+    capsys.readouterr()
+    main(["validate", "--config", str(run / "config.yaml")])  # no checkpoint: the starting policy, and it says so
+    assert "no --ckpt_path, so this evaluates the starting policy" in capsys.readouterr().err
 
 
 def test_a_reward_model_evaluates_and_references_are_scored_once(tmp_path, sft_dir):
