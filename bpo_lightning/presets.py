@@ -21,8 +21,17 @@ follow the ``datasets`` file-name conventions (a ``valid.jsonl`` file becomes th
 Length filters count tokens of ``tokenizer`` (a name or path for ``AutoTokenizer``) without special tokens. Without a
 tokenizer nothing is filtered by length, so the splits then differ from the paper's.
 
-Rows with an empty or non-string prompt or reference, or a conversation that does not end with an assistant turn,
-are skipped and counted in one warning; they do not count towards the split boundaries.
+Rows with an empty prompt or reference (missing, null or blank), or a conversation that does not end with an assistant
+turn, are skipped; rows over a length limit are filtered out. Neither counts towards the split boundaries, and each
+load that drops rows says so in one warning with the counts, e.g. ``data.prompts: 12 of 1,000 rows of ... dropped: 2
+with an empty instruction or demonstration (first rows: [3, 17]), 10 instructions longer than 64 tokens`` (a row over
+several limits is counted once, under the first). A value that is not text (e.g. a number in a parquet column) is an
+:class:`~bpo_lightning.errors.InputError` naming the row, as in :class:`~bpo_lightning.prompts.PromptSource`.
+
+Paper splits that read the same rows share them: with one local file every paper split reads that file (e.g. TL;DR
+``sft`` ``[0, 65215)`` and ``dev`` ``[0, 1000)`` are then the same first rows), and ``boundaries`` may overlap. A load
+whose rows fall in another paper split's slice of the same file (or source split) warns once, naming the config key
+and the splits; the paper's slices of the hub datasets never overlap.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from pathlib import Path
 from typing import Literal
 
 from bpo_lightning.errors import InputError, one_line
-from bpo_lightning.prompts import _FILE_BUILDERS, PromptSource
+from bpo_lightning.prompts import _FILE_BUILDERS, PromptSource, _kind, _line_of, _row_name, _short
 
 PaperSplit = Literal["sft", "sampling", "dev", "test"]
 PAPER_SPLITS: tuple[str, ...] = ("sft", "sampling", "dev", "test")
@@ -74,12 +83,29 @@ class _Skip(Exception):
     """A malformed row: skipped and counted in the warning."""
 
 
+class _NotText(Exception):
+    """A value of the wrong kind (a number where text belongs): an ``InputError`` naming the row."""
+
+    def __init__(self, column: str, value, expected: str = "text") -> None:
+        super().__init__(column)
+        self.column, self.value, self.expected = column, value, expected
+
+
+def _bounds(split: str, bounds) -> tuple[int, int | None]:
+    bounds = list(bounds) if isinstance(bounds, (list, tuple)) else [bounds]
+    if len(bounds) != 2 or not isinstance(bounds[0], int) or not isinstance(bounds[1], (int, type(None))):
+        raise InputError(f"boundaries[{split!r}] must be [start, stop] (stop may be null), got {bounds}")
+    return bounds[0], bounds[1]
+
+
 class _PaperPreset(PromptSource):
     """Shared loading: parse rows, filter by token length, slice the paper split (see the module docstring)."""
 
     hub_path: str
     columns: tuple[str, ...]
     splits: Mapping[str, tuple[str, int, int | None]]
+    length_fields: tuple[str, ...]  # what each length limit measures, in the warning ("prompt", ...)
+    skip_reason: str  # why a row is skipped, in the warning
 
     def __init__(
         self,
@@ -97,31 +123,61 @@ class _PaperPreset(PromptSource):
             unknown = sorted(set(boundaries) - set(PAPER_SPLITS))
             if unknown:
                 raise InputError(f"boundaries: unknown splits {unknown} (known: {list(PAPER_SPLITS)})")
-            if split in boundaries:
-                bounds = list(boundaries[split])
-                if len(bounds) != 2 or not isinstance(bounds[0], int) or not isinstance(bounds[1], (int, type(None))):
-                    raise InputError(f"boundaries[{split!r}] must be [start, stop] (stop may be null), got {bounds}")
-                start, stop = bounds
+            given = {name: _bounds(name, bounds) for name, bounds in boundaries.items()}
+            if split in given:
+                start, stop = given[split]
         if start < 0 or (stop is not None and stop < start):
             raise InputError(f"split {split!r}: invalid slice [{start}, {stop})")
         if limit is not None and limit < 0:
             raise InputError(f"limit must be >= 0, got {limit}")
         super().__init__(path or self.hub_path, split=source_splits[role], prompt_field=self.columns[0], limit=limit)
         self.paper_split, self.start, self.stop = split, start, stop
+        self.source_splits = dict(source_splits)
         self.tokenizer = tokenizer
         self.boundaries = None if boundaries is None else {k: list(v) for k, v in boundaries.items()}
         self.counts: dict[str, int] = {}  # of the last load(): rows read, skipped, too_long, filtered, kept
 
     # -- per preset -------------------------------------------------------------------------------------------------
     def _parse(self, row: dict) -> tuple[str, str, Sequence[tuple[str, int]]]:
-        """``(prompt, reference, [(text, max_tokens), ...])`` of a row; raise :class:`_Skip` if malformed."""
+        """``(prompt, reference, [(text, max_tokens), ...])`` of a row (one pair per :attr:`length_fields`); raise
+        :class:`_Skip` if it is empty or malformed, :class:`_NotText` if a value is of the wrong kind."""
         raise NotImplementedError
 
     # -- shared -----------------------------------------------------------------------------------------------------
+    @property
+    def _one_file(self) -> bool:
+        return Path(self.path).suffix.lower() in _FILE_BUILDERS  # every paper split reads this one file
+
     def _where(self) -> str:
-        if Path(self.path).suffix.lower() in _FILE_BUILDERS:  # a file is one split
+        if self._one_file:  # a file is one split
             return self.path
         return f"{self.path} (split {self.split!r})"
+
+    def _row(self, index: int) -> str:
+        """``row 3 of <file> (line 5)``, or ``row 3 of <dataset> (split 'train')``."""
+        line = _line_of(Path(self.path).expanduser(), self._builder, index) if self._builder else None
+        return _row_name(index, line, self._where())
+
+    def _slice(self, split: str) -> tuple[int, int | None]:
+        """``[start, stop)`` of a paper split over the filtered rows: ``boundaries`` or the paper's slice."""
+        if self.boundaries is not None and split in self.boundaries:
+            return _bounds(split, self.boundaries[split])
+        return self.splits[split][1], self.splits[split][2]
+
+    def _shared(self, kept: int) -> list[tuple[str, int, int]]:
+        """``(split, start, stop)``: the filtered rows ``[start, stop)`` of this load that another paper split reads
+        too (the same file, or the same source split, and overlapping slices)."""
+        mine, shared = self.source_splits[self.splits[self.paper_split][0]], []
+        for other in PAPER_SPLITS:
+            if other == self.paper_split:
+                continue
+            if not self._one_file and self.source_splits[self.splits[other][0]] != mine:
+                continue
+            start, stop = self._slice(other)
+            first, last = max(self.start, start), self.start + kept if stop is None else min(self.start + kept, stop)
+            if first < last:
+                shared.append((other, first, last))
+        return shared
 
     def _check_columns(self, ds, key: str) -> None:
         columns = list(ds.column_names)
@@ -161,7 +217,7 @@ class _PaperPreset(PromptSource):
             stop = min(stop, self.stop)
         rows: list[dict] = []
         skipped: list[int] = []  # source row indices
-        too_long: list[int] = []
+        too_long: list[tuple[int, int, int]] = []  # (source row index, length field, its limit)
         position = 0  # index among the filtered rows
         end = 0  # source rows consumed: reading stops at the end of the slice
         done = stop is not None and stop <= self.start
@@ -173,11 +229,16 @@ class _PaperPreset(PromptSource):
                     parsed.append((offset + j, *self._parse(row)))
                 except _Skip:
                     skipped.append(offset + j)
-            keep = self._fits(tokenizer, parsed) if tokenizer is not None and parsed else [True] * len(parsed)
+                except _NotText as err:
+                    raise InputError(
+                        f"{key}: {self._row(offset + j)} has {err.column!r} = {_short(err.value)}, "
+                        f"{_kind(err.value)}, not {err.expected}"
+                    ) from None
+            over = self._too_long(tokenizer, parsed) if tokenizer is not None and parsed else [None] * len(parsed)
             end = offset + len(chunk)
-            for (index, prompt, reference, _), fits in zip(parsed, keep, strict=True):
-                if not fits:
-                    too_long.append(index)
+            for (index, prompt, reference, lengths), field in zip(parsed, over, strict=True):
+                if field is not None:
+                    too_long.append((index, field, lengths[field][1]))
                     continue
                 if position >= self.start:
                     rows.append({"prompt": prompt, "reference": reference})
@@ -188,16 +249,15 @@ class _PaperPreset(PromptSource):
             if done:
                 break
         skipped = [i for i in skipped if i < end]
-        too_long = [i for i in too_long if i < end]
+        too_long = [t for t in too_long if t[0] < end]
         self.counts = {
             "read": end, "skipped": len(skipped), "too_long": len(too_long), "filtered": position, "kept": len(rows),
         }  # fmt: skip
-        if skipped:
-            warnings.warn(
-                f"{key}: skipped {len(skipped)} rows of {self._where()} with an empty, non-string or malformed "
-                f"{'/'.join(self.columns)} (first rows: {skipped[:5]})",
-                stacklevel=2,
-            )
+        if skipped or too_long:
+            warnings.warn(self._dropped(key, end, skipped, too_long), stacklevel=2)
+        shared = self._shared(len(rows))
+        if shared:
+            warnings.warn(self._overlap(key, len(rows), shared), stacklevel=2)
         if not rows:
             bounds = f"[{self.start}, {'end' if self.stop is None else self.stop})"
             raise InputError(
@@ -206,20 +266,52 @@ class _PaperPreset(PromptSource):
             )
         return rows
 
+    def _dropped(self, key: str, read: int, skipped: list[int], too_long: list[tuple[int, int, int]]) -> str:
+        """``data.prompts: 12 of 1,000 rows of <file> dropped: 2 with ..., 10 prompts longer than 512 tokens``."""
+        parts = [f"{len(skipped):,} {self.skip_reason} (first rows: {skipped[:5]})"] if skipped else []
+        for field, name in enumerate(self.length_fields):
+            limits = [limit for _, f, limit in too_long if f == field]
+            if limits:
+                noun = name if len(limits) == 1 else f"{name}s"
+                parts.append(f"{len(limits):,} {noun} longer than {limits[0]:,} tokens")
+        dropped = len(skipped) + len(too_long)
+        return f"{key}: {dropped:,} of {read:,} rows of {self._where()} dropped: {', '.join(parts)}"
+
+    def _overlap(self, key: str, kept: int, shared: list[tuple[str, int, int]]) -> str:
+        """``data.prompts: HelpfulnessPrompts split 'dev' shares rows with split 'test' ...``."""
+        others = " and ".join(
+            f"split {other!r} ({last - first:,} {'row' if last - first == 1 else 'rows'}: filtered rows "
+            f"[{first:,}, {last:,}))"
+            for other, first, last in shared
+        )
+        source = f"the one file {self.path}" if self._one_file else self._where()
+        return (
+            f"{key}: {type(self).__name__} split {self.paper_split!r} (filtered rows [{self.start:,}, "
+            f"{self.start + kept:,})) shares rows with {others} of {source}; give each split its own rows with "
+            "`boundaries`" + (" or a folder with one file per source split" if self._one_file else "")
+        )
+
     @staticmethod
-    def _fits(tokenizer, parsed: list[tuple[int, str, str, Sequence[tuple[str, int]]]]) -> list[bool]:
-        keep = [True] * len(parsed)
+    def _too_long(tokenizer, parsed: list[tuple[int, str, str, Sequence[tuple[str, int]]]]) -> list[int | None]:
+        """Per parsed row, the first length field over its limit; None when the row fits."""
+        over: list[int | None] = [None] * len(parsed)
         for field in range(len(parsed[0][3])):
             texts = [p[3][field][0] for p in parsed]
             lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
             for i, p in enumerate(parsed):
-                keep[i] = keep[i] and lengths[i] <= p[3][field][1]
-        return keep
+                if over[i] is None and lengths[i] > p[3][field][1]:
+                    over[i] = field
+        return over
 
 
-def _text(value) -> str:
-    if not isinstance(value, str) or not value.strip():
+def _text(row: dict, column: str) -> str:
+    """The text of ``row[column]``: :class:`_Skip` when empty (missing, null, blank), :class:`_NotText` when it is not
+    text (a number, a list, ...)."""
+    value = row[column]
+    if value is None or (isinstance(value, str) and not value.strip()):
         raise _Skip
+    if not isinstance(value, str):
+        raise _NotText(column, value)
     return value
 
 
@@ -247,6 +339,8 @@ class TLDRPrompts(_PaperPreset):
     hub_path = "CarperAI/openai_summarize_tldr"
     columns = ("prompt", "label")
     splits = TLDR_SPLITS
+    length_fields = ("prompt",)
+    skip_reason = "with an empty prompt or label"
 
     def __init__(
         self,
@@ -265,7 +359,7 @@ class TLDRPrompts(_PaperPreset):
         super().__init__(path, split, source_splits, limit, tokenizer, boundaries)
 
     def _parse(self, row: dict) -> tuple[str, str, Sequence[tuple[str, int]]]:
-        prompt, reference = _text(row["prompt"]), _text(row["label"])
+        prompt, reference = _text(row, "prompt"), _text(row, "label")
         return prompt, reference, [(prompt, self.max_prompt_tokens)]
 
 
@@ -292,6 +386,8 @@ class HelpfulnessPrompts(_PaperPreset):
     hub_path = "HuggingFaceH4/helpful-anthropic-raw"
     columns = ("instruction", "demonstration")
     splits = HELPFULNESS_SPLITS
+    length_fields = ("instruction", "demonstration")
+    skip_reason = "with an empty instruction or demonstration"
 
     def __init__(
         self,
@@ -308,7 +404,7 @@ class HelpfulnessPrompts(_PaperPreset):
         super().__init__(path, split, {"train": source_split}, limit, tokenizer, boundaries)
 
     def _parse(self, row: dict) -> tuple[str, str, Sequence[tuple[str, int]]]:
-        instruction, reference = _text(row["instruction"]), _text(row["demonstration"])
+        instruction, reference = _text(row, "instruction"), _text(row, "demonstration")
         lengths = [(instruction, self.max_instruction_tokens), (reference, self.max_reference_tokens)]
         return f"{instruction} Assistant: ", reference, lengths
 
@@ -364,6 +460,8 @@ class HarmlessnessPrompts(_PaperPreset):
     hub_path = "HuggingFaceH4/hh-rlhf-h4"
     columns = ("chosen",)
     splits = HARMLESSNESS_SPLITS
+    length_fields = ("prompt", "reference")
+    skip_reason = "with an empty or malformed conversation (an empty turn, or no final assistant turn)"
 
     def __init__(
         self,
@@ -381,8 +479,13 @@ class HarmlessnessPrompts(_PaperPreset):
         super().__init__(path, split, {"train": train_split, "test": test_split}, limit, tokenizer, boundaries)
 
     def _parse(self, row: dict) -> tuple[str, str, Sequence[tuple[str, int]]]:
+        chosen = row["chosen"]
+        if chosen is None:
+            raise _Skip
+        if not isinstance(chosen, (list, tuple)):  # e.g. Anthropic/hh-rlhf's "\n\nHuman: ..." text
+            raise _NotText("chosen", chosen, "a list of chat messages")
         try:
-            prompt, reference = render_conversation(row["chosen"])
+            prompt, reference = render_conversation(chosen)
         except ValueError:
             raise _Skip from None
         return prompt, reference, [(prompt, self.max_prompt_tokens), (reference, self.max_reference_tokens)]

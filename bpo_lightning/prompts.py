@@ -2,7 +2,12 @@
 
 A bad prompt file is an :class:`~bpo_lightning.errors.InputError` naming the config key, the file and the row (and, for
 JSON lines and CSV files, the line): invalid JSON, text that is not UTF-8, a CSV row with too many fields, a prompt
-that is missing (JSON) or not text, an empty file, a file that does not exist.
+that is missing (JSON) or not text (e.g. a number), a reference that is not text, a chat prompt with an unknown role,
+without a user turn or that already ends with an assistant turn, an empty file, a file that does not exist.
+
+Every cell of a CSV file is read as text: ``42`` is the prompt ``"42"``, ``NA`` is ``"NA"``, and an empty cell is
+empty text. An empty reference (missing, null, or blank text) is ``None`` in every format: such a row is still a
+prompt, and an error only where a reference is required (held-out prompts).
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from pathlib import Path
 from bpo_lightning.errors import InputError, one_line
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+# role names of chat messages (lower case) -> the role the chat template gets
+CHAT_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
+              "system": "system"}  # fmt: skip
+_KNOWN_ROLES = "user (or human), assistant (or gpt, bot) and system"
 
 
 class MissingPromptFile(InputError, FileNotFoundError):
@@ -86,14 +96,20 @@ class PromptSource:
             raise InputError(f"{key}: {self.path} is a folder, not a prompt file")
         if not path.is_file():
             raise MissingPromptFile(f"{key}: prompt file {self.path} does not exist")
+        options = {}
         if builder in ("json", "csv"):  # pyarrow reads bytes that are not UTF-8 into strings that fail later
             problem = _utf8_problem(path, self.path)
             if problem is None and builder == "json":  # name the line before pyarrow logs its own traceback
                 problem = _file_problem(path, self.path, builder, self.prompt_field)
+            if problem is None and builder == "csv":
+                try:
+                    options = _csv_options(path)
+                except _Problem as err:
+                    problem = err.sentence(self.path)
             if problem is not None:
                 raise InputError(f"{key}: {problem}")
         try:
-            return load_dataset(builder, data_files=str(path), split="train")
+            return load_dataset(builder, data_files=str(path), split="train", **options)
         except Exception as err:
             problem = _file_problem(path, self.path, builder, self.prompt_field)
             raise InputError(f"{key}: {problem or f'{self.path} cannot be read ({_root_cause(err)})'}") from err
@@ -101,11 +117,17 @@ class PromptSource:
     def load(self, key: str, require_reference: bool = False) -> list[dict]:
         """Rows ``{"prompt", "reference"}`` (plus ``"messages"`` when the prompt column holds a chat conversation);
         empty prompts (an empty text, an empty CSV cell) are skipped and counted in a warning; a prompt that is not
-        text, or a JSON row without one, is an ``InputError`` naming the row.
+        text (e.g. a number), or a JSON row without one, is an ``InputError`` naming the row.
+
+        An empty reference (missing, null or blank) is ``None``; a reference that is not text is an ``InputError``.
+        A chat prompt's roles are normalised (``human``/``user`` -> ``user``, ``gpt``/``assistant``/``bot`` ->
+        ``assistant``, ``system``; any case); an unknown role, a conversation without a user turn and one that
+        already ends with an assistant turn are an ``InputError`` naming the row.
 
         Args:
             key: the config key of this source, named in errors (e.g. ``data.prompts``).
-            require_reference: fail unless every row has a reference answer.
+            require_reference: fail unless every row has a reference answer (an ``InputError`` naming the first row
+                without one).
         """
         ds = self.dataset(key)
         if self.limit is not None:
@@ -125,7 +147,7 @@ class PromptSource:
         rows, empty = [], []
         for i, row in enumerate(ds):
             prompt = row[self.prompt_field]
-            messages = prompt if is_chat(prompt) else None
+            messages = self._conversation(prompt, i, key) if is_chat(prompt) else None
             if messages is None:
                 if self._empty(prompt, i, key):
                     empty.append(i)
@@ -134,11 +156,11 @@ class PromptSource:
                 prompt = self._format(row, i, key)
             elif messages is not None:
                 prompt = render_chat(messages)
-            reference = row[self.reference_field] if has_reference else None
-            if require_reference and not isinstance(reference, str):
+            reference = self._reference(row[self.reference_field], i, key) if has_reference else None
+            if require_reference and reference is None:
                 raise InputError(
-                    f"{key}: {self._row(i)} has no reference answer ({self.reference_field!r} is "
-                    f"{_short(reference)}); evaluation needs one for every prompt"
+                    f"{key}: {self._row(i)} has no reference answer (its {self.reference_field!r} is missing, null "
+                    "or empty); evaluation needs one for every prompt"
                 )
             rows.append({"prompt": prompt, "reference": reference, **({"messages": messages} if messages else {})})
         if empty:
@@ -167,6 +189,53 @@ class PromptSource:
             f"{key}: {self._row(index)} has {self.prompt_field!r} = {_short(prompt)}, {_kind(prompt)}, "
             "not text or a list of chat messages"
         )
+
+    def _reference(self, value, index: int, key: str) -> str | None:
+        """The reference answer of a row: None when missing, null or blank; an error if it is not text."""
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if not isinstance(value, str):
+            raise InputError(
+                f"{key}: {self._row(index)} has {self.reference_field!r} = {_short(value)}, {_kind(value)}, not text"
+            )
+        return value
+
+    def _conversation(self, messages: list[dict], index: int, key: str) -> list[dict]:
+        """The chat prompt ``messages`` as ``[{"role", "content"}]`` with normalised roles (:data:`CHAT_ROLES`);
+        an error naming the row for an unknown role, content that is not text, no user turn, or a conversation that
+        already ends with an assistant turn (a prompt ends with the turn the policy answers)."""
+        turns = []
+        for number, message in enumerate(messages, 1):
+            role, content = message.get("role"), message.get("content")
+            where = f"message {number} of its {self.prompt_field!r}"
+            if role is None:
+                raise InputError(f"{key}: {self._row(index)} has a message without a 'role' ({where})")
+            normal = CHAT_ROLES.get(role.strip().lower()) if isinstance(role, str) else None
+            if normal is None:
+                raise InputError(
+                    f"{key}: {self._row(index)} has a message with the unknown role {_short(role)} ({where}); "
+                    f"known roles: {_KNOWN_ROLES}"
+                )
+            if not isinstance(content, str):
+                raise InputError(
+                    f"{key}: {self._row(index)} has a message whose 'content' is {_short(content)}, {_kind(content)}, "
+                    f"not text ({where})"
+                )
+            turns.append({"role": normal, "content": content})
+        roles = [t["role"] for t in turns]
+        if "user" not in roles:
+            raise InputError(
+                f"{key}: {self._row(index)} is a conversation without a user turn (roles: {', '.join(roles)}); "
+                "a chat prompt needs a user turn for the policy to answer"
+            )
+        if roles[-1] == "assistant":
+            column = self.reference_field or "reference"
+            raise InputError(
+                f"{key}: {self._row(index)} is a conversation that already ends with an assistant turn "
+                f"({len(turns)} messages); a chat prompt ends with the turn the policy answers: drop the last turn "
+                f"(or put it in the {column!r} column)"
+            )
+        return turns
 
     def _format(self, row: dict, index: int, key: str) -> str:
         try:
@@ -327,7 +396,8 @@ def _check_json(text: str, prompt_field: str) -> None:
             raise _Problem(f"is not a JSON object (it is {_kind(value)})", (index, line))
         prompt = value.get(prompt_field)
         if prompt_field in value and not (isinstance(prompt, str) or is_chat(prompt) or prompt in (None, [])):
-            raise _Problem(f"has {prompt_field!r} = {_short(prompt)}, {_kind(prompt)}, not text", (index, line))
+            raise _Problem(f"has {prompt_field!r} = {_short(prompt)}, {_kind(prompt)}, not text or a list of chat "
+                           "messages", (index, line))  # fmt: skip
         for field, item in value.items():
             if item is None:
                 continue
@@ -350,6 +420,26 @@ def _csv_records(text: str):
         else:
             records.append((start, fields))
     return header, records
+
+
+def _csv_options(path: Path) -> dict:
+    """``load_dataset`` options that read every column of the CSV file ``path`` as text: without them pandas guesses
+    a kind per column and per chunk of 10,000 rows (a column of numbers becomes numbers; an empty column, e.g. of
+    references, becomes numbers and then fails on the first text cell; ``NA`` and ``null`` become missing)."""
+    from datasets import Features, Value
+
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:  # pandas drops a byte order mark too
+            header = next((fields for fields in csv.reader(f) if fields), None)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return {}  # the reader's own error says more
+    if header is None:
+        return {}
+    names = [name or f"Unnamed: {i}" for i, name in enumerate(header)]  # pandas' names for empty header cells
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise _Problem(f"has the column {twice[0]!r} twice in its header; every column needs its own name")
+    return {"features": Features({name: Value("string") for name in names}), "keep_default_na": False}
 
 
 def _check_csv(text: str) -> None:

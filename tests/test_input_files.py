@@ -139,7 +139,7 @@ def test_a_missing_local_dataset_folder_is_named(tmp_path):
 def test_eval_prompts_without_a_reference_name_the_row(tmp_path):
     path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "reference": "x"}, {"prompt": "b"}])
     _raises(InputError, _load(path, "data.eval_prompts"), f"data.eval_prompts: row 1 of {path} (line 2) has no "
-            "reference answer ('reference' is None)")  # fmt: skip
+            "reference answer (its 'reference' is missing, null or empty)")  # fmt: skip
     csv = tmp_path / "p.csv"
     csv.write_text('prompt,reference\na,x\n"two\nlines",y\nc\n')
     _raises(InputError, _load(csv, "data.eval_prompts"), f"data.eval_prompts: row 2 of {csv} (line 5) has no")
@@ -150,6 +150,123 @@ def test_a_good_prompt_file_still_loads(tmp_path):
     assert [r["prompt"] for r in PromptSource(str(path)).load("data.eval_prompts", require_reference=True)] == [
         "a", "b"
     ]  # fmt: skip
+
+
+# -- the same rows as JSON lines, CSV and parquet ---------------------------------------------------------------------
+FORMATS = ["jsonl", "csv", "parquet"]
+
+
+def _file(tmp_path, fmt, rows):
+    """``rows`` as a ``p.<fmt>`` file (a missing or null value is an empty CSV cell) and the `` (line N)`` naming row
+    ``index`` (JSON lines and CSV files only: parquet has no lines)."""
+    path = tmp_path / f"p.{fmt}"
+    if fmt == "jsonl":
+        _jsonl(path, rows)
+    elif fmt == "csv":
+        import csv
+
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows({k: "" if r.get(k) is None else r[k] for k in columns} for r in rows)
+    else:
+        from datasets import Dataset
+
+        Dataset.from_list(rows).to_parquet(path)
+    return path, (lambda index: "" if fmt == "parquet" else f" (line {index + 1 + (fmt == 'csv')})")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("empty", ["", None, "  ", "missing"])
+def test_an_empty_reference_is_a_prompt_and_an_error_only_where_one_is_required(tmp_path, fmt, empty):
+    second = {"prompt": "b"} if empty == "missing" else {"prompt": "b", "reference": empty}
+    path, line = _file(tmp_path, fmt, [{"prompt": "a", "reference": "x"}, second, {"prompt": "c", "reference": "z"}])
+    assert PromptSource(str(path)).load("data.prompts") == [
+        {"prompt": "a", "reference": "x"}, {"prompt": "b", "reference": None}, {"prompt": "c", "reference": "z"},
+    ]  # fmt: skip
+    message = _raises(InputError, _load(path, "data.eval_prompts"), f"data.eval_prompts: row 1 of {path}{line(1)} "
+                      "has no reference answer (its 'reference' is missing, null or empty); evaluation needs one for "
+                      "every prompt")  # fmt: skip
+    assert message.startswith("data.eval_prompts: row 1 of")
+
+
+def test_a_csv_whose_first_ten_thousand_references_are_empty_loads(tmp_path):
+    """pandas reads a CSV file in chunks of 10,000 rows and guessed an empty column to hold numbers: the first text
+    cell after it failed the whole file."""
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,reference\n" + "".join(f"p{i},\n" for i in range(10_000)) + "last,x\n")
+    rows = PromptSource(str(path)).load("data.prompts")
+    assert len(rows) == 10_001 and rows[0] == {"prompt": "p0", "reference": None}
+    assert rows[-1] == {"prompt": "last", "reference": "x"}
+    _raises(InputError, _load(path, "data.eval_prompts"), f"data.eval_prompts: row 0 of {path} (line 2) has no "
+            "reference answer")  # fmt: skip
+
+
+def test_csv_cells_are_text(tmp_path):
+    """A CSV file has no numbers: ``42`` is the text "42" (even in a column of numbers), ``NA`` and ``null`` are
+    text, not missing values."""
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,reference\n42,7\nNA,null\n3.50,None\n")
+    assert PromptSource(str(path)).load("data.eval_prompts", require_reference=True) == [
+        {"prompt": "42", "reference": "7"}, {"prompt": "NA", "reference": "null"},
+        {"prompt": "3.50", "reference": "None"},
+    ]  # fmt: skip
+    twice = tmp_path / "twice.csv"
+    twice.write_text("prompt,prompt\na,b\n")
+    _raises(InputError, _load(twice), f"data.prompts: {twice} has the column 'prompt' twice in its header")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+@pytest.mark.parametrize(("value", "kind"), [(42, "a number"), (4.5, "a number"), (True, "a boolean")])
+def test_a_prompt_that_is_not_text_is_named_in_json_lines_and_parquet(tmp_path, fmt, value, kind):
+    path, line = _file(tmp_path, fmt, [{"prompt": value, "reference": "x"}])
+    for key in ("data.prompts", "data.eval_prompts"):
+        _raises(InputError, _load(path, key), f"{key}: row 0 of {path}{line(0)} has 'prompt' = {value!r}, {kind}, "
+                "not text or a list of chat messages")  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_reference_that_is_not_text_is_named(tmp_path, fmt):
+    path, line = _file(tmp_path, fmt, [{"prompt": "a", "reference": 1}, {"prompt": "b", "reference": 2}])
+    for key in ("data.prompts", "data.eval_prompts"):
+        _raises(InputError, _load(path, key), f"{key}: row 0 of {path}{line(0)} has 'reference' = 1, a number, "
+                "not text")  # fmt: skip
+
+
+def _chat(*turns):
+    return [{"role": role, "content": content} for role, content in turns]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_chat_roles_are_normalised(tmp_path, fmt):
+    convo = _chat(("System", "Be brief."), ("Human", "Hi"), ("GPT", "Hello!"), ("user", "Bye?"))
+    other = _chat(("USER", "Hi"), ("bot", "Yo"), (" human ", "?"))
+    path, _ = _file(tmp_path, fmt, [{"prompt": convo}, {"prompt": other}])
+    rows = PromptSource(str(path)).load("data.prompts")
+    assert rows[0]["messages"] == _chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"),
+                                        ("user", "Bye?"))  # fmt: skip
+    assert rows[0]["prompt"] == "system: Be brief.\nuser: Hi\nassistant: Hello!\nuser: Bye?"
+    assert [m["role"] for m in rows[1]["messages"]] == ["user", "assistant", "user"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+@pytest.mark.parametrize(
+    ("convo", "problem"),
+    [
+        (_chat(("user", "Hi"), ("assistant", "Hello!")), "is a conversation that already ends with an assistant turn "
+         "(2 messages); a chat prompt ends with the turn the policy answers"),
+        (_chat(("system", "Be brief."),), "is a conversation without a user turn (roles: system)"),
+        (_chat(("assistant", "Hello!"), ("system", "Be brief.")), "is a conversation without a user turn "
+         "(roles: assistant, system)"),
+        (_chat(("user", "Hi"), ("narrator", "Meanwhile")), "has a message with the unknown role 'narrator' (message 2 "
+         "of its 'prompt'); known roles: user (or human), assistant (or gpt, bot) and system"),
+        (_chat(("user", "Hi"), (None, "?")), "has a message without a 'role' (message 2 of its 'prompt')"),
+    ],
+)  # fmt: skip
+def test_a_chat_prompt_that_is_not_a_prompt_is_named(tmp_path, fmt, convo, problem):
+    path, line = _file(tmp_path, fmt, [{"prompt": _chat(("user", "fine"))}, {"prompt": convo}])
+    _raises(InputError, _load(path, reference_field=None), f"data.prompts: row 1 of {path}{line(1)} {problem}")
 
 
 # -- model folders ---------------------------------------------------------------------------------------------------

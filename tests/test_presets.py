@@ -97,7 +97,9 @@ def harm_dir(tmp_path):
 
 def test_tldr_prompt_is_the_dataset_prompt_and_long_prompts_are_filtered(tldr_dir, tokenizer_dir):
     source = TLDRPrompts(tldr_dir, split="sft", tokenizer=tokenizer_dir, dev_split="validation")
-    with pytest.warns(UserWarning, match=r"data.prompts: skipped 2 rows .*first rows: \[2, 4\]"):
+    dropped = (r"^data.prompts: 3 of 6 rows of .*tldr \(split 'train'\) dropped: 2 with an empty prompt or label "
+               r"\(first rows: \[2, 4\]\), 1 prompt longer than 512 tokens$")  # fmt: skip
+    with pytest.warns(UserWarning, match=dropped):
         rows = source.load("data.prompts")
     assert rows == [
         {
@@ -111,7 +113,7 @@ def test_tldr_prompt_is_the_dataset_prompt_and_long_prompts_are_filtered(tldr_di
 
 
 def test_tldr_without_tokenizer_keeps_long_prompts(tldr_dir):
-    with pytest.warns(UserWarning, match="skipped 2 rows"):
+    with pytest.warns(UserWarning, match=r"2 of 6 rows .* dropped: 2 with an empty prompt or label \(first .*\]\)$"):
         rows = TLDRPrompts(tldr_dir, split="sft").load("data.prompts")
     assert [r["reference"] for r in rows] == [" flat bread, help", " too long", " 美味しい", " great book"]
     assert rows[1]["prompt"].startswith("SUBREDDIT: r/travel \nTITLE: Paris\nPOST: café ☕ every day word word")
@@ -120,9 +122,10 @@ def test_tldr_without_tokenizer_keeps_long_prompts(tldr_dir):
 def test_tldr_split_boundaries_slice_the_filtered_rows(tldr_dir, tokenizer_dir):
     bounds = {"sft": [0, 2], "sampling": [2, None]}
     kwargs = dict(tokenizer=tokenizer_dir, boundaries=bounds, dev_split="validation")
-    with pytest.warns(UserWarning, match=r"skipped 1 rows .*\[2\]"):  # reading stops after the slice's last row
+    # reading stops after the slice's last row
+    with pytest.warns(UserWarning, match=r"2 of 4 rows .* dropped: 1 .*\[2\]\), 1 prompt longer"):
         sft = TLDRPrompts(tldr_dir, split="sft", **kwargs).load("data.prompts")
-    with pytest.warns(UserWarning, match="skipped 2 rows"):
+    with pytest.warns(UserWarning, match=r"3 of 6 rows .* dropped: 2 .*\[2, 4\]\), 1 prompt longer"):
         sampling = TLDRPrompts(tldr_dir, split="sampling", **kwargs).load("data.prompts")
     assert [r["reference"] for r in sft] == [" flat bread, help", " 美味しい"]
     assert [r["reference"] for r in sampling] == [" great book"]
@@ -138,7 +141,7 @@ def test_tldr_paper_constants_leave_the_sampling_split_of_a_small_source_empty(t
     assert presets.TLDR_SPLITS["dev"] == ("dev", 0, 1_000)
     source = TLDRPrompts(tldr_dir, split="sampling", tokenizer=tokenizer_dir)
     message = r"data.prompts: .* no usable prompts for split 'sampling' .*\[65215, end\)"
-    with pytest.warns(UserWarning, match="skipped 2 rows"), pytest.raises(ValueError, match=message):
+    with pytest.warns(UserWarning, match="3 of 6 rows"), pytest.raises(ValueError, match=message):
         source.load("data.prompts")
 
 
@@ -159,7 +162,10 @@ def test_tldr_limit_and_default_hub_source(tldr_dir):
 
 def test_helpfulness_format_and_filters(helpful_file, tokenizer_dir):
     source = HelpfulnessPrompts(helpful_file, split="sft", tokenizer=tokenizer_dir)
-    with pytest.warns(UserWarning, match=r"data.prompts: skipped 2 rows of .*helpful.jsonl .*first rows: \[1, 5\]"):
+    dropped = (r"^data.prompts: 4 of 7 rows of .*helpful.jsonl dropped: 2 with an empty instruction or demonstration "
+               r"\(first rows: \[1, 5\]\), 1 instruction longer than 64 tokens, "
+               r"1 demonstration longer than 128 tokens$")  # fmt: skip
+    with pytest.warns(UserWarning, match=dropped):
         rows = source.load("data.prompts")
     assert rows == [
         {"prompt": "How do I bake bread? Assistant: ", "reference": "Mix flour, water, salt and yeast."},
@@ -179,14 +185,14 @@ def test_helpfulness_boundaries_and_limit(helpful_file, tokenizer_dir):
         {"prompt": "How do I bake bread? Assistant: ", "reference": "Mix flour, water, salt and yeast."}
     ]
     assert sft.counts == {"read": 1, "skipped": 0, "too_long": 0, "filtered": 1, "kept": 1}
-    with pytest.warns(UserWarning, match=r"skipped 1 rows .*\[1\]"):
+    with pytest.warns(UserWarning, match=r"1 of 3 rows .* dropped: 1 .*\[1\]\)$"):
         assert [r["prompt"] for r in source("sampling").load("data.prompts")] == [
             "Where can I get café ☕ in Kyoto? Assistant: "
         ]
-    with pytest.warns(UserWarning, match=r"skipped 2 rows .*\[1, 5\]"):
+    with pytest.warns(UserWarning, match=r"4 of 7 rows .* dropped: 2 .*\[1, 5\]"):
         assert [r["prompt"] for r in source("dev").load("data.prompts")] == ["Name a colour. Assistant: "]
     # only 3 rows pass the filters: the test slice [3, 4) is empty
-    with pytest.warns(UserWarning, match="skipped 2 rows"), pytest.raises(ValueError, match=r"split 'test'"):
+    with pytest.warns(UserWarning, match="4 of 7 rows"), pytest.raises(ValueError, match=r"split 'test'"):
         source("test").load("data.eval_prompts")
     assert presets.HELPFULNESS_SPLITS == {
         "sft": ("train", 0, 10_000),
@@ -194,7 +200,7 @@ def test_helpfulness_boundaries_and_limit(helpful_file, tokenizer_dir):
         "dev": ("train", 20_000, 20_500),
         "test": ("train", 20_500, 21_000),
     }
-    with pytest.warns(UserWarning, match="skipped 1 rows"):
+    with pytest.warns(UserWarning, match=r"1 of 3 rows .* dropped: 1 with an empty instruction"):
         limited = HelpfulnessPrompts(helpful_file, split="sft", limit=2).load("data.prompts")
     assert [r["reference"] for r in limited] == [
         "Mix flour, water, salt and yeast.",
@@ -242,7 +248,9 @@ def test_render_conversation():
 
 def test_harmlessness_renders_chosen_conversations_and_filters(harm_dir, tokenizer_dir):
     source = HarmlessnessPrompts(harm_dir, split="sft", tokenizer=tokenizer_dir)
-    with pytest.warns(UserWarning, match=r"data.prompts: skipped 2 rows .*\(split 'train'\).*first rows: \[2, 4\]"):
+    dropped = (r"^data.prompts: 3 of 6 rows of .* \(split 'train'\) dropped: 2 with an empty or malformed "
+               r"conversation .*\(first rows: \[2, 4\]\), 1 prompt longer than 256 tokens$")  # fmt: skip
+    with pytest.warns(UserWarning, match=dropped):
         rows = source.load("data.prompts")
     assert rows == [
         {"prompt": "user: How do I pick a lock? assistant: ", "reference": "I can't help with that."},
@@ -255,7 +263,7 @@ def test_harmlessness_renders_chosen_conversations_and_filters(harm_dir, tokeniz
 def test_harmlessness_splits(harm_dir, tokenizer_dir):
     bounds = {"sft": [0, 2], "sampling": [2, 4], "dev": [0, 1], "test": [1, 3]}
     kwargs = dict(tokenizer=tokenizer_dir, boundaries=bounds)
-    with pytest.warns(UserWarning, match="skipped 2 rows"):
+    with pytest.warns(UserWarning, match="3 of 6 rows"):
         sampling = HarmlessnessPrompts(harm_dir, split="sampling", **kwargs).load("data.prompts")
     assert [r["reference"] for r in sampling] == ["You are doing great."]
     dev = HarmlessnessPrompts(harm_dir, split="dev", **kwargs).load("data.eval_prompts")
@@ -267,6 +275,140 @@ def test_harmlessness_splits(harm_dir, tokenizer_dir):
     # the source split names are arguments: a folder whose files are named like the hub's
     renamed = HarmlessnessPrompts(harm_dir, split="dev", test_split="test_prefs")
     assert renamed.split == "test_prefs"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One file in any format: dropped rows, values that are not text, splits that share rows
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def write_rows(path: Path, rows: list[dict]) -> str:
+    """``rows`` as JSON lines, CSV (a null value is an empty cell) or parquet, by ``path``'s suffix."""
+    if path.suffix == ".jsonl":
+        return str(write_jsonl(path, rows))
+    if path.suffix == ".csv":
+        import csv
+
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, list(rows[0]))
+            writer.writeheader()
+            writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+        return str(path)
+    from datasets import Dataset
+
+    Dataset.from_list(rows).to_parquet(path)
+    return str(path)
+
+
+def warned(call) -> tuple[object, list[str]]:
+    """``call()``'s result and the messages of the warnings it gave."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, [str(w.message) for w in caught]
+
+
+def one_warning(call, match: str):
+    """``call()``'s result; it warns exactly once, with a message that matches ``match``."""
+    import re
+
+    result, messages = warned(call)
+    assert len(messages) == 1 and re.search(match, messages[0]), messages
+    return result
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_dropped_rows_are_counted_in_one_warning_in_every_format(helpful_file, tmp_path, tokenizer_dir, suffix):
+    rows = [json.loads(line) for line in Path(helpful_file).read_text(encoding="utf-8").splitlines()]
+    path = write_rows(tmp_path / f"helpful{suffix}", rows)
+    source = HelpfulnessPrompts(path, split="sft", tokenizer=tokenizer_dir)
+    loaded = one_warning(lambda: source.load("data.prompts"), rf"^data.prompts: 4 of 7 rows of {path} dropped: 2 with "
+                         r"an empty instruction or demonstration \(first rows: \[1, 5\]\), 1 instruction longer than "
+                         r"64 tokens, 1 demonstration longer than 128 tokens$")  # fmt: skip
+    assert [r["reference"] for r in loaded] == [
+        "Mix flour, water, salt and yeast.", "京都駅の近くにカフェがあります。", "Blue.",
+    ]  # fmt: skip
+    assert source.counts == {"read": 7, "skipped": 2, "too_long": 2, "filtered": 3, "kept": 3}
+
+
+def test_rows_over_the_length_limits_alone_are_counted_with_thousands_separators(tmp_path, tokenizer_dir):
+    rows = [{"instruction": f"question {i}?", "demonstration": f"answer {i}."} for i in range(1_200)]
+    for i in range(0, 1_200, 100):  # 12 rows over a limit: 10 instructions, 2 demonstrations
+        rows[i] = dict(instruction=LONG, demonstration="x") if i < 1_000 else dict(instruction="q", demonstration=LONG)
+    path = write_rows(tmp_path / "helpful.parquet", rows)
+    source = HelpfulnessPrompts(path, split="sft", tokenizer=tokenizer_dir, boundaries={"sft": [0, None]})
+    one_warning(lambda: source.load("data.prompts"), r"^data.prompts: 12 of 1,200 rows of .* dropped: 10 instructions "
+                "longer than 64 tokens, 2 demonstrations longer than 128 tokens$")  # fmt: skip
+    assert source.counts == {"read": 1_200, "skipped": 0, "too_long": 12, "filtered": 1_188, "kept": 1_188}
+    both = write_rows(tmp_path / "both.jsonl", [{"instruction": LONG, "demonstration": LONG}, rows[1]])
+    one_warning(lambda: HelpfulnessPrompts(both, split="sft", tokenizer=tokenizer_dir).load("data.prompts"),
+                r"1 of 2 rows .* dropped: 1 instruction longer than 64 tokens$")  # a row is counted once  # fmt: skip
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_preset_value_that_is_not_text_is_named(tmp_path, suffix):
+    rows = [{"instruction": "   ", "demonstration": 3}, {"instruction": "What is 2+2?", "demonstration": 4}]
+    path = write_rows(tmp_path / f"helpful{suffix}", rows)  # a column of numbers (one kind per column)
+    line = " (line 2)" if suffix == ".jsonl" else ""
+    with pytest.raises(ValueError) as info:
+        HelpfulnessPrompts(path, split="sft").load("data.prompts")
+    assert str(info.value) == f"data.prompts: row 1 of {path}{line} has 'demonstration' = 4, a number, not text"
+
+
+def test_preset_csv_cells_are_text(tmp_path):
+    path = tmp_path / "helpful.csv"
+    path.write_text("instruction,demonstration\nWhat is 2+2?,4\nAnd 3+3?,6\n")
+    rows = HelpfulnessPrompts(str(path), split="sft").load("data.prompts")
+    assert rows == [{"prompt": "What is 2+2? Assistant: ", "reference": "4"},
+                    {"prompt": "And 3+3? Assistant: ", "reference": "6"}]  # fmt: skip
+
+
+def test_harmlessness_text_conversations_are_named(tmp_path):
+    """Anthropic/hh-rlhf holds each conversation as one text, hh-rlhf-h4 as a list of messages."""
+    path = write_rows(tmp_path / "hh.parquet", [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello"}])
+    with pytest.raises(ValueError, match=rf"^data.prompts: row 0 of {path} has 'chosen' = '.*', text, not a list of "
+                       "chat messages$"):  # fmt: skip
+        HarmlessnessPrompts(path, split="sft").load("data.prompts")
+
+
+def test_splits_that_share_the_rows_of_one_file_are_named(helpful_file, tmp_path):
+    bounds = {"sft": [3, None], "dev": [0, 2], "test": [1, 3]}  # dev and test share filtered row 1
+
+    def load(split, key="data.eval_prompts"):
+        return HelpfulnessPrompts(helpful_file, split=split, boundaries=bounds).load(key)
+
+    dev, messages = warned(lambda: load("dev"))
+    assert messages == [
+        f"data.eval_prompts: 1 of 3 rows of {helpful_file} dropped: 1 with an empty instruction or demonstration "
+        "(first rows: [1])",
+        f"data.eval_prompts: HelpfulnessPrompts split 'dev' (filtered rows [0, 2)) shares rows with split 'test' "
+        f"(1 row: filtered rows [1, 2)) of the one file {helpful_file}; give each split its own rows with "
+        "`boundaries` or a folder with one file per source split",
+    ]
+    test, messages = warned(lambda: load("test", "data.test_prompts"))
+    assert [m for m in messages if "shares rows" in m] == [
+        f"data.test_prompts: HelpfulnessPrompts split 'test' (filtered rows [1, 3)) shares rows with split 'dev' "
+        f"(1 row: filtered rows [1, 2)) of the one file {helpful_file}; give each split its own rows with "
+        "`boundaries` or a folder with one file per source split",
+    ]
+    assert dev[1] == test[0]
+    _, messages = warned(lambda: load("sft", "data.prompts"))  # [3, end) shares nothing
+    assert len(messages) == 1 and "shares rows" not in messages[0]
+
+
+def test_tldr_from_one_file_shares_its_first_rows_between_splits(tmp_path):
+    """One TL;DR file is every source split: sft [0, 65215), dev [0, 1000) and test [0, 1000) are its first rows."""
+    rows = [{"prompt": tldr("s", f"t{i}", f"post {i}"), "label": f" {i}"} for i in range(3)]
+    path = write_rows(tmp_path / "tldr.csv", rows)
+    dev = one_warning(lambda: TLDRPrompts(path, split="dev").load("data.eval_prompts"),
+                      r"^data.eval_prompts: TLDRPrompts split 'dev' \(filtered rows \[0, 3\)\) shares rows with "
+                      r"split 'sft' \(3 rows: filtered rows \[0, 3\)\) and split 'test' \(3 rows")  # fmt: skip
+    assert len(dev) == 3
+    bounds = {"sft": [0, 1], "sampling": [1, 2], "dev": [2, 3], "test": [3, None]}
+    dev, messages = warned(lambda: TLDRPrompts(path, split="dev", boundaries=bounds).load("data.eval_prompts"))
+    assert len(dev) == 1 and messages == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------
