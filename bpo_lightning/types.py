@@ -71,7 +71,7 @@ class PhaseStats:
         reasons = ", ".join(f"{n} {k}" for k, n in sorted(self.dropped.items()))
         text = f"{self.kept} kept, {self.dropped_total} dropped" + (f" ({reasons})" if reasons else "")
         if self.truncated:
-            text += f" | {self.truncated / max(self.responses, 1):.0%} truncated"
+            text += f" | {self.truncated / max(self.responses, 1):.1%} truncated"
         text += f" | annotations {self.annotated} paid, {self.cached} cached"
         if self.annotator:
             text += " | annotator " + ", ".join(f"{n} {name}" for name, n in self.annotator.items())
