@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sqlite3
+import time
 import warnings
 from pathlib import Path
 
@@ -37,15 +38,34 @@ class AnnotationCache:
         try:
             # write-ahead log: readers never wait for a writer, and a commit (one per paid group of scores) is cheap
             # yet survives the process being killed
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._wait_for(lambda: self._db.execute("PRAGMA journal_mode=WAL"), timeout)
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, identity TEXT, score REAL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, identity TEXT, score REAL, "
+                             "origin TEXT)")  # origin: which run paid for the score  # fmt: skip
             if "origin" not in {row[1] for row in self._db.execute("PRAGMA table_info(scores)")}:
-                with self._db:  # which run paid for the score (files written before this column have none)
-                    self._db.execute("ALTER TABLE scores ADD COLUMN origin TEXT")
+                try:  # a file written before the column existed
+                    with self._db:
+                        self._db.execute("ALTER TABLE scores ADD COLUMN origin TEXT")
+                except sqlite3.OperationalError as err:
+                    if "duplicate column" not in str(err):  # another process added it first
+                        raise
         except sqlite3.DatabaseError as err:
             raise RunError(f"data.annotation_cache: cannot open {self.path} ({err}); another process may hold "
                                "it locked, or it is not an annotation cache") from err  # fmt: skip
+
+    @staticmethod
+    def _wait_for(statement, timeout: float) -> None:
+        """Run ``statement``, retrying while another process holds the lock: switching to WAL can report "database
+        is locked" at once, without SQLite's own busy wait, when several processes open a new file together."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                statement()
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def get(self, identity: str, prompts: list[str], responses: list[str]) -> list[float | None]:
         """Cached scores in input order; ``None`` where there is none."""

@@ -1,6 +1,7 @@
 """The annotation cache: scores persist, are keyed by annotator identity, and are never paid for twice."""
 
 import math
+from pathlib import Path
 
 from conftest import CountingAnnotator, make_run
 
@@ -43,3 +44,25 @@ def test_a_second_run_sharing_the_cache_makes_no_annotator_call(tmp_path, sft_di
     assert (tmp_path / "b" / "data" / "phase_0000.pairs.jsonl").read_text() == (
         tmp_path / "a" / "data" / "phase_0000.pairs.jsonl"
     ).read_text()
+
+
+def _open_and_store(args):
+    from bpo_lightning.cache import AnnotationCache
+
+    folder, i = args
+    cache = AnnotationCache(Path(folder) / "shared.sqlite")
+    cache.put("a", [f"p{i}"], ["r"], [float(i)], origin=str(i))
+    return i
+
+
+def test_processes_opening_a_new_cache_together_all_succeed(tmp_path):
+    """Training processes open the run's cache at the same moment: each used to add the `origin` column to the new
+    file, and all but one failed with "duplicate column name" (every multi-process fit could crash at start)."""
+    import multiprocessing
+
+    for trial in range(3):
+        folder = tmp_path / str(trial)
+        folder.mkdir()
+        with multiprocessing.get_context("fork").Pool(4) as pool:
+            assert sorted(pool.map(_open_and_store, [(folder, i) for i in range(8)])) == list(range(8))
+        assert len(AnnotationCache(folder / "shared.sqlite")) == 8

@@ -66,13 +66,14 @@ def stopped(argv, capsys) -> str:
 @pytest.mark.filterwarnings("ignore:.*there is no last checkpoint available")  # phase 1 had not finished
 def test_sigterm_during_collection_saves_the_block_in_flight_and_resumes(tmp_path, capsys):
     run, cache = tmp_path / "run", tmp_path / "cache"
-    # phase 1: 24 prompts in 3 blocks of 8; block 1 is annotated (up to 16 answers) while block 2 is sampled. The
-    # signal comes at the 10th answer; the next safe point is before block 3: block 2, in flight, is saved first
+    # phase 1: 24 prompts in 3 blocks of 8; block 1 is annotated (up to 16 answers) in a worker thread while block 2
+    # is sampled. The signal comes at the 10th answer; the next safe point is the next block boundary, and the blocks
+    # in flight are saved first: 8 or 16 prompts, depending on how far sampling got when the signal arrived
     TERM_AT["call"] = 10
     line = stopped(command(run, cache), capsys)
-    assert "stopped by a signal during phase 1's collection, with 16 of 24 prompts saved" in line, line
     saved = (run / "data" / "phase_0000.samples.jsonl").read_text().splitlines()
-    assert len(saved) == 16
+    assert len(saved) in (8, 16), len(saved)
+    assert f"stopped by a signal during phase 1's collection, with {len(saved)} of 24 prompts saved" in line, line
     paid_before = list(CALLS)
     TERM_AT["call"] = 0
     main(command(run, cache, "--ckpt_path=last"))
