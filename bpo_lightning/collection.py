@@ -78,7 +78,7 @@ def collect_phase(data, module, phase: int, ranks: Ranks) -> tuple[list[Preferen
         row = rows[index]
         stats.count(row["status"], row.get("annotated", 0), row.get("cached", 0))
         stats.responses += len(row["responses"])
-        stats.truncated += sum(not f for f in row.get("finished") or [True] * len(row["responses"]))
+        stats.truncated += sum(not f for f in _finished(row))
         if row["status"] == "kept":
             records.append(record_from_row(row, phase, version))
     if stats.responses and stats.truncated / stats.responses > 0.5 and ranks.rank == 0:
@@ -123,6 +123,7 @@ def sample_and_annotate(
         bar.update(len(new))
 
     pending = None  # the previous round's annotation, running while this round samples
+    origin = str(data.run_dir.resolve())  # the run that pays for this phase's answers (see cached_score)
     try:
         with module.behavior_weights(), module.precision_context(), module.sampling_context(), quiet(data.sampler), \
                 bar:  # fmt: skip
@@ -141,7 +142,6 @@ def sample_and_annotate(
                     job = (data.annotator, [block[k] for k in todo], data.pool, _subset(samples, todo), data.cache)
                 elif lockstep:  # ZeRO-3: this process's share of every collective generate, results discarded
                     _sample_block(data.sampler, module, [model_input(data.pool[positions[0]])], phase_seed)
-                origin = str(data.run_dir.resolve())
                 if annotator is None:
                     finish(annotate(*job, origin=origin) if job else [])
                     continue
@@ -305,13 +305,18 @@ def _choose(row: dict) -> str:
 
 def record_from_row(row: dict, phase: int, version: int) -> PreferenceRecord:
     c, r = row["chosen"], row["rejected"]
-    finished = row.get("finished") or [True] * len(row["responses"])  # rows saved before EOS was recorded
+    finished = _finished(row)
     return PreferenceRecord(
         phase=phase, index=row["index"], prompt=row["prompt"], chosen=row["responses"][c],
         rejected=row["responses"][r], chosen_score=row["scores"][c], rejected_score=row["scores"][r],
         prompt_ids=row["prompt_ids"], chosen_ids=row["response_ids"][c], rejected_ids=row["response_ids"][r],
         behavior_version=version, chosen_finished=finished[c], rejected_finished=finished[r],
     )  # fmt: skip
+
+
+def _finished(row: dict) -> list[bool]:
+    """Which of a row's responses ended with EOS (rows saved before this was recorded: all of them)."""
+    return row.get("finished") or [True] * len(row["responses"])
 
 
 def global_batches(n: int, batch_size: int, seed: int, ranks: Ranks) -> list[tuple[list[int], int]]:
