@@ -25,6 +25,7 @@ _WHERE = {
     "PreferenceLoss": "losses",
     "SLiCLoss": "losses",
     "GenerateSampler": "sampling",
+    "StaticCacheSampler": "sampling",
     "Sampler": "sampling",
 }
 
@@ -35,6 +36,7 @@ __all__ = [
     "DPOLoss",
     "Frozen",
     "GenerateSampler",
+    "StaticCacheSampler",
     "HardSync",
     "IPOLoss",
     "LossOutput",

@@ -6,12 +6,22 @@ model is trained on exactly the context it sampled from) and returns the generat
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StaticCache,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from bpo_lightning.arguments import RecordsArguments
 from bpo_lightning.errors import InputError
@@ -99,7 +109,7 @@ class GenerateSampler(Sampler):
         temperature: float = 1.0,
         top_k: int = 50,
         top_p: float = 1.0,
-        batch_size: int = 16,
+        batch_size: int = 64,
         max_prompt_tokens: int = 512,
         add_bos: bool = True,
         progress: bool = True,
@@ -163,12 +173,17 @@ class GenerateSampler(Sampler):
                 with torch.no_grad(), torch.random.fork_rng(devices=devices):  # keep the training RNG stream
                     torch.manual_seed(seed + start)  # a block's samples do not depend on earlier blocks
                     input_ids, attention_mask = left_pad(batch, tokenizer.pad_token_id, model.device)
-                    generated = model.generate(
-                        input_ids=input_ids, attention_mask=attention_mask, generation_config=config
-                    )[:, input_ids.shape[1] :]  # (b·n, new)
+                    generated = self.generate(model, input_ids, attention_mask, config)  # (b·n, new)
                 yield start, self._collect(batch, generated.tolist(), tokenizer)
         finally:
             model.train(was_training)
+
+    def generate(
+        self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig
+    ) -> torch.Tensor:
+        """The new tokens, ``num_samples`` consecutive rows per prompt: (b·n, ≤ max_new_tokens), padded after EOS."""
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        return out[:, input_ids.shape[1] :]
 
     def _collect(self, prompt_ids: list[list[int]], generated: list[list[int]], tokenizer) -> Samples:
         out = Samples(prompt_ids, [], [], [])
@@ -185,6 +200,169 @@ class GenerateSampler(Sampler):
         return out
 
 
+class StaticCacheSampler(GenerateSampler):
+    """``GenerateSampler``'s sampling with a preallocated (static) KV cache and its own decode loop, which a GPU
+    runs as one compiled step reused by every block of every phase.
+
+    The behavior LLM is frozen for a whole phase and its shapes repeat from block to block, so the decode step can
+    be compiled once per run: prompt widths are rounded up to a multiple of ``prompt_bucket`` and, when compiling,
+    a short last block is padded to ``batch_size`` prompts, so a run meets a handful of shapes. Compiling is
+    worth it on CUDA (``compile: null`` compiles there) and not on CPU, where the loop runs eagerly and saves
+    ``generate``'s per-step bookkeeping instead.
+
+    Sampling is the same as ``GenerateSampler``'s: transformers' own temperature, top-k and top-p warpers, one
+    multinomial draw per step over all rows, pad after EOS; run eagerly it draws the same tokens as ``generate``
+    for the same seed (``tests/test_sampling.py``). The loop stops when every row has finished (not under
+    DeepSpeed ZeRO-3 with several processes, where every process must run as many forwards as the others).
+
+    Args (besides ``GenerateSampler``'s):
+        compile: compile the decode step with ``torch.compile``; ``null`` compiles on CUDA only.
+        compile_mode: ``torch.compile`` mode (``reduce-overhead`` uses CUDA graphs).
+        prompt_bucket: prompt widths are rounded up to a multiple of this (fewer shapes to compile).
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 2,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_k: int = 50,
+        top_p: float = 1.0,
+        batch_size: int = 64,
+        max_prompt_tokens: int = 512,
+        add_bos: bool = True,
+        progress: bool = True,
+        compile: bool | None = None,
+        compile_mode: str = "reduce-overhead",
+        prompt_bucket: int = 32,
+    ) -> None:
+        super().__init__(num_samples, max_new_tokens, temperature, top_k, top_p, batch_size, max_prompt_tokens,
+                         add_bos, progress)
+        if prompt_bucket < 1:
+            raise InputError(f"sampler: prompt_bucket must be >= 1, got {prompt_bucket}")
+        self.compile = compile
+        self.compile_mode = compile_mode
+        self.prompt_bucket = prompt_bucket
+        self._cache = None  # (key, StaticCache), reused while the shapes repeat
+        self._steps = {}  # id(model) -> compiled forward
+
+    def settings(self) -> dict:
+        # the sampled distribution is GenerateSampler's: how it is computed is not provenance
+        base = super().settings()
+        for key in ("compile", "compile_mode", "prompt_bucket"):
+            base.pop(key, None)
+        return base
+
+    def __getstate__(self) -> dict:  # caches and compiled graphs are not pickled with the sampler
+        return {**self.__dict__, "_cache": None, "_steps": {}}
+
+    def _compiling(self, model) -> bool:
+        if self.compile is False or _zero3_processes() > 1:
+            return False
+        return bool(self.compile) or model.device.type == "cuda"
+
+    def _step(self, model, compiling: bool):
+        if not compiling:
+            return model
+        step = self._steps.get(id(model))
+        if step is None:
+            step = self._steps[id(model)] = torch.compile(model, mode=self.compile_mode, dynamic=False)
+        return step
+
+    def _static_cache(self, model, rows: int, length: int, dtype: torch.dtype):
+        key = (id(model), rows, length, dtype, model.device)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = None  # free the previous one first
+            self._cache = (key, StaticCache(config=model.config, max_cache_len=length))
+        cache = self._cache[1]
+        cache.reset()
+        return cache
+
+    def generate(
+        self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig
+    ) -> torch.Tensor:
+        prompts, rows = input_ids.shape[0], input_ids.shape[0] * self.num_samples
+        compiling = self._compiling(model)
+        width = -(-input_ids.shape[1] // self.prompt_bucket) * self.prompt_bucket
+        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        extra = self.batch_size - prompts if compiling and prompts < self.batch_size else 0
+        if width > input_ids.shape[1] or extra:  # bucketed shapes: more left padding, dummy prompts
+            ids = torch.full((prompts + extra, width), pad, dtype=input_ids.dtype, device=input_ids.device)
+            mask = torch.zeros_like(ids)
+            ids[:prompts, width - input_ids.shape[1] :] = input_ids
+            mask[:prompts, width - input_ids.shape[1] :] = attention_mask
+            ids[prompts:], mask[prompts:] = ids[0], mask[0]
+            input_ids, attention_mask = ids, mask
+        ids = input_ids.repeat_interleave(self.num_samples, dim=0)  # generate's expansion: rows i·n … i·n+n−1
+        mask = attention_mask.repeat_interleave(self.num_samples, dim=0)
+        batch, length = ids.shape[0], width + self.max_new_tokens
+        device = ids.device
+
+        warpers = LogitsProcessorList()
+        if self.temperature not in (0, 1):
+            warpers.append(TemperatureLogitsWarper(self.temperature))
+        if self.temperature != 0 and self.top_k:
+            warpers.append(TopKLogitsWarper(self.top_k))
+        if self.temperature != 0 and self.top_p < 1:
+            warpers.append(TopPLogitsWarper(self.top_p))
+        eos = torch.tensor(_as_list(config.eos_token_id), device=device)
+        synced = _zero3_processes() > 1
+
+        dtype = next(model.parameters()).dtype
+        cache = self._static_cache(model, batch, length, dtype)
+        full_mask = torch.zeros((batch, length), dtype=mask.dtype, device=device)
+        full_mask[:, :width] = mask
+        position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        step = self._step(model, compiling)
+        cache_key = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5.2x
+        last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}  # no (rows, width, V)
+        out = model(input_ids=ids, attention_mask=full_mask, position_ids=position, **{cache_key: cache},
+                    cache_position=torch.arange(width, device=device), use_cache=True, **last_only)
+        logits = out.logits[:, -1].float()
+        del out
+        position = position[:, -1:]
+        tokens = torch.full((batch, self.max_new_tokens), pad, dtype=torch.long, device=device)
+        unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        for t in range(self.max_new_tokens):
+            scores = warpers(tokens[:, :t], logits)
+            if self.temperature == 0:
+                new = scores.argmax(dim=-1)
+            else:
+                new = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            new = torch.where(unfinished, new, pad)
+            tokens[:, t] = new
+            unfinished &= ~torch.isin(new, eos)
+            if t + 1 == self.max_new_tokens or (not synced and not bool(unfinished.any())):
+                tokens = tokens[:, : t + 1]
+                break
+            full_mask[:, width + t] = 1
+            position = position + 1
+            if compiling:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = step(input_ids=new[:, None], attention_mask=full_mask, position_ids=position,
+                          **{cache_key: cache}, cache_position=torch.tensor([width + t], device=device),
+                          use_cache=True).logits[:, -1].float()
+        return tokens[:rows]
+
+
+def _accepts(model, name: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper forwards kwargs
+    return name in inspect.signature(base.forward).parameters
+
+
+def _as_list(value) -> list[int]:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _zero3_processes() -> int:
+    """The number of processes when DeepSpeed ZeRO-3 partitions the model (each must run every forward), else 1."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled() or not torch.distributed.is_initialized():
+        return 1
+    return torch.distributed.get_world_size()
+
+
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token id lists into ``input_ids`` and ``attention_mask`` of shape (N, T)."""
     width = max(len(s) for s in sequences)
@@ -199,3 +377,4 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> t
 @hookimpl
 def register_samplers(register):
     register(GenerateSampler)
+    register(StaticCacheSampler)
