@@ -1,5 +1,6 @@
 """Train-step memory of sequence log-probs against the vocabulary size: bpo-lightning's chunked path from hidden
-states, the previous path (full logits, log-softmax chunked over positions) and a naive full log-softmax.
+states, the previous path (full logits, log-softmax chunked over positions), a naive full log-softmax and, with
+``--trl-python``, TRL's online DPO trainer's own ``_forward`` (run by that Python, where trl is installed).
 
 Each cell runs in a fresh process: a 2-layer GPT-2 (hidden 64, tied head) with V tokens, 4 pairs (8 sequences) of
 128 tokens (16 prompt + 112 response), one forward + backward of the summed response log-probs. Extra memory is the
@@ -8,6 +9,7 @@ gradient buffers already exist), shown as a multiple of the fp32 logits tensor (
 
     python benchmarks/logprob_memory.py                 # V = 32k, 128k, 256k
     python benchmarks/logprob_memory.py --vocab 32000 --repeats 3
+    python benchmarks/logprob_memory.py --trl-python .venv-trl/bin/python   # + TRL (see trl_online_dpo.py)
 """
 
 from __future__ import annotations
@@ -43,7 +45,16 @@ def cell(variant: str, vocab: int, chunk: int) -> dict:
     loss_mask[:, PROMPT:] = 1
 
     def step(ids, attention, loss_mask):
-        if variant == "bpo":
+        if variant == "trl":  # OnlineDPOTrainer._forward: full logits, log_softmax, gather; masked sum as TRL does
+            from types import SimpleNamespace
+
+            from trl.experimental.online_dpo import OnlineDPOTrainer
+
+            prompt = int((loss_mask[0] == 0).sum()) or 1
+            per_token = OnlineDPOTrainer._forward(SimpleNamespace(max_length=T), model, ids[:, :prompt],
+                                                  attention[:, :prompt], ids[:, prompt:], attention[:, prompt:])
+            sums = per_token.sum(-1)
+        elif variant == "bpo":
             sums = sequence_logps(model, ids, attention, loss_mask, chunk).sums
         else:
             logits = model(input_ids=ids, attention_mask=attention).logits  # (N, T, V)
@@ -71,6 +82,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs="+", default=[32_000, 128_000, 256_000])
     parser.add_argument("--repeats", type=int, default=1, help="processes per cell (the minimum is shown)")
     parser.add_argument("--chunk", type=int, default=32, help="positions per chunk (model.logprob_chunk_size)")
+    parser.add_argument("--trl-python", help="a Python with trl installed: adds TRL's column")
     parser.add_argument("--cell", nargs=2, metavar=("VARIANT", "VOCAB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
@@ -79,24 +91,27 @@ def main() -> None:
     # large blocks straight from mmap, so that freed memory leaves the RSS and its peak is the live memory's peak
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     results = {}
+    variants = VARIANTS + (("trl",) if args.trl_python else ())
     for vocab in args.vocab:
-        for variant in VARIANTS:
+        for variant in variants:
             runs = []
             for _ in range(args.repeats):
-                command = [sys.executable, __file__, "--cell", variant, str(vocab), "--chunk", str(args.chunk)]
+                python = args.trl_python if variant == "trl" else sys.executable
+                command = [python, __file__, "--cell", variant, str(vocab), "--chunk", str(args.chunk)]
                 out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
                 runs.append(json.loads(out.strip().splitlines()[-1]))
             results[variant, vocab] = min(runs, key=lambda r: r["extra"])
     mib = 2**20
     print(f"train-step extra memory, {N} sequences x {T} tokens, GPT-2 2x64 with V tokens, chunks of {args.chunk} "
           "positions (multiple of the fp32 logits tensor)")
-    print(f"{'V':>8} | {'fp32 logits':>11} | " + " | ".join(f"{v:>20}" for v in VARIANTS) + " | bpo / naive")
+    print(f"{'V':>8} | {'fp32 logits':>11} | " + " | ".join(f"{v:>20}" for v in variants) + " | bpo / naive"
+          + (" | bpo / TRL" if args.trl_python else ""))  # fmt: skip
     for vocab in args.vocab:
-        row = [results[v, vocab] for v in VARIANTS]
+        row = [results[v, vocab] for v in variants]
         cells = [f"{r['extra'] / mib:8.0f} MiB {r['extra'] / r['logits']:5.2f}x" for r in row]
-        ratio = row[0]["extra"] / row[2]["extra"]
+        ratios = [row[0]["extra"] / row[2]["extra"]] + ([row[0]["extra"] / row[3]["extra"]] if args.trl_python else [])
         print(f"{vocab:>8} | {row[0]['logits'] / mib:7.0f} MiB | " + " | ".join(f"{c:>20}" for c in cells)
-              + f" | {ratio:.2f}")  # fmt: skip
+              + "".join(f" | {r:.2f}" for r in ratios))  # fmt: skip
 
 
 if __name__ == "__main__":
