@@ -3,7 +3,7 @@
 Each run's ``PhaseReport`` writes ``report.json`` (one entry per phase: evaluation and training summaries) and
 ``plots/phases.png`` (when the fit ends) into the run directory. Compare runs, finished or running, with::
 
-    bpo compare runs/quickstart/bpo runs/quickstart/offline_dpo --out compare.png
+    bpo compare runs/recipes/bpo runs/recipes/offline_dpo --out compare.png
 """
 
 from __future__ import annotations

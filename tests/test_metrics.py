@@ -185,3 +185,20 @@ def test_importance_kl_sampled_categorical():
     out = _values(metric.compute())
     assert out["stderr"] == pytest.approx(sigma / math.sqrt(N_SAMPLES), rel=0.1)
     assert abs(out["kl"] - KL_PQ) < 4 * sigma / math.sqrt(N_SAMPLES)
+
+
+def test_metrics_csv_writes_float32_values_in_their_shortest_form(tmp_path):
+    import torch
+
+    from bpo_lightning.logs import RunCSVLogger
+
+    logger = RunCSVLogger(save_dir=str(tmp_path), name="", version="")
+    f32 = float(torch.tensor(0.9))  # what Lightning hands over for a float32 metric: 0.8999999761581421
+    assert repr(f32) == "0.8999999761581421"
+    logger.log_metrics({"f32": f32, "f64": 0.1, "third": 1 / 3, "big": 1e300, "nan": float("nan"), "n": 7}, step=3)
+    logger.save()
+    header, row = (tmp_path / "metrics.csv").read_text().splitlines()
+    values = dict(zip(header.split(","), row.split(","), strict=True))
+    assert values == {"f32": "0.9", "f64": "0.1", "third": repr(1 / 3), "big": "1e+300", "nan": "nan", "n": "7",
+                      "step": "3"}  # fmt: skip
+    assert torch.tensor(float(values["f32"])) == torch.tensor(f32)  # the same float32 when read back
