@@ -58,7 +58,8 @@ def sequence_logps(
     """Summed response log-probabilities of a causal LM, without ever holding an (N, T, V) logits tensor.
 
     The backbone's hidden states at the response positions are gathered, (M, H), and the output head plus
-    logsumexp run over ``chunk_size`` of them at a time; with gradients, each chunk is recomputed in the backward
+    logsumexp run over ``chunk_size`` of them at a time (more with a vocabulary under 32,768 tokens: see
+    ``chunk_positions``); with gradients, each chunk is recomputed in the backward
     pass (activation checkpointing), so the extra memory is one chunk's (chunk_size, V) float32 logits and their
     gradient, whatever T. A model whose logits are not ``head(hidden states)`` (see ``split_head``) is scored from its
     full logits instead, chunked over positions (``token_logps``).
@@ -67,6 +68,7 @@ def sequence_logps(
     discarded). Under ZeRO-3 every call of the head is collective, so every process must make as many.
     """
     split = split_head(model)
+    chunk_size = chunk_positions(model, chunk_size)
     mask = loss_mask[:, 1:].bool()  # position t predicts token t+1
     counts = mask.sum(-1).to(torch.float32)
     if split is None:
@@ -92,6 +94,17 @@ def sequence_logps(
     if padding:  # kept in the graph with weight 0, so the backward pass recomputes them as well
         sums = sums + 0.0 * torch.cat(padding).sum()
     return SequenceLogps(sums, counts)
+
+
+SMALL_VOCAB = 32_768
+
+
+def chunk_positions(model: torch.nn.Module, chunk_size: int) -> int:
+    """Positions per chunk: ``chunk_size`` at vocabularies of 32,768 tokens or more; proportionally more below, so
+    that a chunk's logits never exceed ``chunk_size`` × 32,768 values (a small vocabulary then needs few chunks,
+    each a recomputed head call)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or SMALL_VOCAB
+    return max(chunk_size, chunk_size * SMALL_VOCAB // vocab)
 
 
 def _head_logps(head: torch.nn.Module, cap: float | None, states: torch.Tensor, targets: torch.Tensor):

@@ -37,7 +37,7 @@ from bpo_lightning.distributed import (
 )
 from bpo_lightning.errors import InputError
 from bpo_lightning.evaluation import Evaluation, EvaluationMetrics, evaluation_step, response_batch, save_records
-from bpo_lightning.logprobs import sequence_logps
+from bpo_lightning.logprobs import chunk_positions, sequence_logps
 from bpo_lightning.lora import LoRA
 from bpo_lightning.losses import DPOLoss, PreferenceLoss
 from bpo_lightning.metrics import importance_kl_terms
@@ -67,7 +67,8 @@ class BPOModule(L.LightningModule):
         lr_schedule: ``linear`` decay to 0 over the whole run (paper), or ``constant``.
         disable_dropout: set every dropout probability to 0 (paper), so π_θ and π_β agree at a phase start.
         logprob_chunk_size: response positions whose logits exist at once when log-probs are computed (memory vs
-            speed; ``benchmarks/logprob_memory.py``).
+            speed; ``benchmarks/logprob_memory.py``), at vocabularies of 32,768 tokens or more; a smaller vocabulary
+            takes proportionally more positions per chunk (the same memory).
         scoring_batch_size: pairs per forward pass when behavior/reference log-probs are computed.
         offload_snapshots: keep behavior/initial weight snapshots in CPU memory.
         gather_for_sampling: under ZeRO-3, gather the whole policy on every process while it samples (once per
@@ -292,7 +293,8 @@ class BPOModule(L.LightningModule):
         ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
         size, least = self.hparams.logprob_chunk_size, 0
         if self.lockstep:  # ZeRO-3: the output head is called as often on every process
-            least = Ranks.of(self.trainer).most(math.ceil(int(mask[:, 1:].sum()) / size))
+            per_chunk = chunk_positions(self.policy, size)
+            least = Ranks.of(self.trainer).most(math.ceil(int(mask[:, 1:].sum()) / per_chunk))
         return sequence_logps(self.policy, ids, attn, mask, size, least)
 
     # --- training ---------------------------------------------------------------------------------------------------

@@ -3,15 +3,36 @@ the model's logits, for GPT-2 (tied head), Llama- and Qwen-style heads, Gemma's 
 policy; a model whose logits are transformed further falls back to its full logits with a warning."""
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 import transformers
 from torch.testing import assert_close
 
-from bpo_lightning.logprobs import right_padded, sequence_logps, split_head
+import bpo_lightning.logprobs as logprobs
+from bpo_lightning.logprobs import chunk_positions, right_padded, sequence_logps, split_head
 
 V = 97
+
+
+@pytest.fixture(autouse=True)
+def chunks_of_chunk_size(monkeypatch):
+    """This file's models have 97 tokens, which ``chunk_positions`` would score in one chunk: test the chunk loop
+    with ``chunk`` positions per chunk, as a large vocabulary has."""
+    monkeypatch.setattr(logprobs, "SMALL_VOCAB", 0)
+
+
+def test_small_vocabularies_take_more_positions_per_chunk(monkeypatch):
+    monkeypatch.setattr(logprobs, "SMALL_VOCAB", 32_768)
+    sized = [chunk_positions(SimpleNamespace(config=SimpleNamespace(vocab_size=v)), 32) for v in (768, 32_768, 262_144)]
+    assert sized == [32 * 32_768 // 768, 32, 32]  # a chunk holds at most 32 × 32,768 logits
+    model = tiny("gpt2").eval()
+    b = batch()
+    one = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], 1).sums  # 337 positions a chunk
+    monkeypatch.setattr(logprobs, "SMALL_VOCAB", 0)
+    per_position = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], 1).sums
+    assert_close(one, per_position, atol=1e-5, rtol=1e-5)
 
 
 def tiny(kind: str):
