@@ -58,7 +58,7 @@ def sequence_logps(
     """Summed response log-probabilities of a causal LM, without ever holding an (N, T, V) logits tensor.
 
     The backbone's hidden states at the response positions are gathered, (M, H), and the output head plus
-    logsumexp run over ``chunk_size`` of them at a time (more with a vocabulary under 32,768 tokens: see
+    logsumexp run over ``chunk_size`` of them at a time (more with a vocabulary under 131,072 tokens: see
     ``chunk_positions``); with gradients, each chunk is recomputed in the backward
     pass (activation checkpointing), so the extra memory is one chunk's (chunk_size, V) float32 logits and their
     gradient, whatever T. A model whose logits are not ``head(hidden states)`` (see ``split_head``) is scored from its
@@ -96,15 +96,15 @@ def sequence_logps(
     return SequenceLogps(sums, counts)
 
 
-SMALL_VOCAB = 32_768
+FULL_CHUNK_VOCAB = 131_072  # vocabularies this large or larger take chunk_size positions per chunk
 
 
 def chunk_positions(model: torch.nn.Module, chunk_size: int) -> int:
-    """Positions per chunk: ``chunk_size`` at vocabularies of 32,768 tokens or more; proportionally more below, so
-    that a chunk's logits never exceed ``chunk_size`` × 32,768 values (a small vocabulary then needs few chunks,
+    """Positions per chunk: ``chunk_size`` at vocabularies of 131,072 tokens or more; proportionally more below, so
+    that a chunk's logits never exceed ``chunk_size`` × 131,072 values (a smaller vocabulary then needs fewer chunks,
     each a recomputed head call)."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or SMALL_VOCAB
-    return max(chunk_size, chunk_size * SMALL_VOCAB // vocab)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or FULL_CHUNK_VOCAB
+    return max(chunk_size, chunk_size * FULL_CHUNK_VOCAB // vocab)
 
 
 def _head_logps(head: torch.nn.Module, cap: float | None, states: torch.Tensor, targets: torch.Tensor):

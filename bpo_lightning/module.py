@@ -67,7 +67,7 @@ class BPOModule(L.LightningModule):
         lr_schedule: ``linear`` decay to 0 over the whole run (paper), or ``constant``.
         disable_dropout: set every dropout probability to 0 (paper), so π_θ and π_β agree at a phase start.
         logprob_chunk_size: response positions whose logits exist at once when log-probs are computed (memory vs
-            speed; ``benchmarks/logprob_memory.py``), at vocabularies of 32,768 tokens or more; a smaller vocabulary
+            speed; ``benchmarks/logprob_memory.py``), at vocabularies of 131,072 tokens or more; a smaller vocabulary
             takes proportionally more positions per chunk (the same memory).
         scoring_batch_size: pairs per forward pass when behavior/reference log-probs are computed.
         offload_snapshots: keep behavior/initial weight snapshots in CPU memory.

@@ -20,17 +20,17 @@ V = 97
 def chunks_of_chunk_size(monkeypatch):
     """This file's models have 97 tokens, which ``chunk_positions`` would score in one chunk: test the chunk loop
     with ``chunk`` positions per chunk, as a large vocabulary has."""
-    monkeypatch.setattr(logprobs, "SMALL_VOCAB", 0)
+    monkeypatch.setattr(logprobs, "FULL_CHUNK_VOCAB", 0)
 
 
 def test_small_vocabularies_take_more_positions_per_chunk(monkeypatch):
-    monkeypatch.setattr(logprobs, "SMALL_VOCAB", 32_768)
-    sized = [chunk_positions(SimpleNamespace(config=SimpleNamespace(vocab_size=v)), 32) for v in (768, 32_768, 262_144)]
-    assert sized == [32 * 32_768 // 768, 32, 32]  # a chunk holds at most 32 × 32,768 logits
+    monkeypatch.setattr(logprobs, "FULL_CHUNK_VOCAB", 131_072)
+    sized = [chunk_positions(SimpleNamespace(config=SimpleNamespace(vocab_size=v)), 32) for v in (768, 49_152, 262_144)]
+    assert sized == [5461, 85, 32]  # a chunk holds at most 32 × 131,072 logits
     model = tiny("gpt2").eval()
     b = batch()
-    one = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], 1).sums  # 337 positions a chunk
-    monkeypatch.setattr(logprobs, "SMALL_VOCAB", 0)
+    one = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], 1).sums  # 1351 positions a chunk
+    monkeypatch.setattr(logprobs, "FULL_CHUNK_VOCAB", 0)
     per_position = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], 1).sums
     assert_close(one, per_position, atol=1e-5, rtol=1e-5)
 
