@@ -9,23 +9,17 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
-from transformers import (
-    GenerationConfig,
-    LogitsProcessorList,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    StaticCache,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from bpo_lightning.arguments import RecordsArguments
 from bpo_lightning.errors import InputError
 from bpo_lightning.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # transformers is imported when sampling starts, not when plugins are listed
+    from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 def encode_prompt(
@@ -143,6 +137,8 @@ class GenerateSampler(Sampler):
         return {"class": type(self).__name__, **{k: getattr(self, k) for k in keys}, **extra}
 
     def generation_config(self, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+        from transformers import GenerationConfig
+
         greedy = self.temperature == 0
         sampling = {} if greedy else {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
         return GenerationConfig(
@@ -273,6 +269,8 @@ class StaticCacheSampler(GenerateSampler):
         key = (id(model), rows, length, dtype, model.device)
         if self._cache is None or self._cache[0] != key:
             self._cache = None  # free the previous one first
+            from transformers import StaticCache
+
             self._cache = (key, StaticCache(config=model.config, max_cache_len=length))
         cache = self._cache[1]
         cache.reset()
@@ -297,6 +295,8 @@ class StaticCacheSampler(GenerateSampler):
         mask = attention_mask.repeat_interleave(self.num_samples, dim=0)
         batch, length = ids.shape[0], width + self.max_new_tokens
         device = ids.device
+
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
         warpers = LogitsProcessorList()
         if self.temperature not in (0, 1):

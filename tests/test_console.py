@@ -50,6 +50,18 @@ def test_help_and_the_cli_module_import_no_torch():
     assert done.returncode == 0, done.stderr
 
 
+def test_listing_plugins_imports_torch_only():
+    """``bpo plugins`` needs the plugin classes (losses are torch modules), not transformers, Lightning or DeepSpeed."""
+    code = ("import sys, io, contextlib, bpo_lightning.cli as cli\n"
+            "out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out):\n    cli.main(['plugins'])\n"
+            "assert 'StaticCacheSampler' in out.getvalue() and 'DPOLoss' in out.getvalue(), out.getvalue()\n"
+            "heavy = [m for m in ('lightning', 'transformers', 'datasets', 'deepspeed', 'peft') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.parametrize("command", ["predict", "train"])
 def test_a_command_that_is_not_ours_is_one_line(command):
     done = _bpo(command, "--config", QUICKSTART)
