@@ -20,3 +20,24 @@ def test_bpo_phase_on_gpu(tmp_path, sft_dir):
     trainer.fit(module, datamodule=data)
     assert module.policy.device.type == "cuda"
     assert sorted(data.stats) == [0, 1] and all(s.kept > 0 for s in data.stats.values())
+
+
+def test_compiled_static_cache_sampler_on_gpu(sft_dir):
+    """On CUDA the decode step is compiled once (CUDA graphs) and reused by every block; a bfloat16 policy samples
+    valid responses, and the eager loop on the same GPU draws responses of the same form."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bpo_lightning.prompts import ReviewPrompts, model_input
+    from bpo_lightning.sampling import StaticCacheSampler
+
+    model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.bfloat16).cuda().eval()
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    prompts = [model_input(row) for row in ReviewPrompts("prompts").load("data.prompts")][:40]
+    sampler = StaticCacheSampler(batch_size=16, max_new_tokens=24, progress=False)  # compile: null = on CUDA
+    first = sampler.sample(model, tokenizer, prompts, seed=0)  # 3 blocks, the last one padded to 16 prompts
+    again = sampler.sample(model, tokenizer, prompts, seed=0)
+    assert len(sampler._steps) == 1  # one compiled step for the whole run
+    assert len(first.response_ids) == 40 and all(len(pair) == 2 for pair in first.response_ids)
+    assert again.response_ids == first.response_ids  # the same seed draws the same tokens
+    assert all(0 < len(r) <= 24 or done for rs, ds in zip(first.response_ids, first.finished, strict=True)
+               for r, done in zip(rs, ds, strict=True))  # fmt: skip
