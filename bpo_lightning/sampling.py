@@ -203,8 +203,8 @@ class StaticCacheSampler(GenerateSampler):
     The behavior LLM is frozen for a whole phase and its shapes repeat from block to block, so the decode step can
     be compiled once per run: prompt widths are rounded up to a multiple of ``prompt_bucket`` and, when compiling,
     a short last block is padded to ``batch_size`` prompts, so a run meets a handful of shapes. Compiling is
-    worth it on CUDA (``compile: null`` compiles there) and not on CPU, where the loop runs eagerly and saves
-    ``generate``'s per-step bookkeeping instead.
+    worth it on CUDA (``compile: null`` compiles there); on CPU the loop runs eagerly, about as fast as ``generate``
+    (``benchmarks/sampler_speed.py``).
 
     Sampling is the same as ``GenerateSampler``'s: transformers' own temperature, top-k and top-p warpers, one
     multinomial draw per step over all rows, pad after EOS; run eagerly it draws the same tokens as ``generate``
