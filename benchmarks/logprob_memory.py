@@ -102,8 +102,8 @@ def main() -> None:
                 runs.append(json.loads(out.strip().splitlines()[-1]))
             results[variant, vocab] = min(runs, key=lambda r: r["extra"])
     mib = 2**20
-    print(f"train-step extra memory, {N} sequences x {T} tokens, GPT-2 2x64 with V tokens, chunks of {args.chunk} "
-          "positions (multiple of the fp32 logits tensor)")
+    print(f"train-step extra memory, {N} sequences x {T} tokens, GPT-2 2x64 with V tokens, logprob_chunk_size "
+          f"{args.chunk} (positions per chunk at V >= 131,072, more below) as a multiple of the fp32 logits tensor")
     print(f"{'V':>8} | {'fp32 logits':>11} | " + " | ".join(f"{v:>20}" for v in variants) + " | bpo / naive"
           + (" | bpo / TRL" if args.trl_python else ""))  # fmt: skip
     for vocab in args.vocab:
