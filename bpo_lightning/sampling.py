@@ -252,8 +252,8 @@ class StaticCacheSampler(GenerateSampler):
     def __getstate__(self) -> dict:  # caches and compiled graphs are not pickled with the sampler
         return {**self.__dict__, "_cache": None, "_steps": {}}
 
-    def _compiling(self, model) -> bool:
-        if self.compile is False or _zero3_processes() > 1:
+    def _compiling(self, model, synced: bool) -> bool:
+        if self.compile is False or synced:  # ZeRO-3's hooks gather parameters inside the forward
             return False
         return bool(self.compile) or model.device.type == "cuda"
 
@@ -280,7 +280,8 @@ class StaticCacheSampler(GenerateSampler):
         self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig
     ) -> torch.Tensor:
         prompts, rows = input_ids.shape[0], input_ids.shape[0] * self.num_samples
-        compiling = self._compiling(model)
+        synced = _zero3_processes() > 1  # every process must run as many forwards: no early stop, no compiling
+        compiling = self._compiling(model, synced)
         width = -(-input_ids.shape[1] // self.prompt_bucket) * self.prompt_bucket
         pad = config.pad_token_id if config.pad_token_id is not None else 0
         extra = self.batch_size - prompts if compiling and prompts < self.batch_size else 0
@@ -306,7 +307,6 @@ class StaticCacheSampler(GenerateSampler):
         if self.temperature != 0 and self.top_p < 1:
             warpers.append(TopPLogitsWarper(self.top_p))
         eos = torch.tensor(_as_list(config.eos_token_id), device=device)
-        synced = _zero3_processes() > 1
 
         dtype = next(model.parameters()).dtype
         cache = self._static_cache(model, batch, length, dtype)
