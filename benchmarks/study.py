@@ -92,6 +92,7 @@ def run_one(spec: dict, budget: int, batch: int, eval_prompts: int, work: Path) 
     module = BPOModule(
         policy=EmbeddedSFT(), loss=LOSSES[spec["loss"]](), behavior=regime["behavior"](),
         reference=regime["reference"], lora=lora, lr=5e-3 if lora else 5e-4,
+        behavior_logps="forward",  # as the recorded results were computed: a rerun reproduces them bit for bit
     )  # fmt: skip
     data = OnlineDataModule(
         prompts=ReviewPrompts("prompts"), annotator=RuleAnnotator("bpo_lightning.tasks.reviews:gold_reward"),

@@ -2,13 +2,15 @@
 
 Each round runs, each in a fresh process: bpo-lightning with the project's defaults, TRL's
 ``trl.experimental.online_dpo.OnlineDPOTrainer``, and bpo-lightning matched to TRL's loop (sampling blocks of
-TRL's 8 prompts, no checkpoints, no BOS). The workload is the same on both sides: the same model folder, the same
-prompts, 2 samples × ``--new-tokens`` tokens per prompt at temperature 1 / top-k 50, the same rule annotator,
-8 pairs per optimizer step, DPO β 0.1, AdamW (fused), full fine-tuning, no evaluation, float32 on CPU.
+TRL's 8 prompts, no checkpoints, no BOS, π_β's log-probs from a forward pass like TRL's reference forward). The
+workload is the same on both sides: the same model folder, the same prompts, 2 samples × ``--new-tokens`` tokens
+per prompt at temperature 1 / top-k 50, the same rule annotator, 8 pairs per optimizer step, DPO β 0.1, AdamW
+(fused), full fine-tuning, no evaluation, float32 on CPU.
 
 Measured per run: seconds per 1,000 trained pairs (bpo-lightning drops tied pairs; TRL trains every prompt's pair)
-of the training call (``Trainer.fit`` / ``Trainer.train``; the
-imports and model loading before it are not counted), the process CPU seconds of that call, sampled tokens per
+of the training call (``Trainer.fit`` / ``Trainer.train``; the imports, model loading and trainer construction
+before it are not counted, and neither is bpo-lightning's model loading, which Lightning runs inside ``fit`` in
+``configure_model``), the process CPU seconds of that call, sampled tokens per
 second of sampling time (the sampler's ``generate`` vs TRL's ``_generate``; a response's tokens up to its EOS), and
 the process's peak RSS (``ru_maxrss``, model loading included). Ratios are bpo / TRL per round: the median and the
 min–max over rounds.
@@ -60,14 +62,16 @@ class _Meter:
     def __init__(self) -> None:
         self.sampling_s, self.tokens, self.fit_s, self.fit_cpu_s = 0.0, 0, 0.0, 0.0
 
-    def time_fit(self, fit):
+    def time_fit(self, fit, sign: int = 1):
+        """``fit`` adding its wall and CPU seconds (``sign`` −1: taking them off, for set-up inside the fit)."""
+
         def timed(*args, **kwargs):
             wall, cpu = time.perf_counter(), time.process_time()
             try:
                 return fit(*args, **kwargs)
             finally:
-                self.fit_s += time.perf_counter() - wall
-                self.fit_cpu_s += time.process_time() - cpu
+                self.fit_s += sign * (time.perf_counter() - wall)
+                self.fit_cpu_s += sign * (time.process_time() - cpu)
 
         return timed
 
@@ -77,6 +81,7 @@ def bpo_worker(spec: dict) -> dict:
     import yaml
 
     from bpo_lightning import cli
+    from bpo_lightning.module import BPOModule
     from bpo_lightning.sampling import GenerateSampler
 
     meter = _Meter()
@@ -92,6 +97,7 @@ def bpo_worker(spec: dict) -> dict:
 
     GenerateSampler.generate = timed_generate
     lightning.Trainer.fit = meter.time_fit(lightning.Trainer.fit)
+    BPOModule.configure_model = meter.time_fit(BPOModule.configure_model, sign=-1)  # model loading: not counted
     matched = spec["variant"] == "bpo-matched"
     sampler = {"num_samples": 2, "max_new_tokens": spec["new_tokens"], "temperature": 1.0, "top_k": 50,
                "top_p": 1.0, "max_prompt_tokens": spec["prompt_tokens"], "progress": False}  # fmt: skip
@@ -118,8 +124,9 @@ def bpo_worker(spec: dict) -> dict:
             "seed": 0,
         },
     }
-    if matched:  # TRL's loop writes no checkpoint in a run this short
+    if matched:  # TRL's loop writes no checkpoint in a run this short, and runs a reference forward
         config["checkpoint"] = {"save_top_k": 0, "save_last": False}
+        config["model"]["behavior_logps"] = "forward"
     path = Path(spec["out"]) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))

@@ -47,6 +47,7 @@ def collect_phase(data, module, phase: int, ranks: Ranks) -> tuple[list[Preferen
         "annotator": data.annotator.identity,
         "seed": data.seed,
         "reference": module.reference,
+        "behavior_logps": module.hparams.get("behavior_logps", "forward"),
     }
     store = PhaseStore(data.run_dir / "data", phase)
     problem = None
@@ -70,6 +71,8 @@ def collect_phase(data, module, phase: int, ranks: Ranks) -> tuple[list[Preferen
         counters()  # what the annotator counted before (as the evaluator, say) is not this phase's
     rows = sample_and_annotate(data, module, phase, store, ranks, done=saved)
     stats, records = PhaseStats(phase), []
+    # π_β's log-probs from sampling (model.behavior_logps: sampler), or all from a forward pass
+    sampled = module.hparams.get("truncated_eos", True) if module.hparams.get("behavior_logps") == "sampler" else None
     if counters is not None:  # a judge's requests, retries, timeouts, failures, … summed over processes
         for part in ranks.gather(counters()):
             for name, n in part.items():
@@ -80,7 +83,7 @@ def collect_phase(data, module, phase: int, ranks: Ranks) -> tuple[list[Preferen
         stats.responses += len(row["responses"])
         stats.truncated += sum(not f for f in _finished(row))
         if row["status"] == "kept":
-            records.append(record_from_row(row, phase, version))
+            records.append(record_from_row(row, phase, version, sampled))
     if stats.responses and stats.truncated / stats.responses > 0.5 and ranks.rank == 0:
         limit = getattr(data.sampler, "max_new_tokens", "?")
         scored = ("scored as if they ended there (model.truncated_eos: true, the paper's convention)"
@@ -220,8 +223,8 @@ def _done(value) -> Future:
 
 
 def _subset(samples: Samples, keep: list[int]) -> Samples:
-    return Samples(*([getattr(samples, name)[k] for k in keep]
-                     for name in ("prompt_ids", "response_ids", "responses", "finished")))  # fmt: skip
+    names = ("prompt_ids", "response_ids", "responses", "finished", "logps", "eos_logps")
+    return Samples(*(None if getattr(samples, n) is None else [getattr(samples, n)[k] for k in keep] for n in names))
 
 
 def score_shared(module, records: list[PreferenceRecord], ranks: Ranks) -> None:
@@ -245,10 +248,12 @@ def annotate(
     responses the cache knows are not sent to the annotator (``origin``: the run, see ``cached_score``)."""
     rows, queries = [], []
     blocks = zip(indices, samples.prompt_ids, samples.responses, samples.response_ids, samples.finished, strict=False)
-    for index, prompt_ids, texts, ids, finished in blocks:  # `indices` may run past this block
+    for k, (index, prompt_ids, texts, ids, finished) in enumerate(blocks):  # `indices` may run past this block
         row = {"index": index, "prompt": pool[index]["prompt"], "prompt_ids": prompt_ids, "responses": texts,
                "response_ids": ids, "finished": [bool(f) for f in finished], "scores": [None] * len(texts),
                "status": "identical"}  # fmt: skip
+        if samples.logps is not None and samples.eos_logps is not None:  # π_β's own log-probs, from sampling
+            row["logps"], row["eos_logps"] = samples.logps[k], samples.eos_logps[k]
         rows.append(row)
         distinct = _distinct(texts)
         if len(distinct) >= 2:
@@ -303,15 +308,23 @@ def _choose(row: dict) -> str:
     return "kept"
 
 
-def record_from_row(row: dict, phase: int, version: int) -> PreferenceRecord:
+def record_from_row(row: dict, phase: int, version: int, truncated_eos: bool | None = None) -> PreferenceRecord:
+    """The row's pair; with ``truncated_eos`` given (not ``None``), its behavior log-probs are the sampler's, when
+    the row has them (a response's sum plus its EOS term, which a response cut at the limit gets only with
+    ``truncated_eos``), so no forward pass has to compute them again."""
     c, r = row["chosen"], row["rejected"]
     finished = _finished(row)
-    return PreferenceRecord(
+    record = PreferenceRecord(
         phase=phase, index=row["index"], prompt=row["prompt"], chosen=row["responses"][c],
         rejected=row["responses"][r], chosen_score=row["scores"][c], rejected_score=row["scores"][r],
         prompt_ids=row["prompt_ids"], chosen_ids=row["response_ids"][c], rejected_ids=row["response_ids"][r],
         behavior_version=version, chosen_finished=finished[c], rejected_finished=finished[r],
     )  # fmt: skip
+    if truncated_eos is not None and row.get("logps") is not None and row.get("eos_logps") is not None:
+        logps, eos = row["logps"], row["eos_logps"]
+        record.behavior_chosen_logps = logps[c] + (eos[c] if finished[c] or truncated_eos else 0.0)
+        record.behavior_rejected_logps = logps[r] + (eos[r] if finished[r] or truncated_eos else 0.0)
+    return record
 
 
 def _finished(row: dict) -> list[bool]:

@@ -77,6 +77,11 @@ class BPOModule(L.LightningModule):
         truncated_eos: score a response cut at ``max_new_tokens`` with an EOS term, as if it ended there (the
             paper's convention), or leave the EOS term out for such responses (``false``); the phase line shows
             the truncated share and warns when it is above half.
+        behavior_logps: where π_β's log-probabilities of a phase's pairs come from. ``sampler``: the sampler
+            records them while it draws the responses (no extra forward pass; equal to a forward pass's up to
+            float rounding, so h is 0 at a phase start only to that precision); a sampler that does not record them
+            gets a forward pass. ``forward``: a forward pass over the phase's pairs after annotation, with the
+            training forward's batch shapes (h is exactly 0 at a phase start).
     """
 
     def __init__(
@@ -99,10 +104,13 @@ class BPOModule(L.LightningModule):
         offload_snapshots: bool = True,
         gather_for_sampling: bool = False,
         truncated_eos: bool = True,
+        behavior_logps: Literal["sampler", "forward"] = "sampler",
     ) -> None:
         super().__init__()
         if reference not in ("behavior", "initial"):
             raise InputError(f"model.reference must be 'behavior' or 'initial', got {reference!r}")
+        if behavior_logps not in ("sampler", "forward"):
+            raise InputError(f"model.behavior_logps must be 'sampler' or 'forward', got {behavior_logps!r}")
         if lr <= 0:
             raise InputError(f"model.lr must be > 0, got {lr}")
         self.save_hyperparameters(ignore=["policy", "loss", "behavior", "lora", "evaluation"])
@@ -231,16 +239,19 @@ class BPOModule(L.LightningModule):
 
     @torch.no_grad()
     def score_records(self, records: list[PreferenceRecord]) -> None:
-        """Fill in the behavior and reference log-probabilities of a phase's pairs (π_β is frozen in a phase)."""
-        with self.behavior_weights(), self.precision_context():
-            behavior = self._sequence_logps(records)
+        """Fill in the behavior and reference log-probabilities of a phase's pairs (π_β is frozen in a phase); the
+        behavior log-probs a record already has (the sampler's) are kept."""
+        missing = [r for r in records if math.isnan(r.behavior_chosen_logps) or math.isnan(r.behavior_rejected_logps)]
+        if missing or self.lockstep:  # ZeRO-3: every process takes part in every forward
+            with self.behavior_weights(), self.precision_context():
+                for r, (bc, br) in zip(missing, self._sequence_logps(missing), strict=True):
+                    r.behavior_chosen_logps, r.behavior_rejected_logps = bc, br
         if self.reference == "behavior":
-            reference = behavior
+            reference = [(r.behavior_chosen_logps, r.behavior_rejected_logps) for r in records]
         else:
             with self.reference_weights(), self.precision_context():
                 reference = self._sequence_logps(records)
-        for r, (bc, br), (rc, rr) in zip(records, behavior, reference, strict=True):
-            r.behavior_chosen_logps, r.behavior_rejected_logps = bc, br
+        for r, (rc, rr) in zip(records, reference, strict=True):
             r.reference_chosen_logps, r.reference_rejected_logps = rc, rr
 
     def _sequence_logps(self, records: list[PreferenceRecord]) -> list[tuple[float, float]]:
@@ -340,6 +351,10 @@ class BPOModule(L.LightningModule):
     def _log_step(self, values: dict[str, torch.Tensor]) -> None:
         for name, value in values.items():
             self.step_metrics[name.replace("/", "_")].update(value)
+        trainer = self._trainer
+        connector = getattr(trainer, "_logger_connector", None)
+        if connector is not None and not (connector.should_update_logs or trainer.fast_dev_run):
+            return  # Lightning writes step values every log_every_n_steps steps only: the others are not logged
         self.log_dict({name: value.float().mean() for name, value in values.items()}, on_step=True, on_epoch=False)
 
     def phase_summary(self) -> dict[str, float]:

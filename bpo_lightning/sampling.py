@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,63 @@ class Samples:
     response_ids: list[list[list[int]]]  # generated tokens, cut at EOS (EOS itself not included)
     responses: list[list[str]]  # decoded response_ids
     finished: list[list[bool]]  # True when the model emitted EOS, False when cut at max_new_tokens
+    # the sampling model's own log-probabilities, when the sampler records them (else None): per response, the sum
+    # over ``response_ids`` and the EOS token's log-probability right after them (for a response cut at
+    # max_new_tokens, at the position that would have followed)
+    logps: list[list[float]] | None = None
+    eos_logps: list[list[float]] | None = None
+
+
+class LogpRecorder:
+    """The log-probabilities of the tokens a decode loop draws, from the raw logits of each forward (before
+    temperature, top-k or top-p), in float32 as the scoring forward computes them.
+
+    ``feed(logits)`` takes each forward's next-token logits, (rows, V); ``take(tokens)`` the tokens then drawn,
+    (rows,). Forward k predicts token k, so after ``n + 1`` forwards the sums over any response of at most ``n``
+    tokens and the EOS log-probability after it are known (``totals``)."""
+
+    def __init__(self, eos_token_id: int) -> None:
+        self.eos = eos_token_id
+        self.token: list[torch.Tensor] = []  # per position: log p(drawn token), (rows,)
+        self.end: list[torch.Tensor] = []  # per position: log p(EOS), (rows,)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.broken = False  # a forward without input ids: positions unknown
+
+    def feed(self, logits: torch.Tensor) -> None:
+        logits = logits.float()
+        norm = logits.logsumexp(-1)
+        self.end.append(logits[:, self.eos] - norm)
+        self._pending = (logits, norm)
+
+    def take(self, tokens: torch.Tensor) -> None:
+        if self._pending is None:
+            return
+        logits, norm = self._pending
+        self._pending = None
+        if len(self.token) < len(self.end):
+            self.token.append(logits.gather(-1, tokens.reshape(-1, 1).to(logits.device)).squeeze(-1) - norm)
+
+    def hook(self, module, args, kwargs, output) -> None:
+        """A forward hook (``with_kwargs=True``) for a model that ``generate`` calls once per token."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        logits = getattr(output, "logits", None)
+        if ids is None or logits is None:
+            self.broken = True
+            return
+        if self._pending is not None:
+            self.take(ids[:, -1])
+        self.feed(logits[:, -1])
+
+    def totals(self, lengths: list[int]) -> tuple[list[float], list[float]] | None:
+        """Per row: the sum over its first ``lengths[row]`` tokens and log p(EOS) after them; ``None`` when a row's
+        positions were not all computed (a generate that made fewer forwards, or no usable hook)."""
+        if self.broken or not lengths or max(lengths) >= len(self.end) or max(lengths) > len(self.token):
+            return None
+        rows = len(lengths)
+        token = torch.stack(self.token, 1)[:rows].double().cpu() if self.token else torch.zeros(rows, 0)
+        end = torch.stack(self.end, 1)[:rows].double().cpu()
+        sums = [float(token[r, :n].sum()) for r, n in enumerate(lengths)]
+        return sums, [float(end[r, n]) for r, n in enumerate(lengths)]
 
 
 class Sampler(RecordsArguments):
@@ -67,10 +125,19 @@ class Sampler(RecordsArguments):
     def sample(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, seed: int
     ) -> Samples:
-        out = Samples([], [], [], [])
+        out, blocks = Samples([], [], [], [], [], []), 0
         for _, block in self.sample_batches(model, tokenizer, prompts, seed=seed):
+            blocks += 1
             for name in ("prompt_ids", "response_ids", "responses", "finished"):
                 getattr(out, name).extend(getattr(block, name))
+            for name in ("logps", "eos_logps"):
+                mine = getattr(out, name)
+                if mine is not None and getattr(block, name) is not None:
+                    mine.extend(getattr(block, name))
+                else:
+                    setattr(out, name, None)  # log-probs for all responses or for none
+        if not blocks:
+            out.logps = out.eos_logps = None
         return out
 
     def settings(self) -> dict:
@@ -156,6 +223,9 @@ class GenerateSampler(Sampler):
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[dict]], *, seed: int
     ) -> Iterator[tuple[int, Samples]]:
         config = self.generation_config(tokenizer)
+        # one forward more than the longest response: the EOS log-probability after a response cut at the limit
+        # (the extra token drawn there is dropped; each block's random stream is its own, so nothing else changes)
+        config.max_new_tokens = self.max_new_tokens + 1
         was_training = model.training
         model.eval()
         devices = [model.device] if model.device.type == "cuda" else []
@@ -169,10 +239,24 @@ class GenerateSampler(Sampler):
                 with torch.no_grad(), torch.random.fork_rng(devices=devices):  # keep the training RNG stream
                     torch.manual_seed(seed + start)  # a block's samples do not depend on earlier blocks
                     input_ids, attention_mask = left_pad(batch, tokenizer.pad_token_id, model.device)
-                    generated = self.generate(model, input_ids, attention_mask, config)  # (b·n, new)
-                yield start, self._collect(batch, generated.tolist(), tokenizer)
+                    recorder = LogpRecorder(tokenizer.eos_token_id)
+                    with self.recording(model, recorder):
+                        generated = self.generate(model, input_ids, attention_mask, config)  # (b·n, ≤ new + 1)
+                generated = generated[:, : self.max_new_tokens]
+                yield start, self._collect(batch, generated.tolist(), tokenizer, recorder)
         finally:
             model.train(was_training)
+
+    @contextmanager
+    def recording(self, model: PreTrainedModel, recorder: LogpRecorder):
+        """Context in which every forward of ``model`` that ``generate`` makes feeds ``recorder`` (a forward hook
+        on the transformers model; a PEFT wrapper's generate calls its base model)."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        handle = base.register_forward_hook(recorder.hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def generate(
         self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig
@@ -181,18 +265,27 @@ class GenerateSampler(Sampler):
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         return out[:, input_ids.shape[1] :]
 
-    def _collect(self, prompt_ids: list[list[int]], generated: list[list[int]], tokenizer) -> Samples:
+    def _collect(
+        self, prompt_ids: list[list[int]], generated: list[list[int]], tokenizer, recorder: LogpRecorder | None = None
+    ) -> Samples:
         out = Samples(prompt_ids, [], [], [])
         eos = tokenizer.eos_token_id
+        lengths = []
         for i in range(0, len(generated), self.num_samples):
             ids, done = [], []
             for seq in generated[i : i + self.num_samples]:
                 end = seq.index(eos) if eos in seq else len(seq)
                 ids.append(seq[:end])
                 done.append(end < len(seq))
+                lengths.append(end)
             out.response_ids.append(ids)
             out.finished.append(done)
             out.responses.append(tokenizer.batch_decode(ids, skip_special_tokens=True))
+        totals = recorder.totals(lengths) if recorder is not None else None
+        if totals is not None:
+            n = self.num_samples
+            out.logps = [totals[0][i : i + n] for i in range(0, len(lengths), n)]
+            out.eos_logps = [totals[1][i : i + n] for i in range(0, len(lengths), n)]
         return out
 
 
@@ -241,6 +334,7 @@ class StaticCacheSampler(GenerateSampler):
         self.prompt_bucket = prompt_bucket
         self._cache = None  # (key, StaticCache), reused while the shapes repeat
         self._steps = {}  # id(model) -> compiled forward
+        self._recorder: LogpRecorder | None = None
 
     def settings(self) -> dict:
         # the sampled distribution is GenerateSampler's: how it is computed is not provenance
@@ -250,7 +344,16 @@ class StaticCacheSampler(GenerateSampler):
         return base
 
     def __getstate__(self) -> dict:  # caches and compiled graphs are not pickled with the sampler
-        return {**self.__dict__, "_cache": None, "_steps": {}}
+        return {**self.__dict__, "_cache": None, "_steps": {}, "_recorder": None}
+
+    @contextmanager
+    def recording(self, model: PreTrainedModel, recorder: LogpRecorder):
+        # fed by the decode loop itself: a hook would change the compiled graph's guards at every block
+        self._recorder = recorder
+        try:
+            yield
+        finally:
+            self._recorder = None
 
     def _compiling(self, model, synced: bool) -> bool:
         if self.compile is False or synced:  # ZeRO-3's hooks gather parameters inside the forward
@@ -294,8 +397,10 @@ class StaticCacheSampler(GenerateSampler):
             input_ids, attention_mask = ids, mask
         ids = input_ids.repeat_interleave(self.num_samples, dim=0)  # generate's expansion: rows i·n … i·n+n−1
         mask = attention_mask.repeat_interleave(self.num_samples, dim=0)
-        batch, length = ids.shape[0], width + self.max_new_tokens
+        new_tokens = config.max_new_tokens
+        batch, length = ids.shape[0], width + new_tokens
         device = ids.device
+        recorder = self._recorder
 
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -321,18 +426,22 @@ class StaticCacheSampler(GenerateSampler):
         logits = out.logits[:, -1].float()
         del out
         position = position[:, -1:]
-        tokens = torch.full((batch, self.max_new_tokens), pad, dtype=torch.long, device=device)
+        tokens = torch.full((batch, new_tokens), pad, dtype=torch.long, device=device)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-        for t in range(self.max_new_tokens):
+        for t in range(new_tokens):
+            if recorder is not None:
+                recorder.feed(logits)
             scores = warpers(tokens[:, :t], logits)
             if self.temperature == 0:
                 new = scores.argmax(dim=-1)
             else:
                 new = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
             new = torch.where(unfinished, new, pad)
+            if recorder is not None:
+                recorder.take(new)
             tokens[:, t] = new
             unfinished &= ~torch.isin(new, eos)
-            if t + 1 == self.max_new_tokens or (not synced and not bool(unfinished.any())):
+            if t + 1 == new_tokens or (not synced and not bool(unfinished.any())):
                 tokens = tokens[:, : t + 1]
                 break
             full_mask[:, width + t] = 1

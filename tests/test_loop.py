@@ -256,3 +256,43 @@ def test_linear_decay_reaches_zero_after_the_last_step_taken_whatever_the_drops(
     last = lrs.before_step[-math.ceil(kept[1] / 8) :] + [0.0]
     decrements = [a - b for a, b in zip(last, last[1:], strict=False)]
     assert_close(torch.tensor(decrements), torch.full((len(decrements),), decrements[0]), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sampler", "forward"])
+def test_behavior_log_probs_from_the_sampler_or_a_forward_pass(tmp_path, sft_dir, monkeypatch, mode):
+    """``model.behavior_logps: sampler`` takes π_β's log-probs from sampling: no scoring forward runs (the reference
+    is π_β), and h at a phase's first step is 0 to float32 rounding. ``forward`` scores the pairs with a forward
+    pass in the training batch's shape: h is exactly 0 there. Both store the same values to 1e-4."""
+    from bpo_lightning.module import BPOModule
+
+    scored = []
+    original = BPOModule._sequence_logps
+    monkeypatch.setattr(BPOModule, "_sequence_logps", lambda self, records: scored.append(len(records)) or
+                        original(self, records))  # fmt: skip
+    no_kl = Evaluation(kl_samples=0)
+    module, data, recorder = run(tmp_path, sft_dir, budget=32, num_phases=2, evaluation=no_kl, behavior_logps=mode,
+                                 scoring_batch_size=8)  # fmt: skip
+    pairs = sum(len(load_pairs(tmp_path, phase)) for phase in range(2))
+    assert pairs > 20
+    assert sum(scored) == (0 if mode == "sampler" else pairs)
+    for phase in range(2):
+        first = module.loss.margins[recorder.first_call[phase]]
+        if mode == "forward":
+            assert torch.equal(first, torch.zeros_like(first))
+        else:
+            assert 0 < first.abs().max() < 2e-4  # float rounding, not a different model
+        records = load_pairs(tmp_path, phase)
+        chosen, rejected = fresh_logps(sft_dir, records, module.tokenizer, recorder.end_weights.get(phase - 1))
+        assert_close(torch.tensor([r.behavior_chosen_logps for r in records]), chosen, atol=1e-4, rtol=0)
+        assert_close(torch.tensor([r.behavior_rejected_logps for r in records]), rejected, atol=1e-4, rtol=0)
+    assert json.loads((tmp_path / "data" / "phase_0000.json").read_text())["provenance"]["behavior_logps"] == mode
+
+
+def test_a_bad_behavior_logps_mode_is_refused(sft_dir):
+    from bpo_lightning.errors import InputError
+    from bpo_lightning.module import BPOModule
+    from bpo_lightning.policy import Pretrained
+
+    with pytest.raises(InputError, match="model.behavior_logps must be 'sampler' or 'forward', got 'both'"):
+        BPOModule(policy=Pretrained(str(sft_dir)), behavior_logps="both")

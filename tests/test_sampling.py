@@ -68,3 +68,40 @@ def test_compiled_decode_step_draws_the_eager_tokens(policy, prompts):
     assert compiled.sample(model, tokenizer, prompts[:32], seed=5).response_ids == eager.response_ids
     short = compiled.sample(model, tokenizer, prompts[:5], seed=5)  # padded to 32 prompts, same compiled graph
     assert len(short.response_ids) == 5 and all(len(r) == 2 for r in short.response_ids)
+
+
+def _forward_logps(model, tokenizer, samples, with_eos: bool) -> list[list[float]]:
+    """log π(y|x) of every sampled response by a forward pass over prompt + response (+ EOS), as training does."""
+    from bpo_lightning.data import right_padded
+    from bpo_lightning.logprobs import sequence_logps
+
+    seqs, starts = [], []
+    for prompt_ids, group in zip(samples.prompt_ids, samples.response_ids, strict=True):
+        for ids in group:
+            seqs.append(prompt_ids + ids + [tokenizer.eos_token_id] * with_eos)
+            starts.append(len(prompt_ids))
+    batch = right_padded(seqs, starts, tokenizer.pad_token_id)
+    with torch.no_grad():
+        sums = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).sums.tolist()
+    n = len(samples.response_ids[0])
+    return [sums[i : i + n] for i in range(0, len(sums), n)]
+
+
+@pytest.mark.parametrize("cls", [GenerateSampler, StaticCacheSampler])
+@pytest.mark.parametrize("case", ["paper defaults", "long responses (most end with EOS)"])
+def test_sampler_log_probs_equal_a_forward_pass(policy, prompts, cls, case):
+    """The log-probs a sampler records while drawing equal a forward pass over the drawn tokens (to float32
+    rounding): each response's sum, and the EOS term after it — the EOS it drew, or for a response cut at the
+    limit the EOS at the position that would have followed."""
+    model, tokenizer = policy
+    model.eval()
+    samples = cls(**{"batch_size": 16, "progress": False, **CASES[case]}).sample(model, tokenizer, prompts, seed=5)
+    finished = [f for group in samples.finished for f in group]
+    assert 0 < sum(finished) < len(finished)  # both kinds of response are checked
+    without_eos = _forward_logps(model, tokenizer, samples, with_eos=False)
+    with_eos = _forward_logps(model, tokenizer, samples, with_eos=True)
+    for k in range(len(prompts)):
+        for i in range(2):
+            assert samples.logps[k][i] == pytest.approx(without_eos[k][i], abs=1e-4)
+            assert samples.logps[k][i] + samples.eos_logps[k][i] == pytest.approx(with_eos[k][i], abs=1e-4)
+            assert samples.eos_logps[k][i] < 0
