@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -92,7 +93,8 @@ def bpo_worker(spec: dict) -> dict:
         out = generate(self, model, input_ids, attention_mask, config)
         meter.sampling_s += time.perf_counter() - start
         eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-        meter.tokens += _sampled_tokens(out, eos)
+        # responses' tokens only: the step past the limit (the EOS term of a truncated response) is timed, not counted
+        meter.tokens += _sampled_tokens(out[:, : spec["new_tokens"]], eos)
         return out
 
     GenerateSampler.generate = timed_generate
@@ -206,6 +208,7 @@ def run_child(python: str, spec: dict) -> dict:
                                  env=env, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
         _, status, usage = os.wait4(child.pid, 0)
     text = log.read_text()
+    shutil.rmtree(Path(spec["out"]) / "checkpoints", ignore_errors=True)  # GBs per run with SmolLM2, not needed
     if status != 0 or "RESULT " not in text:
         raise SystemExit(f"{spec['variant']} run failed (status {status}), see {log}:\n{text[-3000:]}")
     result = json.loads(text.rsplit("RESULT ", 1)[1].splitlines()[0])

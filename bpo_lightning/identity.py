@@ -24,6 +24,7 @@ IGNORED = (
     "model.offload_snapshots",
     "model.gather_for_sampling",
     "model.logprob_chunk_size",
+    "model.logprob_keep_mib",
     "model.scoring_batch_size",
     "data.eval_prompts",
     "data.test_prompts",

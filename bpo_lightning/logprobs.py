@@ -54,6 +54,7 @@ def sequence_logps(
     loss_mask: torch.Tensor,  # (N, T), 1 on response tokens (incl. EOS)
     chunk_size: int = 32,
     min_chunks: int = 0,
+    keep_bytes: int = 0,
 ) -> SequenceLogps:
     """Summed response log-probabilities of a causal LM, without ever holding an (N, T, V) logits tensor.
 
@@ -63,6 +64,10 @@ def sequence_logps(
     pass (activation checkpointing), so the extra memory is one chunk's (chunk_size, V) float32 logits and their
     gradient, whatever T. A model whose logits are not ``head(hidden states)`` (see ``split_head``) is scored from its
     full logits instead, chunked over positions (``token_logps``).
+
+    ``keep_bytes``: when the float32 logits of all M response positions take at most this many bytes, the head
+    runs once over them and, with gradients, its logits are kept for the backward pass instead of recomputed (the
+    recomputation costs a second head forward; below this size memory is not worth it).
 
     ``min_chunks``: run the head at least this many times (extra calls on a stand-in position, their result
     discarded). Under ZeRO-3 every call of the head is collective, so every process must make as many.
@@ -80,6 +85,8 @@ def sequence_logps(
     rows = mask.nonzero(as_tuple=True)[0]  # (M,) the sequence of each response position
     states, targets = hidden[:, :-1][mask], input_ids[:, 1:][mask]  # (M, H), (M,)
     checkpointed = torch.is_grad_enabled() and hidden.requires_grad
+    if not min_chunks and states.shape[0] * _vocab(model) * 4 <= keep_bytes:  # small: one call, nothing recomputed
+        chunk_size, checkpointed = max(states.shape[0], 1), False
     parts, padding = [], []
     for k in range(max(math.ceil(states.shape[0] / chunk_size), min_chunks)):
         start = k * chunk_size
@@ -103,8 +110,11 @@ def chunk_positions(model: torch.nn.Module, chunk_size: int) -> int:
     """Positions per chunk: ``chunk_size`` at vocabularies of 131,072 tokens or more; proportionally more below, so
     that a chunk's logits never exceed ``chunk_size`` × 131,072 values (a smaller vocabulary then needs fewer chunks,
     each a recomputed head call)."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or FULL_CHUNK_VOCAB
-    return max(chunk_size, chunk_size * FULL_CHUNK_VOCAB // vocab)
+    return max(chunk_size, chunk_size * FULL_CHUNK_VOCAB // _vocab(model))
+
+
+def _vocab(model: torch.nn.Module) -> int:
+    return getattr(getattr(model, "config", None), "vocab_size", None) or FULL_CHUNK_VOCAB
 
 
 def _head_logps(head: torch.nn.Module, cap: float | None, states: torch.Tensor, targets: torch.Tensor):

@@ -2,6 +2,7 @@
 the model's logits, for GPT-2 (tied head), Llama- and Qwen-style heads, Gemma's soft-capped logits and a LoRA
 policy; a model whose logits are transformed further falls back to its full logits with a warning."""
 
+import math
 import warnings
 from types import SimpleNamespace
 
@@ -128,3 +129,34 @@ def test_stand_in_head_calls_change_neither_values_nor_gradients():
     assert_close(results[0][0], results[1][0], atol=0, rtol=0)
     for name, grad in results[0][1].items():
         assert_close(results[1][1][name], grad, atol=1e-7, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gemma2-softcap"])
+def test_small_logits_are_kept_for_the_backward_pass_not_recomputed(kind):
+    """Below ``keep_bytes`` the head runs once and its logits serve the backward pass: the same values and
+    gradients as the full log-softmax, with one head call instead of two per chunk (forward + recomputation).
+    Above it, the chunks are recomputed."""
+    model = tiny(kind).eval()
+    b = batch()
+    positions = int(b["loss_mask"][:, 1:].sum())
+    head = split_head(model)[1]
+    calls = []
+    handle = head.register_forward_hook(lambda *_: calls.append(1))
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    try:
+        for keep, head_calls in ((positions * V * 4, 1), (positions * V * 4 - 1, 2 * math.ceil(positions / 8))):
+            calls.clear()
+            model.zero_grad()
+            got = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], 8, keep_bytes=keep)
+            (got.sums * weights).sum().backward()
+            assert len(calls) == head_calls
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            model.zero_grad()
+            want = reference(model, b)
+            (want * weights).sum().backward()
+            assert_close(got.sums, want, atol=1e-5, rtol=1e-5)
+            for name, p in model.named_parameters():
+                if p.grad is not None:
+                    assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    finally:
+        handle.remove()
