@@ -9,6 +9,7 @@ gradient buffers already exist), shown as a multiple of the fp32 logits tensor (
 
     python benchmarks/logprob_memory.py                 # V = 32k, 128k, 256k
     python benchmarks/logprob_memory.py --vocab 32000 --repeats 3
+    python benchmarks/logprob_memory.py --keep-mib 0      # bpo always recomputing the head (the least memory)
     python benchmarks/logprob_memory.py --trl-python .venv-trl/bin/python   # + TRL (see trl_online_dpo.py)
 """
 
@@ -30,7 +31,7 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def cell(variant: str, vocab: int, chunk: int) -> dict:
+def cell(variant: str, vocab: int, chunk: int, keep_mib: int) -> dict:
     import torch
     import transformers
 
@@ -54,8 +55,8 @@ def cell(variant: str, vocab: int, chunk: int) -> dict:
             per_token = OnlineDPOTrainer._forward(SimpleNamespace(max_length=T), model, ids[:, :prompt],
                                                   attention[:, :prompt], ids[:, prompt:], attention[:, prompt:])
             sums = per_token.sum(-1)
-        elif variant == "bpo":
-            sums = sequence_logps(model, ids, attention, loss_mask, chunk).sums
+        elif variant == "bpo":  # the module's default model.logprob_keep_mib
+            sums = sequence_logps(model, ids, attention, loss_mask, chunk, keep_bytes=keep_mib * 2**20).sums
         else:
             logits = model(input_ids=ids, attention_mask=attention).logits  # (N, T, V)
             targets, mask = ids[:, 1:], loss_mask[:, 1:]
@@ -82,11 +83,13 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs="+", default=[32_000, 128_000, 256_000])
     parser.add_argument("--repeats", type=int, default=1, help="processes per cell (the minimum is shown)")
     parser.add_argument("--chunk", type=int, default=32, help="positions per chunk (model.logprob_chunk_size)")
+    parser.add_argument("--keep-mib", type=int, default=128, help="logits kept for backward up to this size, MiB "
+                        "(model.logprob_keep_mib; 0: always recomputed)")  # fmt: skip
     parser.add_argument("--trl-python", help="a Python with trl installed: adds TRL's column")
     parser.add_argument("--cell", nargs=2, metavar=("VARIANT", "VOCAB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
-        print(json.dumps(cell(args.cell[0], int(args.cell[1]), args.chunk)))
+        print(json.dumps(cell(args.cell[0], int(args.cell[1]), args.chunk, args.keep_mib)))
         return
     # large blocks straight from mmap, so that freed memory leaves the RSS and its peak is the live memory's peak
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -97,13 +100,15 @@ def main() -> None:
             runs = []
             for _ in range(args.repeats):
                 python = args.trl_python if variant == "trl" else sys.executable
-                command = [python, __file__, "--cell", variant, str(vocab), "--chunk", str(args.chunk)]
+                command = [python, __file__, "--cell", variant, str(vocab), "--chunk", str(args.chunk),
+                           "--keep-mib", str(args.keep_mib)]  # fmt: skip
                 out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
                 runs.append(json.loads(out.strip().splitlines()[-1]))
             results[variant, vocab] = min(runs, key=lambda r: r["extra"])
     mib = 2**20
     print(f"train-step extra memory, {N} sequences x {T} tokens, GPT-2 2x64 with V tokens, logprob_chunk_size "
-          f"{args.chunk} (positions per chunk at V >= 131,072, more below) as a multiple of the fp32 logits tensor")
+          f"{args.chunk} (positions per chunk at V >= 131,072, more below), logprob_keep_mib {args.keep_mib}, as a "
+          "multiple of the fp32 logits tensor")  # fmt: skip
     print(f"{'V':>8} | {'fp32 logits':>11} | " + " | ".join(f"{v:>20}" for v in variants) + " | bpo / naive"
           + (" | bpo / TRL" if args.trl_python else ""))  # fmt: skip
     for vocab in args.vocab:

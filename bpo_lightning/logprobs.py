@@ -122,7 +122,24 @@ def _head_logps(head: torch.nn.Module, cap: float | None, states: torch.Tensor, 
     logits = head(states).float()  # (c, V)
     if cap:  # final-logit soft-capping (Gemma 2/3)
         logits = torch.tanh(logits / cap) * cap
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    return _PickedLogSoftmax.apply(logits, targets)
+
+
+class _PickedLogSoftmax(torch.autograd.Function):
+    """log softmax(logits)[targets], (c,), whose backward pass needs the logits and one more tensor of their size
+    (autograd's logsumexp and gather keep and allocate about four): softmax − one-hot, scaled, in place."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        norm = logits.logsumexp(-1)
+        ctx.save_for_backward(logits, norm, targets)
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - norm
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, norm, targets = ctx.saved_tensors
+        out = (logits - norm[:, None]).exp_().mul_(-grad[:, None])  # −g·softmax
+        return out.scatter_add_(-1, targets[:, None], grad[:, None]), None
 
 
 _SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (backbone, head, cap), or None

@@ -70,8 +70,9 @@ class BPOModule(L.LightningModule):
             speed; ``benchmarks/logprob_memory.py``), at vocabularies of 131,072 tokens or more; a smaller vocabulary
             takes proportionally more positions per chunk (the same memory).
         logprob_keep_mib: a batch whose response positions' float32 logits take at most this many MiB computes
-            them in one output-head call and keeps them for the backward pass; larger ones are chunked and
-            recomputed (``logprob_chunk_size``), which costs a second head forward. 0 always recomputes.
+            them in one output-head call and keeps them for the backward pass (which needs about twice that);
+            larger ones are chunked and recomputed (``logprob_chunk_size``), which costs a second head forward.
+            0 always recomputes.
         scoring_batch_size: pairs per forward pass when behavior/reference log-probs are computed.
         offload_snapshots: keep behavior/initial weight snapshots in CPU memory.
         gather_for_sampling: under ZeRO-3, gather the whole policy on every process while it samples (once per
@@ -103,7 +104,7 @@ class BPOModule(L.LightningModule):
         lr_schedule: Literal["linear", "constant"] = "linear",
         disable_dropout: bool = True,
         logprob_chunk_size: int = 32,
-        logprob_keep_mib: int = 256,
+        logprob_keep_mib: int = 128,
         scoring_batch_size: int = 32,
         offload_snapshots: bool = True,
         gather_for_sampling: bool = False,
@@ -308,7 +309,7 @@ class BPOModule(L.LightningModule):
     def _policy_logps(self, batch: dict[str, torch.Tensor]):
         device = next(self.policy.parameters()).device
         ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
-        size, least, keep = self.hparams.logprob_chunk_size, 0, self.hparams.get("logprob_keep_mib", 256) * 2**20
+        size, least, keep = self.hparams.logprob_chunk_size, 0, self.hparams.get("logprob_keep_mib", 128) * 2**20
         if self.lockstep:  # ZeRO-3: the output head is called as often on every process
             per_chunk = chunk_positions(self.policy, size)
             least = Ranks.of(self.trainer).most(math.ceil(int(mask[:, 1:].sum()) / per_chunk))
