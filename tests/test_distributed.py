@@ -333,8 +333,8 @@ def test_bf16_mixed_behavior_log_probs_are_computed_as_training_computes(tmp_pat
 @pytest.mark.slow
 def test_bf16_mixed_sampler_log_probs_are_the_sampling_autocasts(tmp_path, sft_dir):
     """The sampler's own log-probs (the default) under bf16 autocast: decoding token by token and training's whole
-    sequences round differently in bf16, so h at a phase start is 0 only to bf16 rounding (measured 5e-3 nats on
-    this model), still far below a float32/bf16 mismatch (0.09)."""
+    sequences round differently in bf16, so h at a phase start is 0 only to bf16 rounding of sums of ~10 token
+    log-probs (measured up to 0.022 nats on this model; the forward pass's own bound after phase 1 is 0.05)."""
     from test_loop import FirstBatchOfPhase, RecordingDPOLoss, fresh_logps, load_pairs
 
     recorder = FirstBatchOfPhase()
@@ -344,9 +344,11 @@ def test_bf16_mixed_sampler_log_probs_are_the_sampling_autocasts(tmp_path, sft_d
     trainer.fit(module, datamodule=data)
     for phase in range(2):
         h = module.loss.margins[recorder.first_call[phase]]
-        assert h.abs().max() < 0.02
+        assert h.abs().max() < 0.05
     records = load_pairs(tmp_path, 1)
     stored = torch.tensor([r.behavior_chosen_logps for r in records])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast, _ = fresh_logps(sft_dir, records, module.tokenizer, recorder.end_weights[0])
-    assert_close(stored, autocast, atol=0.02, rtol=0)
+    float32, _ = fresh_logps(sft_dir, records, module.tokenizer, recorder.end_weights[0])
+    assert_close(stored, autocast, atol=0.05, rtol=0)
+    assert (stored - autocast).abs().max() < (stored - float32).abs().max()  # bf16 values, not float32 ones
