@@ -97,7 +97,9 @@ def test_sampler_log_probs_equal_a_forward_pass(policy, prompts, cls, case):
     model.eval()
     samples = cls(**{"batch_size": 16, "progress": False, **CASES[case]}).sample(model, tokenizer, prompts, seed=5)
     finished = [f for group in samples.finished for f in group]
-    assert 0 < sum(finished) < len(finished)  # both kinds of response are checked
+    assert sum(finished) > 0  # responses that drew EOS are checked in both cases
+    if case == "paper defaults":  # and, at 24 new tokens, responses cut at the limit
+        assert sum(finished) < len(finished)
     without_eos = _forward_logps(model, tokenizer, samples, with_eos=False)
     with_eos = _forward_logps(model, tokenizer, samples, with_eos=True)
     for k in range(len(prompts)):
