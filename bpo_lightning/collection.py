@@ -71,8 +71,8 @@ def collect_phase(data, module, phase: int, ranks: Ranks) -> tuple[list[Preferen
         counters()  # what the annotator counted before (as the evaluator, say) is not this phase's
     rows = sample_and_annotate(data, module, phase, store, ranks, done=saved)
     stats, records = PhaseStats(phase), []
-    # π_β's log-probs from sampling (model.behavior_logps: sampler), or all from a forward pass
-    sampled = module.hparams.get("truncated_eos", True) if module.hparams.get("behavior_logps") == "sampler" else None
+    from_sampler = module.hparams.get("behavior_logps") == "sampler"  # else all from a forward pass (score_shared)
+    truncated_eos = module.hparams.get("truncated_eos", True)
     if counters is not None:  # a judge's requests, retries, timeouts, failures, … summed over processes
         for part in ranks.gather(counters()):
             for name, n in part.items():
@@ -83,7 +83,7 @@ def collect_phase(data, module, phase: int, ranks: Ranks) -> tuple[list[Preferen
         stats.responses += len(row["responses"])
         stats.truncated += sum(not f for f in _finished(row))
         if row["status"] == "kept":
-            records.append(record_from_row(row, phase, version, sampled))
+            records.append(record_from_row(row, phase, version, from_sampler, truncated_eos))
     if stats.responses and stats.truncated / stats.responses > 0.5 and ranks.rank == 0:
         limit = getattr(data.sampler, "max_new_tokens", "?")
         scored = ("scored as if they ended there (model.truncated_eos: true, the paper's convention)"
@@ -308,10 +308,12 @@ def _choose(row: dict) -> str:
     return "kept"
 
 
-def record_from_row(row: dict, phase: int, version: int, truncated_eos: bool | None = None) -> PreferenceRecord:
-    """The row's pair; with ``truncated_eos`` given (not ``None``), its behavior log-probs are the sampler's, when
-    the row has them (a response's sum plus its EOS term, which a response cut at the limit gets only with
-    ``truncated_eos``), so no forward pass has to compute them again."""
+def record_from_row(
+    row: dict, phase: int, version: int, sampler_logps: bool = False, truncated_eos: bool = True
+) -> PreferenceRecord:
+    """The row's pair; with ``sampler_logps``, its behavior log-probs are the sampler's when the row has them (a
+    response's sum plus its EOS term, which a response cut at the limit gets only with ``truncated_eos``, as in
+    ``pair_batch``), so no forward pass has to compute them again."""
     c, r = row["chosen"], row["rejected"]
     finished = _finished(row)
     record = PreferenceRecord(
@@ -320,7 +322,7 @@ def record_from_row(row: dict, phase: int, version: int, truncated_eos: bool | N
         prompt_ids=row["prompt_ids"], chosen_ids=row["response_ids"][c], rejected_ids=row["response_ids"][r],
         behavior_version=version, chosen_finished=finished[c], rejected_finished=finished[r],
     )  # fmt: skip
-    if truncated_eos is not None and row.get("logps") is not None and row.get("eos_logps") is not None:
+    if sampler_logps and row.get("logps") is not None and row.get("eos_logps") is not None:
         logps, eos = row["logps"], row["eos_logps"]
         record.behavior_chosen_logps = logps[c] + (eos[c] if finished[c] or truncated_eos else 0.0)
         record.behavior_rejected_logps = logps[r] + (eos[r] if finished[r] or truncated_eos else 0.0)

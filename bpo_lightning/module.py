@@ -309,7 +309,7 @@ class BPOModule(L.LightningModule):
     def _policy_logps(self, batch: dict[str, torch.Tensor]):
         device = next(self.policy.parameters()).device
         ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
-        size, least, keep = self.hparams.logprob_chunk_size, 0, self.hparams.get("logprob_keep_mib", 128) * 2**20
+        size, least, keep = self.hparams.logprob_chunk_size, 0, self.hparams.logprob_keep_mib * 2**20
         if self.lockstep:  # ZeRO-3: the output head is called as often on every process
             per_chunk = chunk_positions(self.policy, size)
             least = Ranks.of(self.trainer).most(math.ceil(int(mask[:, 1:].sum()) / per_chunk))

@@ -81,8 +81,7 @@ class LogpRecorder:
             return
         logits, norm = self._pending
         self._pending = None
-        if len(self.token) < len(self.end):
-            self.token.append(logits.gather(-1, tokens.reshape(-1, 1).to(logits.device)).squeeze(-1) - norm)
+        self.token.append(logits.gather(-1, tokens.reshape(-1, 1).to(logits.device)).squeeze(-1) - norm)
 
     def hook(self, module, args, kwargs, output) -> None:
         """A forward hook (``with_kwargs=True``) for a model that ``generate`` calls once per token."""
@@ -91,8 +90,7 @@ class LogpRecorder:
         if ids is None or logits is None:
             self.broken = True
             return
-        if self._pending is not None:
-            self.take(ids[:, -1])
+        self.take(ids[:, -1])  # forward k's input ends with token k − 1 (nothing is pending before the first)
         self.feed(logits[:, -1])
 
     def totals(self, lengths: list[int]) -> tuple[list[float], list[float]] | None:
@@ -125,19 +123,14 @@ class Sampler(RecordsArguments):
     def sample(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, seed: int
     ) -> Samples:
-        out, blocks = Samples([], [], [], [], [], []), 0
-        for _, block in self.sample_batches(model, tokenizer, prompts, seed=seed):
-            blocks += 1
-            for name in ("prompt_ids", "response_ids", "responses", "finished"):
-                getattr(out, name).extend(getattr(block, name))
-            for name in ("logps", "eos_logps"):
-                mine = getattr(out, name)
-                if mine is not None and getattr(block, name) is not None:
-                    mine.extend(getattr(block, name))
-                else:
-                    setattr(out, name, None)  # log-probs for all responses or for none
-        if not blocks:
-            out.logps = out.eos_logps = None
+        blocks = [block for _, block in self.sample_batches(model, tokenizer, prompts, seed=seed)]
+
+        def joined(name: str) -> list:
+            return [item for block in blocks for item in getattr(block, name)]
+
+        out = Samples(*(joined(name) for name in ("prompt_ids", "response_ids", "responses", "finished")))
+        if blocks and all(b.logps is not None and b.eos_logps is not None for b in blocks):  # for all or for none
+            out.logps, out.eos_logps = joined("logps"), joined("eos_logps")
         return out
 
     def settings(self) -> dict:
