@@ -25,6 +25,7 @@ IGNORED = (
     "model.gather_for_sampling",
     "model.logprob_chunk_size",
     "model.logprob_keep_mib",
+    "model.share_prompts",
     "model.scoring_batch_size",
     "data.eval_prompts",
     "data.test_prompts",

@@ -8,6 +8,7 @@ backbone's hidden states, recomputed in the backward pass, so the extra memory i
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 import weakref
@@ -55,6 +56,7 @@ def sequence_logps(
     chunk_size: int = 32,
     min_chunks: int = 0,
     keep_bytes: int = 0,
+    share_prompts: bool = False,
 ) -> SequenceLogps:
     """Summed response log-probabilities of a causal LM, without ever holding an (N, T, V) logits tensor.
 
@@ -71,6 +73,11 @@ def sequence_logps(
 
     ``min_chunks``: run the head at least this many times (extra calls on a stand-in position, their result
     discarded). Under ZeRO-3 every call of the head is collective, so every process must make as many.
+
+    ``share_prompts``: rows with the same prompt (a pair's chosen and rejected response) run it through the backbone
+    once; the responses attend to its cached keys and values, through which gradients flow (``shared_prompt_states``).
+    Taken only where the model's cache gives the unshared values (checked once per model, ``prompt_sharing``); the
+    backbone is then called twice per batch whether or not a prompt repeats, so that every process calls it as often.
     """
     split = split_head(model)
     chunk_size = chunk_positions(model, chunk_size)
@@ -81,9 +88,13 @@ def sequence_logps(
         logps = token_logps(logits[:, :-1], input_ids[:, 1:], chunk_size)
         return SequenceLogps((logps * mask).sum(-1), counts)
     backbone, head, cap = split
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]  # (N, T, H)
+    if share_prompts and prompt_sharing(model, backbone):
+        hidden, targets, mask = shared_prompt_states(backbone, input_ids, attention_mask, loss_mask)
+    else:  # hidden[:, t] predicts token t + 1
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0][:, :-1]
+        targets = input_ids[:, 1:]
     rows = mask.nonzero(as_tuple=True)[0]  # (M,) the sequence of each response position
-    states, targets = hidden[:, :-1][mask], input_ids[:, 1:][mask]  # (M, H), (M,)
+    states, targets = hidden[mask], targets[mask]  # (M, H), (M,)
     checkpointed = torch.is_grad_enabled() and hidden.requires_grad
     if not min_chunks and states.shape[0] * _vocab(model) * 4 <= keep_bytes:  # small: one call, nothing recomputed
         chunk_size, checkpointed = max(states.shape[0], 1), False
@@ -101,6 +112,103 @@ def sequence_logps(
     if padding:  # kept in the graph with weight 0, so the backward pass recomputes them as well
         sums = sums + 0.0 * torch.cat(padding).sum()
     return SequenceLogps(sums, counts)
+
+
+def shared_prompt_states(
+    backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backbone's hidden states that predict each response token, with every distinct prompt run once.
+
+    A row's prompt is its tokens before the first ``loss_mask`` position. The K distinct prompts run left-padded
+    (positions counted from each prompt's first token) with the KV cache on; the cache is expanded to the N rows and
+    the responses run on it, right-padded, at positions continuing their prompt's. Response token j is predicted by
+    the response's hidden state j − 1, the first one by its prompt's last.
+
+    Returns:
+        states (N, R, H), targets (N, R) and mask (N, R) bool (``loss_mask`` at the response positions); R is the
+        longest response.
+    """
+    n, width = input_ids.shape
+    device = input_ids.device
+    starts = loss_mask.int().argmax(-1)  # first response position, (N,)
+    ends = attention_mask.sum(-1)
+    ids = input_ids.tolist()
+    groups: dict[tuple, int] = {}
+    group = [groups.setdefault(tuple(row[:s]), len(groups)) for row, s in zip(ids, starts.tolist(), strict=True)]
+    prompts = list(groups)
+    if not all(prompts):
+        raise ValueError("every sequence needs at least one prompt token before its response")
+    p = max(len(prompt) for prompt in prompts)
+    prompt_ids = torch.zeros((len(prompts), p), dtype=input_ids.dtype)
+    prompt_mask = torch.zeros((len(prompts), p), dtype=attention_mask.dtype)
+    for k, prompt in enumerate(prompts):  # left-padded, so every prompt's last token is at p - 1
+        prompt_ids[k, p - len(prompt) :] = torch.tensor(prompt, dtype=input_ids.dtype)
+        prompt_mask[k, p - len(prompt) :] = 1
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+    name = _cache_argument(backbone)
+    prompt_states, cache = out[0], out.get(name)  # (K, p, H)
+    if cache is None:
+        raise ValueError(f"{type(backbone).__name__} returned no KV cache")
+    index = torch.tensor(group, device=device)
+    cache.reorder_cache(index)  # (K, ...) -> (N, ...), differentiable (index_select)
+    r = int((ends - starts).max())
+    at = starts[:, None] + torch.arange(r, device=device)  # (N, r) positions of the response tokens
+    inside = at < width
+    at = at.clamp(max=width - 1)
+    targets = input_ids.gather(1, at)
+    response_mask = attention_mask.gather(1, at) * inside
+    hidden = backbone(
+        input_ids=targets,
+        attention_mask=torch.cat([prompt_mask[index], response_mask], dim=1),
+        position_ids=starts[:, None] + torch.arange(r, device=device),
+        use_cache=True,
+        **{name: cache},
+    )[0]  # (N, r, H)
+    states = torch.cat([prompt_states[index, -1:], hidden[:, :-1]], dim=1)
+    return states, targets, (loss_mask.gather(1, at) * inside).bool()
+
+
+def _cache_argument(backbone: torch.nn.Module) -> str:
+    """The name of the KV cache in the backbone's arguments and outputs: ``cache`` in recent transformers,
+    ``past_key_values`` in earlier ones."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
+_SHARING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> whether shared prompts give the same
+
+
+def prompt_sharing(model: torch.nn.Module, backbone: torch.nn.Module) -> bool:
+    """Whether ``shared_prompt_states`` gives the model's unshared hidden states: checked once per model on two short
+    responses to one prompt and a second, shorter prompt (left padding), in eval mode. A model whose cache cannot be
+    expanded, or whose positions or masks it does not follow, shares nothing (with a warning)."""
+    if model in _SHARING:
+        return _SHARING[model]
+    device = next(model.parameters()).device
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 8
+    rows = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 7, 8, 0], [2, 4, 6, 0, 0, 0]]  # prompts of 3, 3 and 2 tokens
+    ids = torch.tensor(rows, device=device) % vocab
+    mask = torch.tensor([[1] * 6, [1] * 5 + [0], [1] * 3 + [0] * 3], device=device)
+    loss = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 0], [0, 0, 1, 0, 0, 0]], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            want = backbone(input_ids=ids, attention_mask=mask, use_cache=False)[0][:, :-1][loss[:, 1:].bool()]
+            states, _, picked = shared_prompt_states(backbone, ids, mask, loss)
+            ok = states[picked].shape == want.shape and torch.allclose(states[picked], want, atol=1e-4, rtol=1e-3)
+            problem = "its hidden states differ"
+    except Exception as err:  # noqa: BLE001 - any model that cannot do it falls back
+        ok, problem = False, f"{type(err).__name__}: {err}"
+    finally:
+        model.train(was_training)
+    if not ok:
+        name = type(getattr(model, "get_base_model", lambda: model)()).__name__
+        warnings.warn(f"{name}: a prompt shared by several responses cannot be run once through its KV cache "
+                      f"({problem}); every sequence runs its own prompt", stacklevel=3)  # fmt: skip
+    _SHARING[model] = ok
+    return ok
 
 
 FULL_CHUNK_VOCAB = 131_072  # vocabularies this large or larger take chunk_size positions per chunk

@@ -2,6 +2,7 @@
 the model's logits, for GPT-2 (tied head), Llama- and Qwen-style heads, Gemma's soft-capped logits and a LoRA
 policy; a model whose logits are transformed further falls back to its full logits with a warning."""
 
+import functools
 import math
 import warnings
 from types import SimpleNamespace
@@ -160,3 +161,73 @@ def test_small_logits_are_kept_for_the_backward_pass_not_recomputed(kind):
                     assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
     finally:
         handle.remove()
+
+
+def shared_batch():
+    """Three pairs: each prompt (3, 8 and 2 tokens) with two responses of different lengths, chosen rows first."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (3, 8, 2)]
+    lengths = ((9, 4), (12, 12), (5, 1))
+    responses = [[torch.randint(0, V, (n,), generator=g).tolist() for n in pair] for pair in lengths]
+    seqs = [p + r[side] for side in (0, 1) for p, r in zip(prompts, responses, strict=True)]
+    return right_padded(seqs, [len(p) for p in prompts] * 2, pad_id=0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2-tied", "gemma2-softcap", "lora"])
+def test_a_shared_prompt_runs_once_with_the_same_values_and_gradients(kind):
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(tiny("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        for module in model.modules():  # non-zero adapters, so that they matter
+            if hasattr(module, "lora_B"):
+                for b_weight in module.lora_B.values():
+                    torch.nn.init.normal_(b_weight.weight, std=0.5)
+    else:
+        model = tiny(kind)
+    model.eval()
+    b = shared_batch()
+    backbone = split_head(model)[0]
+    assert logprobs.prompt_sharing(model, backbone)
+    seen = []  # (rows, tokens) of every backbone call
+    handle = backbone.register_forward_pre_hook(lambda _, args, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                                with_kwargs=True)  # fmt: skip
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25])
+    try:
+        got = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], 4, share_prompts=True)
+    finally:
+        handle.remove()
+    assert seen == [(3, 8), (6, 12)]  # 3 prompts, left-padded to 8 tokens; 6 responses of at most 12 tokens
+    (got.sums * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    want = reference(model, b)
+    (want * weights).sum().backward()
+    assert_close(got.sums, want, atol=1e-5, rtol=1e-5)
+    assert got.counts.tolist() == b["loss_mask"][:, 1:].sum(-1).float().tolist()
+    assert len(grads) == len([p for p in model.parameters() if p.grad is not None])
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_model_whose_cache_cannot_be_shared_runs_every_sequence_whole():
+    """A backbone that ignores the positions it is given (here: they are dropped) gives other hidden states on the
+    shared path when its position embeddings are absolute (GPT-2's; rotary ones see only relative positions): found
+    by the one-time check, warned about, and every sequence then runs whole."""
+    model = tiny("gpt2").eval()
+    backbone = split_head(model)[0]
+    forward = backbone.forward
+
+    @functools.wraps(forward)
+    def without_positions(*args, position_ids=None, **kwargs):
+        return forward(*args, **kwargs)
+
+    backbone.forward = without_positions
+    b = shared_batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], 4, share_prompts=True)
+    assert any("cannot be run once through its KV cache" in str(w.message) for w in caught)
+    assert not logprobs.prompt_sharing(model, backbone)
+    assert_close(got.sums, reference(model, b), atol=1e-5, rtol=1e-5)

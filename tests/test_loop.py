@@ -259,11 +259,13 @@ def test_linear_decay_reaches_zero_after_the_last_step_taken_whatever_the_drops(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["sampler", "forward"])
-def test_behavior_log_probs_from_the_sampler_or_a_forward_pass(tmp_path, sft_dir, monkeypatch, mode):
+@pytest.mark.parametrize(("mode", "share"), [("sampler", True), ("forward", False), ("forward", True)])
+def test_behavior_log_probs_from_the_sampler_or_a_forward_pass(tmp_path, sft_dir, monkeypatch, mode, share):
     """``model.behavior_logps: sampler`` takes π_β's log-probs from sampling: no scoring forward runs (the reference
     is π_β), and h at a phase's first step is 0 to float32 rounding. ``forward`` scores the pairs with a forward
-    pass in the training batch's shape: h is exactly 0 there. Both store the same values to 1e-4."""
+    pass in the training batch's shape: h is exactly 0 there when every sequence runs whole (each row's arithmetic
+    does not depend on the others), to float rounding when pairs share their prompt's forward (a prompt's left
+    padding depends on the others in its batch). All store the same values to 1e-4."""
     from bpo_lightning.module import BPOModule
 
     scored = []
@@ -272,13 +274,13 @@ def test_behavior_log_probs_from_the_sampler_or_a_forward_pass(tmp_path, sft_dir
                         original(self, records))  # fmt: skip
     no_kl = Evaluation(kl_samples=0)
     module, data, recorder = run(tmp_path, sft_dir, budget=32, num_phases=2, evaluation=no_kl, behavior_logps=mode,
-                                 scoring_batch_size=8)  # fmt: skip
+                                 scoring_batch_size=8, share_prompts=share)  # fmt: skip
     pairs = sum(len(load_pairs(tmp_path, phase)) for phase in range(2))
     assert pairs > 20
     assert sum(scored) == (0 if mode == "sampler" else pairs)
     for phase in range(2):
         first = module.loss.margins[recorder.first_call[phase]]
-        if mode == "forward":
+        if mode == "forward" and not share:
             assert torch.equal(first, torch.zeros_like(first))
         else:
             assert 0 < first.abs().max() < 2e-4  # float rounding, not a different model
