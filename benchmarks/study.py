@@ -92,7 +92,8 @@ def run_one(spec: dict, budget: int, batch: int, eval_prompts: int, work: Path) 
     module = BPOModule(
         policy=EmbeddedSFT(), loss=LOSSES[spec["loss"]](), behavior=regime["behavior"](),
         reference=regime["reference"], lora=lora, lr=5e-3 if lora else 5e-4,
-        behavior_logps="forward",  # as the recorded results were computed: a rerun reproduces them bit for bit
+        # as the recorded results were computed: a rerun reproduces them bit for bit
+        behavior_logps="forward", share_prompts=False,
     )  # fmt: skip
     data = OnlineDataModule(
         prompts=ReviewPrompts("prompts"), annotator=RuleAnnotator("bpo_lightning.tasks.reviews:gold_reward"),
@@ -133,7 +134,8 @@ def evaluate(module: BPOModule, limit: int) -> dict:
 
 
 def sampler() -> GenerateSampler:
-    return GenerateSampler(max_new_tokens=48, batch_size=64, max_prompt_tokens=64, progress=False)
+    # whole-vocabulary draws, as the recorded results were sampled
+    return GenerateSampler(max_new_tokens=48, batch_size=64, max_prompt_tokens=64, progress=False, draw="vocabulary")
 
 
 def per_prompt(run: dict) -> list[float]:

@@ -79,11 +79,13 @@ class Evaluation:
         self.seed, self.kl_samples, self.save_responses = seed, kl_samples, save_responses
 
     def samplers(self, data_sampler, batch_size: int) -> tuple[GenerateSampler, GenerateSampler | None]:
-        """The answer sampler and the KL sampler (full distribution), with the data sampler's length limits."""
+        """The answer sampler and the KL sampler (full distribution), with the data sampler's length limits and way
+        of drawing tokens (``TokenDraw``)."""
         limits = {
             "max_new_tokens": self.max_new_tokens or getattr(data_sampler, "max_new_tokens", 128),
             "max_prompt_tokens": self.max_prompt_tokens or getattr(data_sampler, "max_prompt_tokens", 512),
             "add_bos": getattr(data_sampler, "add_bos", True),
+            "draw": getattr(data_sampler, "draw", "candidates"),
             "batch_size": batch_size,
             "progress": False,
         }

@@ -105,6 +105,68 @@ class LogpRecorder:
         return sums, [float(end[r, n]) for r, n in enumerate(lengths)]
 
 
+class TokenDraw:
+    """Draws one token per row from softmax(logits / temperature) restricted to the ``top_k`` most likely tokens and
+    then to the most likely of those whose probability mass reaches ``top_p`` — the distribution transformers'
+    temperature, top-k and top-p warpers define, in that order (``temperature`` 0: the most likely token).
+
+    ``draw: candidates`` (the default) draws among the top-k candidates only: one random number per candidate, not
+    per vocabulary entry (a multinomial draw over 49,152 tokens took 18 % of SmolLM2-135M's sampling time on CPU).
+    ``draw: vocabulary`` draws over the whole vocabulary as transformers' ``generate`` does (its exact samples for a
+    seed, at that cost). Both sample the same distribution (``tests/test_sampling.py``); they consume the random
+    stream differently, so one seed gives other samples under each. top-k keeps exactly k tokens here; transformers
+    also keeps tokens tied with the k-th.
+    """
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, draw: str = "candidates") -> None:
+        if draw not in ("candidates", "vocabulary"):
+            raise InputError(f"sampler: draw must be 'candidates' or 'vocabulary', got {draw!r}")
+        self.temperature, self.top_k, self.top_p, self.draw = temperature, top_k, top_p, draw
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """(rows, V) next-token logits -> (rows,) token ids."""
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        scores = logits.float()
+        if self.temperature != 1:
+            scores = scores / self.temperature
+        if self.draw == "vocabulary":
+            return self._vocabulary(scores)
+        index = None
+        if 0 < self.top_k < scores.shape[-1]:
+            scores, index = scores.topk(self.top_k, dim=-1)  # sorted, most likely first
+        if self.top_p < 1:
+            if index is None:
+                scores, index = scores.sort(dim=-1, descending=True)
+            probs = scores.softmax(-1)
+            before = probs.cumsum(-1) - probs  # the mass of the more likely tokens; the first always stays
+            scores = scores.masked_fill(before >= self.top_p, float("-inf"))
+        pick = torch.multinomial(scores.softmax(-1), num_samples=1)  # (rows, 1)
+        return (pick if index is None else index.gather(-1, pick)).squeeze(1)
+
+    def _vocabulary(self, scores: torch.Tensor) -> torch.Tensor:
+        from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+        if self.top_k:
+            scores = TopKLogitsWarper(self.top_k)(None, scores)
+        if self.top_p < 1:
+            scores = TopPLogitsWarper(self.top_p)(None, scores)
+        return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+
+
+def _drawn_token_processor(draw: TokenDraw):
+    """A transformers logits processor that draws the next token with ``draw`` and leaves it the only finite
+    score, so that ``generate``'s greedy step picks it."""
+    from transformers import LogitsProcessor
+
+    class DrawnToken(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            tokens = draw(scores)
+            return torch.full_like(scores, float("-inf")).scatter_(-1, tokens[:, None], 0.0)
+
+    return DrawnToken()
+
+
 class Sampler(RecordsArguments):
     """Base class of samplers. ``num_samples`` responses are drawn for each prompt.
 
@@ -154,6 +216,9 @@ class GenerateSampler(Sampler):
         max_prompt_tokens: prompts longer than this keep their last tokens.
         add_bos: prepend the tokenizer's BOS token to every prompt.
         progress: show a progress bar while sampling.
+        draw: ``candidates`` draws each token among the top-k candidates (one random number each), ``vocabulary``
+            over the whole vocabulary as transformers' ``generate`` does (its samples for a seed); the same
+            distribution either way (``TokenDraw``).
     """
 
     def __init__(
@@ -167,6 +232,7 @@ class GenerateSampler(Sampler):
         max_prompt_tokens: int = 512,
         add_bos: bool = True,
         progress: bool = True,
+        draw: str = "candidates",
     ) -> None:
         problems = []
         if num_samples < 1:
@@ -179,6 +245,8 @@ class GenerateSampler(Sampler):
             problems.append(f"top_p must be in (0, 1], got {top_p}")
         if batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {batch_size}")
+        if draw not in ("candidates", "vocabulary"):
+            problems.append(f"draw must be 'candidates' or 'vocabulary', got {draw!r}")
         if problems:
             raise InputError("sampler: " + "; ".join(problems))
         self.num_samples = num_samples
@@ -190,26 +258,27 @@ class GenerateSampler(Sampler):
         self.max_prompt_tokens = max_prompt_tokens
         self.add_bos = add_bos
         self.progress = progress
+        self.draw = draw
+        self.token_draw = TokenDraw(temperature, top_k, top_p, draw)
 
     def settings(self) -> dict:
-        keys = ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "max_prompt_tokens", "add_bos")
+        keys = ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "max_prompt_tokens", "add_bos",
+                "draw")  # fmt: skip
         extra = {k: v for k, v in self.arguments.items() if k not in keys and k != "batch_size"}  # a subclass's own
         return {"class": type(self).__name__, **{k: getattr(self, k) for k in keys}, **extra}
 
     def generation_config(self, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+        """transformers' settings for one ``generate`` call over prompts already repeated ``num_samples`` times: its
+        greedy step picks the token ``TokenDraw`` drew (``generate``)."""
         from transformers import GenerationConfig
 
-        greedy = self.temperature == 0
-        sampling = {} if greedy else {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
         return GenerationConfig(
-            do_sample=not greedy,
+            do_sample=False,
             num_beams=1,
             max_new_tokens=self.max_new_tokens,
-            num_return_sequences=self.num_samples,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             use_cache=True,
-            **sampling,
         )
 
     def sample_batches(
@@ -254,9 +323,19 @@ class GenerateSampler(Sampler):
     def generate(
         self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig
     ) -> torch.Tensor:
-        """The new tokens, ``num_samples`` consecutive rows per prompt: (b·n, ≤ max_new_tokens), padded after EOS."""
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        return out[:, input_ids.shape[1] :]
+        """The new tokens, ``num_samples`` consecutive rows per prompt: (b·n, ≤ max_new_tokens), padded after EOS.
+
+        Each prompt is repeated ``num_samples`` times (as ``generate``'s ``num_return_sequences`` does) and every
+        token is drawn by ``TokenDraw``, through a logits processor that leaves ``generate``'s greedy step nothing
+        else to pick."""
+        from transformers import LogitsProcessorList
+
+        ids = input_ids.repeat_interleave(self.num_samples, dim=0)
+        mask = attention_mask.repeat_interleave(self.num_samples, dim=0)
+        drawn = [] if self.temperature == 0 else [_drawn_token_processor(self.token_draw)]
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                             logits_processor=LogitsProcessorList(drawn))  # fmt: skip
+        return out[:, ids.shape[1] :]
 
     def _collect(
         self, prompt_ids: list[list[int]], generated: list[list[int]], tokenizer, recorder: LogpRecorder | None = None
@@ -292,10 +371,10 @@ class StaticCacheSampler(GenerateSampler):
     worth it on CUDA (``compile: null`` compiles there); on CPU the loop runs eagerly, about as fast as ``generate``
     (``benchmarks/sampler_speed.py``).
 
-    Sampling is the same as ``GenerateSampler``'s: transformers' own temperature, top-k and top-p warpers, one
-    multinomial draw per step over all rows, pad after EOS; run eagerly it draws the same tokens as ``generate``
-    for the same seed (``tests/test_sampling.py``). The loop stops when every row has finished (not under
-    DeepSpeed ZeRO-3 with several processes, where every process must run as many forwards as the others).
+    Sampling is the same as ``GenerateSampler``'s: the same ``TokenDraw`` once per step over all rows, pad after
+    EOS; run eagerly it draws the same tokens as ``GenerateSampler`` for the same seed (``tests/test_sampling.py``).
+    The loop stops when every row has finished (not under DeepSpeed ZeRO-3 with several processes, where every
+    process must run as many forwards as the others).
 
     Args (besides ``GenerateSampler``'s):
         compile: compile the decode step with ``torch.compile``; ``null`` compiles on CUDA only.
@@ -314,12 +393,13 @@ class StaticCacheSampler(GenerateSampler):
         max_prompt_tokens: int = 512,
         add_bos: bool = True,
         progress: bool = True,
+        draw: str = "candidates",
         compile: bool | None = None,
         compile_mode: str = "reduce-overhead",
         prompt_bucket: int = 32,
     ) -> None:
         super().__init__(num_samples, max_new_tokens, temperature, top_k, top_p, batch_size, max_prompt_tokens,
-                         add_bos, progress)
+                         add_bos, progress, draw)
         if prompt_bucket < 1:
             raise InputError(f"sampler: prompt_bucket must be >= 1, got {prompt_bucket}")
         self.compile = compile
@@ -395,15 +475,6 @@ class StaticCacheSampler(GenerateSampler):
         device = ids.device
         recorder = self._recorder
 
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-        warpers = LogitsProcessorList()
-        if self.temperature not in (0, 1):
-            warpers.append(TemperatureLogitsWarper(self.temperature))
-        if self.temperature != 0 and self.top_k:
-            warpers.append(TopKLogitsWarper(self.top_k))
-        if self.temperature != 0 and self.top_p < 1:
-            warpers.append(TopPLogitsWarper(self.top_p))
         eos = torch.tensor(_as_list(config.eos_token_id), device=device)
 
         dtype = next(model.parameters()).dtype
@@ -424,12 +495,7 @@ class StaticCacheSampler(GenerateSampler):
         for t in range(new_tokens):
             if recorder is not None:
                 recorder.feed(logits)
-            scores = warpers(tokens[:, :t], logits)
-            if self.temperature == 0:
-                new = scores.argmax(dim=-1)
-            else:
-                new = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-            new = torch.where(unfinished, new, pad)
+            new = torch.where(unfinished, self.token_draw(logits), pad)
             if recorder is not None:
                 recorder.take(new)
             tokens[:, t] = new

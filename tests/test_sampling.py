@@ -1,11 +1,13 @@
-"""The static-cache sampler draws what ``generate`` draws: same tokens for the same seed, run eagerly on CPU."""
+"""The samplers draw from the distribution transformers' warpers define: ``TokenDraw`` over the top-k candidates
+samples it (frequencies), ``draw: vocabulary`` gives ``generate``'s own samples for a seed, and the static-cache
+sampler draws what ``GenerateSampler`` draws: same tokens for the same seed, run eagerly on CPU."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bpo_lightning.prompts import ReviewPrompts, model_input
-from bpo_lightning.sampling import GenerateSampler, StaticCacheSampler
+from bpo_lightning.sampling import GenerateSampler, StaticCacheSampler, TokenDraw, encode_prompt, left_pad
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +26,7 @@ CASES = {
     "greedy": dict(temperature=0, num_samples=1, max_new_tokens=24),
     "three samples, short last block": dict(num_samples=3, max_new_tokens=12, batch_size=16),
     "long responses (most end with EOS)": dict(max_new_tokens=96, batch_size=32),
+    "whole-vocabulary draw": dict(max_new_tokens=24, draw="vocabulary"),
 }
 
 
@@ -42,6 +45,56 @@ def test_static_cache_sampler_draws_the_generate_samplers_tokens(policy, prompts
         assert sum(map(sum, got.finished)) > len(prompts)
     # a second pass reuses the cache and draws the same again
     assert sampler.sample(model, tokenizer, prompts, seed=11).response_ids == expected.response_ids
+
+
+DRAWS = {"paper defaults": (1.0, 50, 1.0), "temperature, top-k, top-p": (0.7, 12, 0.8),
+         "top-p only": (1.3, 0, 0.9), "top-k only": (1.0, 5, 1.0)}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", DRAWS)
+@pytest.mark.parametrize("draw", ["candidates", "vocabulary"])
+def test_token_draw_samples_the_warped_distribution(case, draw):
+    """40,000 draws from one row of logits: every token outside the support of transformers' warped distribution
+    is never drawn, and each token's frequency is within 5 standard errors of its probability."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    temperature, top_k, top_p = DRAWS[case]
+    logits = torch.randn(1, 64, generator=torch.Generator().manual_seed(3)) * 2
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    want = scores.softmax(-1)[0]
+    n = 40_000
+    torch.manual_seed(0)
+    tokens = TokenDraw(temperature, top_k, top_p, draw)(logits.expand(n, -1))
+    freq = torch.bincount(tokens, minlength=64).double() / n
+    assert freq[want == 0].sum() == 0
+    assert 1 < int((want > 0).sum()) < 64  # the warpers cut something, and leave a choice
+    stderr = (want.double() * (1 - want.double()) / n).sqrt()
+    assert ((freq - want.double()).abs() <= 5 * stderr + 1e-12).all()
+
+
+def test_whole_vocabulary_draw_gives_generates_own_samples(policy, prompts):
+    """``draw: vocabulary`` reproduces transformers' ``generate(do_sample=True, num_return_sequences=2)`` token for
+    token for the same seed: the sampling that runs made before candidate draws keep their samples."""
+    model, tokenizer = policy
+    sampler = GenerateSampler(max_new_tokens=16, batch_size=64, progress=False, draw="vocabulary")
+    got = sampler.sample(model, tokenizer, prompts, seed=5)
+    ids, mask = left_pad([encode_prompt(tokenizer, p, 512) for p in prompts], tokenizer.pad_token_id, model.device)
+    torch.manual_seed(5)
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=50, top_p=1.0,
+                         num_return_sequences=2, max_new_tokens=16, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)[:, ids.shape[1] :].tolist()  # fmt: skip
+    eos = tokenizer.eos_token_id
+    want = [seq[: seq.index(eos)] if eos in seq else seq for seq in out]
+    assert [ids for pair in got.response_ids for ids in pair] == want
+
+
+def test_a_bad_draw_is_refused():
+    with pytest.raises(Exception, match="draw must be 'candidates' or 'vocabulary', got 'gumbel'"):
+        GenerateSampler(draw="gumbel")
 
 
 def test_static_cache_sampler_records_the_distribution_not_the_mechanics():
