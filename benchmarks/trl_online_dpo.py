@@ -12,8 +12,10 @@ of the training call (``Trainer.fit`` / ``Trainer.train``; the imports, model lo
 before it are not counted, and neither is bpo-lightning's model loading, which Lightning runs inside ``fit`` in
 ``configure_model``), the process CPU seconds of that call, sampled tokens per
 second of sampling time (the sampler's ``generate`` vs TRL's ``_generate``; a response's tokens up to its EOS), and
-the process's peak RSS (``ru_maxrss``, model loading included). Ratios are bpo / TRL per round: the median and the
-min–max over rounds.
+the process's peak RSS (``ru_maxrss``, model loading included). Round r runs seed r on all three, so that the
+figures average over training trajectories: a trajectory decides how long the later phases' responses are, and
+with them the work per pair ("sampled tokens per response" shows it). Ratios are bpo / TRL per round: the median and
+the min–max over rounds.
 
 TRL is installed in its own environment so that it cannot change this one's packages:
 
@@ -103,10 +105,10 @@ def bpo_worker(spec: dict) -> dict:
     matched = spec["variant"] == "bpo-matched"
     sampler = {"num_samples": 2, "max_new_tokens": spec["new_tokens"], "temperature": 1.0, "top_k": 50,
                "top_p": 1.0, "max_prompt_tokens": spec["prompt_tokens"], "progress": False}  # fmt: skip
-    if matched:
-        sampler |= {"batch_size": TRL_PROMPTS_PER_STEP, "add_bos": False}
+    if matched:  # TRL's blocks, prompts without BOS, draws over the whole vocabulary
+        sampler |= {"batch_size": TRL_PROMPTS_PER_STEP, "add_bos": False, "draw": "vocabulary"}
     config = {
-        "seed_everything": 0,
+        "seed_everything": spec["seed"],
         "trainer": {"accelerator": "cpu", "devices": 1, "default_root_dir": spec["out"], "log_every_n_steps": 10,
                     "enable_progress_bar": False},  # fmt: skip
         "model": {
@@ -123,12 +125,13 @@ def bpo_worker(spec: dict) -> dict:
             "budget": spec["pairs"],
             "num_phases": spec["phases"],
             "batch_size": PAIRS_PER_STEP,
-            "seed": 0,
+            "seed": spec["seed"],
         },
     }
-    if matched:  # TRL's loop writes no checkpoint in a run this short, and runs a reference forward
-        config["checkpoint"] = {"save_top_k": 0, "save_last": False}
+    if matched:  # TRL's loop writes no checkpoint in a run this short, runs a reference forward, and every
+        config["checkpoint"] = {"save_top_k": 0, "save_last": False}  # sequence with its own prompt
         config["model"]["behavior_logps"] = "forward"
+        config["model"]["share_prompts"] = False
     path = Path(spec["out"]) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
@@ -150,7 +153,7 @@ def trl_worker(spec: dict) -> dict:
     def reward(prompts, completions, **_):
         return [float(rule(p, c)) for p, c in zip(prompts, completions, strict=True)]
 
-    torch.manual_seed(0)
+    torch.manual_seed(spec["seed"])
     prompts = [json.loads(line)["prompt"] for line in Path(spec["prompts"]).read_text().splitlines()][: spec["pairs"]]
     tokenizer = AutoTokenizer.from_pretrained(spec["model"], padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
@@ -172,7 +175,7 @@ def trl_worker(spec: dict) -> dict:
         report_to=[],
         logging_steps=10,
         disable_tqdm=True,
-        seed=0,
+        seed=spec["seed"],
         dataloader_num_workers=0,
     )
     trainer = OnlineDPOTrainer(model=model, reward_funcs=[reward], args=args, processing_class=tokenizer,
@@ -245,6 +248,7 @@ def summarise(results: dict[str, list[dict]], pairs: int) -> list[tuple]:
         "s / 1,000 trained pairs (wall)": lambda r: r["fit_s"] / r.get("pairs", pairs) * 1000,
         "s / 1,000 trained pairs (CPU)": lambda r: r["fit_cpu_s"] / r.get("pairs", pairs) * 1000,
         "sampling tok/s": lambda r: r["tokens"] / r["sampling_s"],
+        "sampled tokens per response": lambda r: r["tokens"] / (2 * pairs),
         "sampling share of the loop": lambda r: r["sampling_s"] / r["fit_s"],
         "peak RSS (GiB)": lambda r: r["rss_gib"],
     }
@@ -286,7 +290,7 @@ def main() -> None:
     for round_ in range(args.rounds):
         for variant in VARIANTS:  # interleaved: A B C A B C …
             python = args.trl_python if variant == "trl" else sys.executable
-            spec = {**common, "variant": variant, "out": str(root / f"{variant}-{round_}")}
+            spec = {**common, "variant": variant, "out": str(root / f"{variant}-{round_}"), "seed": round_}
             results[variant].append(run_child(python, spec))
             print(f"round {round_ + 1} {variant}: {json.dumps(results[variant][-1])}", flush=True)
     print(f"\n{args.model}: {args.pairs} pairs per run, {args.rounds} rounds, {os.cpu_count()} CPUs, "

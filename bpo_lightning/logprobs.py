@@ -128,7 +128,7 @@ def shared_prompt_states(
         states (N, R, H), targets (N, R) and mask (N, R) bool (``loss_mask`` at the response positions); R is the
         longest response.
     """
-    n, width = input_ids.shape
+    width = input_ids.shape[1]
     device = input_ids.device
     starts = loss_mask.int().argmax(-1)  # first response position, (N,)
     ends = attention_mask.sum(-1)
