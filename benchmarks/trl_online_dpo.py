@@ -80,7 +80,9 @@ class _Meter:
 
 
 def bpo_worker(spec: dict) -> dict:
+    import datasets  # noqa: F401 - imported inside fit otherwise; imports are not timed (TRL imports it before)
     import lightning
+    import matplotlib.pyplot  # noqa: F401 - the phase figure's
     import yaml
 
     from bpo_lightning import cli
@@ -255,13 +257,18 @@ def summarise(results: dict[str, list[dict]], pairs: int) -> list[tuple]:
     rows = []
     for name, get in metrics.items():
         values = {v: [get(r) for r in results[v]] for v in VARIANTS}
-        cells = [f"{statistics.median(x):.3g}" for x in values.values()]
+        cells = [_figure(statistics.median(x)) for x in values.values()]
         ratios = []
         for v in ("bpo", "bpo-matched"):
             per_round = [a / b for a, b in zip(values[v], values["trl"], strict=True)]
             ratios.append(f"{statistics.median(per_round):.2f} ({min(per_round):.2f}–{max(per_round):.2f})")
         rows.append((name, *cells, *ratios))
     return rows
+
+
+def _figure(x: float) -> str:
+    """Three significant digits, without exponents: 0.586, 14.4, 1,250, 10,600."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:#.3g}"
 
 
 def main() -> None:
