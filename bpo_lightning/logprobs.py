@@ -88,7 +88,9 @@ def sequence_logps(
         logps = token_logps(logits[:, :-1], input_ids[:, 1:], chunk_size)
         return SequenceLogps((logps * mask).sum(-1), counts)
     backbone, head, cap = split
-    if share_prompts and prompt_sharing(model, backbone):
+    # a sequence whose response starts at its first token (no prompt: no BOS, an empty prompt text) has nothing to
+    # share; its batch runs whole
+    if share_prompts and bool(loss_mask[:, 0].eq(0).all()) and prompt_sharing(model, backbone):
         hidden, targets, mask = shared_prompt_states(backbone, input_ids, attention_mask, loss_mask)
     else:  # hidden[:, t] predicts token t + 1
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0][:, :-1]

@@ -231,3 +231,20 @@ def test_a_model_whose_cache_cannot_be_shared_runs_every_sequence_whole():
     assert any("cannot be run once through its KV cache" in str(w.message) for w in caught)
     assert not logprobs.prompt_sharing(model, backbone)
     assert_close(got.sums, reference(model, b), atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_with_a_response_at_its_first_token_runs_whole():
+    """A sequence without prompt tokens (no BOS, empty prompt) has nothing to share: its batch runs every sequence
+    whole, with the same values as the full log-softmax."""
+    model = tiny("llama").eval()
+    b = right_padded([[5, 6, 7, 8], [9, 10, 11]], [0, 1], pad_id=0)  # the first one has no prompt
+    backbone = split_head(model)[0]
+    seen = []
+    handle = backbone.register_forward_pre_hook(lambda _, args, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                                with_kwargs=True)  # fmt: skip
+    try:
+        got = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], 4, share_prompts=True)
+    finally:
+        handle.remove()
+    assert seen == [(2, 4)]  # one call, on the whole sequences
+    assert_close(got.sums, reference(model, b), atol=1e-5, rtol=1e-5)
