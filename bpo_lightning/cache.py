@@ -109,7 +109,8 @@ class AnnotationCache:
 def cached_score(
     annotator, cache: AnnotationCache | None, prompts: list[str], responses: list[str], origin: str | None = None
 ):
-    """Scores for all inputs, asking ``annotator`` only for those the cache lacks.
+    """Scores for all inputs, asking ``annotator`` only for those the cache lacks, and each identical
+    (prompt, response) input once.
 
     The annotator's answers are stored in the cache group by group as they are paid for (``score_iter``), so an
     exception or a kill inside the call loses nothing already paid: a rerun finds those scores cached.
@@ -120,14 +121,19 @@ def cached_score(
 
     Returns:
         (scores, positions of the inputs paid for by this run — now, or earlier with this ``origin``; the others
-        came from the cache).
+        came from the cache). A repeat of an input within the call counts as a cache hit. (One that recurs in a
+        later call and was paid by this run counts as paid again: calls are blocks, which processes annotate
+        independently, and the counts do not depend on the number of processes.)
     """
     found = cache.get_with_origin(annotator.identity, prompts, responses) if cache is not None else []
     scores = [score for score, _ in found] or [None] * len(prompts)
-    missing = [i for i, s in enumerate(scores) if s is None]
-    paid_before = [i for i, (s, o) in enumerate(found) if s is not None and origin is not None and o == origin]
+    first: dict[tuple, int] = {}  # (prompt, response) -> its first position in this call
+    for i in range(len(prompts)):
+        first.setdefault((prompts[i], responses[i]), i)
+    missing = [i for i in first.values() if scores[i] is None]
+    paid_before = [i for i in first.values() if scores[i] is not None and origin is not None and found[i][1] == origin]
     if not missing:
-        return scores, paid_before
+        return scores, sorted(paid_before)
     asked, answers = [prompts[i] for i in missing], [responses[i] for i in missing]
     given = [False] * len(missing)
     paid = 0
@@ -151,6 +157,9 @@ def cached_score(
                        "(--debug shows the traceback)") from err  # fmt: skip
     if paid != len(missing):
         raise RunError(f"data.annotator: {annotator.identity} returned {paid} scores for {len(missing)} responses")
+    for i, s in enumerate(scores):  # repeats of an input asked once
+        if s is None:
+            scores[i] = scores[first[(prompts[i], responses[i])]]
     return scores, sorted(missing + paid_before)
 
 

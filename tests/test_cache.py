@@ -28,6 +28,24 @@ def test_cached_score_asks_only_for_misses(tmp_path):
     assert second[:2] == first and fresh == [2] and len(annotator.calls) == 3
 
 
+def test_identical_inputs_in_one_call_are_asked_once_and_counted_paid_once(tmp_path):
+    """The same (prompt, response) twice in one call (one block) is asked once and counted paid once, the repeat as
+    a cache hit; so is a repeat of a score an earlier attempt of the run paid for."""
+    p, q = "hotel review : we stayed here .", "movie review : i watched it ."
+    a, b, c, d = " the staff was friendly .", " the bed was bad .", " the pool was great .", " it was long ."
+    cache, annotator = AnnotationCache(tmp_path / "c.sqlite"), CountingAnnotator()
+    scores, paid = cached_score(annotator, cache, [p, q, p, p], [a, d, a, c], origin="run")
+    assert annotator.calls == [p, q, p]  # (p, a) once
+    assert scores[0] == scores[2] and paid == [0, 1, 3]
+    resumed = AnnotationCache(tmp_path / "c.sqlite")  # another attempt of the run
+    again = CountingAnnotator()
+    scores, paid = cached_score(again, resumed, [q, q, p], [d, d, b], origin="run")
+    assert again.calls == [p] and paid == [0, 2]  # (q, d) paid by the earlier attempt: counted once
+    assert scores[0] == scores[1]
+    _, paid = cached_score(CountingAnnotator(), resumed, [p, p], [a, a], origin="another run")
+    assert paid == []  # another run's scores are cache hits
+
+
 def test_a_second_run_sharing_the_cache_makes_no_annotator_call(tmp_path, sft_dir):
     shared = str(tmp_path / "shared.sqlite")
     module, data, trainer = make_run(tmp_path / "a", sft_dir, budget=16, num_phases=1)

@@ -213,6 +213,7 @@ def test_partial_phase_is_continued_not_resampled(tmp_path, sft_dir):
     assert fresh and not set(annotator.paid) & set(first.paid)  # nothing paid twice
     queries = {(row["prompt"], text) for row in fresh if row.get("annotated") for text in row["responses"]}
     assert set(annotator.paid) | (queries & set(first.paid)) == queries  # each paid once, now or before
+    assert len(annotator.paid) == len(set(annotator.paid))  # a (prompt, response) that recurs is asked once
 
 
 @pytest.mark.slow
