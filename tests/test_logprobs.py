@@ -79,6 +79,13 @@ def test_flat_logps_equal_the_full_log_softmax_with_gradients(kind, chunk):
     assert split_head(model) is not None  # the chunked path is taken
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
     got = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], chunk)
+    assert_same_as_reference(model, b, got, weights)
+
+
+def assert_same_as_reference(model, b, got, weights):
+    """``got`` equals the naive definition on batch ``b``: values, token counts, and the gradients of the weighted
+    sum for every parameter (none missing)."""
+    model.zero_grad()
     (got.sums * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -86,6 +93,7 @@ def test_flat_logps_equal_the_full_log_softmax_with_gradients(kind, chunk):
     (want * weights).sum().backward()
     assert_close(got.sums, want, atol=1e-5, rtol=1e-5)
     assert got.counts.tolist() == b["loss_mask"][:, 1:].sum(-1).float().tolist()
+    assert len(grads) == len([p for p in model.parameters() if p.grad is not None])
     for name, p in model.named_parameters():
         if p.grad is not None:
             assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
@@ -198,17 +206,7 @@ def test_a_shared_prompt_runs_once_with_the_same_values_and_gradients(kind):
     finally:
         handle.remove()
     assert seen == [(3, 8), (6, 12)]  # 3 prompts, left-padded to 8 tokens; 6 responses of at most 12 tokens
-    (got.sums * weights).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    want = reference(model, b)
-    (want * weights).sum().backward()
-    assert_close(got.sums, want, atol=1e-5, rtol=1e-5)
-    assert got.counts.tolist() == b["loss_mask"][:, 1:].sum(-1).float().tolist()
-    assert len(grads) == len([p for p in model.parameters() if p.grad is not None])
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_as_reference(model, b, got, weights)
 
 
 def test_a_model_whose_cache_cannot_be_shared_runs_every_sequence_whole():
