@@ -149,7 +149,7 @@ def shared_prompt_states(
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
-    name = _cache_argument(backbone)
+    name = cache_argument(backbone)
     prompt_states, cache = out[0], out.get(name)  # (K, p, H)
     if cache is None:
         raise ValueError(f"{type(backbone).__name__} returned no KV cache")
@@ -172,10 +172,11 @@ def shared_prompt_states(
     return states, targets, (loss_mask.gather(1, at) * inside).bool()
 
 
-def _cache_argument(backbone: torch.nn.Module) -> str:
-    """The name of the KV cache in the backbone's arguments and outputs: ``cache`` in recent transformers,
-    ``past_key_values`` in earlier ones."""
-    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name of the KV cache in a transformers model's arguments and outputs (a PEFT wrapper's: its base model's):
+    ``cache`` in recent transformers, ``past_key_values`` in earlier ones."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 _SHARING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> whether shared prompts give the same

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from bpo_lightning.arguments import RecordsArguments
 from bpo_lightning.errors import InputError
 from bpo_lightning.hookspecs import hookimpl
+from bpo_lightning.logprobs import cache_argument
 
 if TYPE_CHECKING:  # transformers is imported when sampling starts, not when plugins are listed
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -105,6 +106,9 @@ class LogpRecorder:
         return sums, [float(end[r, n]) for r, n in enumerate(lengths)]
 
 
+DRAWS = ("candidates", "vocabulary")
+
+
 class TokenDraw:
     """Draws one token per row from softmax(logits / temperature) restricted to the ``top_k`` most likely tokens and
     then to the most likely of those whose probability mass reaches ``top_p`` — the distribution transformers'
@@ -119,7 +123,7 @@ class TokenDraw:
     """
 
     def __init__(self, temperature: float, top_k: int, top_p: float, draw: str = "candidates") -> None:
-        if draw not in ("candidates", "vocabulary"):
+        if draw not in DRAWS:
             raise InputError(f"sampler: draw must be 'candidates' or 'vocabulary', got {draw!r}")
         self.temperature, self.top_k, self.top_p, self.draw = temperature, top_k, top_p, draw
 
@@ -245,7 +249,7 @@ class GenerateSampler(Sampler):
             problems.append(f"top_p must be in (0, 1], got {top_p}")
         if batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {batch_size}")
-        if draw not in ("candidates", "vocabulary"):
+        if draw not in DRAWS:
             problems.append(f"draw must be 'candidates' or 'vocabulary', got {draw!r}")
         if problems:
             raise InputError("sampler: " + "; ".join(problems))
@@ -259,7 +263,11 @@ class GenerateSampler(Sampler):
         self.add_bos = add_bos
         self.progress = progress
         self.draw = draw
-        self.token_draw = TokenDraw(temperature, top_k, top_p, draw)
+
+    @property
+    def token_draw(self) -> TokenDraw:
+        """How each token is drawn, from the sampler's settings."""
+        return TokenDraw(self.temperature, self.top_k, self.top_p, self.draw)
 
     def settings(self) -> dict:
         keys = ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "max_prompt_tokens", "add_bos",
@@ -483,7 +491,8 @@ class StaticCacheSampler(GenerateSampler):
         full_mask[:, :width] = mask
         position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         step = self._step(model, compiling)
-        cache_key = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5.2x
+        cache_key = cache_argument(model)
+        draw = self.token_draw
         last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}  # no (rows, width, V)
         out = model(input_ids=ids, attention_mask=full_mask, position_ids=position, **{cache_key: cache},
                     cache_position=torch.arange(width, device=device), use_cache=True, **last_only)
@@ -495,7 +504,7 @@ class StaticCacheSampler(GenerateSampler):
         for t in range(new_tokens):
             if recorder is not None:
                 recorder.feed(logits)
-            new = torch.where(unfinished, self.token_draw(logits), pad)
+            new = torch.where(unfinished, draw(logits), pad)
             if recorder is not None:
                 recorder.take(new)
             tokens[:, t] = new
