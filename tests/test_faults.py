@@ -3,6 +3,7 @@ score or failing half-way, a locked cache."""
 
 import json
 import math
+import pickle
 import sqlite3
 import warnings
 from pathlib import Path
@@ -108,6 +109,30 @@ def test_scores_are_cached_as_they_are_paid_for(tmp_path):
     scores, fresh = cached_score(flaky, cache, prompts, responses)
     assert scores == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0] and fresh == [3, 4, 5]
     assert flaky.calls == ["p0", "p1", "p2", "p3", "p4", "p5"]  # every response paid for once
+
+
+def test_checkpoints_are_written_without_per_record_crcs_and_load_equal(tmp_path):
+    """The checkpoint writer skips torch.save's CRC-32s (torch.load never reads them) for this save only, and the
+    file loads back equal; a failed save leaves the setting as it was and no file behind."""
+    import zipfile
+
+    from bpo_lightning.checkpoints import AtomicCheckpointIO, checked_load
+
+    checkpoint = {"state_dict": {"w": torch.arange(6.0)}, "bpo": {"phase": 1}}
+    path = tmp_path / "phase-1.ckpt"
+    assert torch.serialization.get_crc32_options()
+    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+    assert torch.serialization.get_crc32_options()  # back as it was
+    with zipfile.ZipFile(path) as archive:
+        records = [info for info in archive.infolist() if info.file_size]
+        assert records and all(info.CRC == 0 for info in records)
+    loaded = checked_load(path)
+    assert torch.equal(loaded["state_dict"]["w"], checkpoint["state_dict"]["w"]) and loaded["bpo"] == {"phase": 1}
+
+    with pytest.raises(pickle.PicklingError):
+        AtomicCheckpointIO().save_checkpoint({"bad": lambda: None}, tmp_path / "phase-2.ckpt")  # cannot be pickled
+    assert torch.serialization.get_crc32_options()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phase-1.ckpt"]
 
 
 def test_metrics_csv_keeps_the_rows_of_an_earlier_attempt(tmp_path):
