@@ -134,8 +134,9 @@ def evaluate(module: BPOModule, limit: int) -> dict:
 
 
 def sampler() -> GenerateSampler:
-    # whole-vocabulary draws, as the recorded results were sampled
-    return GenerateSampler(max_new_tokens=48, batch_size=64, max_prompt_tokens=64, progress=False, draw="vocabulary")
+    # whole-vocabulary draws, every row running its own prompt, as the recorded results were sampled
+    return GenerateSampler(max_new_tokens=48, batch_size=64, max_prompt_tokens=64, progress=False, draw="vocabulary",
+                           share_prompts=False)  # fmt: skip
 
 
 def per_prompt(run: dict) -> list[float]:

@@ -107,8 +107,8 @@ def bpo_worker(spec: dict) -> dict:
     matched = spec["variant"] == "bpo-matched"
     sampler = {"num_samples": 2, "max_new_tokens": spec["new_tokens"], "temperature": 1.0, "top_k": 50,
                "top_p": 1.0, "max_prompt_tokens": spec["prompt_tokens"], "progress": False}  # fmt: skip
-    if matched:  # TRL's blocks, prompts without BOS, draws over the whole vocabulary
-        sampler |= {"batch_size": TRL_PROMPTS_PER_STEP, "add_bos": False, "draw": "vocabulary"}
+    if matched:  # TRL's blocks, prompts without BOS, draws over the whole vocabulary, each row with its own prompt
+        sampler |= {"batch_size": TRL_PROMPTS_PER_STEP, "add_bos": False, "draw": "vocabulary", "share_prompts": False}
     config = {
         "seed_everything": spec["seed"],
         "trainer": {"accelerator": "cpu", "devices": 1, "default_root_dir": spec["out"], "log_every_n_steps": 10,

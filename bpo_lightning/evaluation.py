@@ -86,6 +86,7 @@ class Evaluation:
             "max_prompt_tokens": self.max_prompt_tokens or getattr(data_sampler, "max_prompt_tokens", 512),
             "add_bos": getattr(data_sampler, "add_bos", True),
             "draw": getattr(data_sampler, "draw", "candidates"),
+            "share_prompts": getattr(data_sampler, "share_prompts", True),
             "batch_size": batch_size,
             "progress": False,
         }

@@ -36,6 +36,7 @@ IGNORED = (
     "data.annotation_cache",
     "data.pipeline",
     "data.sampler.init_args.progress",
+    "data.sampler.init_args.share_prompts",
 )
 TRAINER_KEYS = ("precision", "gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")
 FILE = "run.json"

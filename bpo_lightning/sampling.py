@@ -18,7 +18,7 @@ from tqdm import tqdm
 from bpo_lightning.arguments import RecordsArguments
 from bpo_lightning.errors import InputError
 from bpo_lightning.hookspecs import hookimpl
-from bpo_lightning.logprobs import cache_argument
+from bpo_lightning.logprobs import cache_argument, prompt_sharing, split_head
 
 if TYPE_CHECKING:  # transformers is imported when sampling starts, not when plugins are listed
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -223,6 +223,10 @@ class GenerateSampler(Sampler):
         draw: ``candidates`` draws each token among the top-k candidates (one random number each), ``vocabulary``
             over the whole vocabulary as transformers' ``generate`` does (its samples for a seed); the same
             distribution either way (``TokenDraw``).
+        share_prompts: run each prompt once for its ``num_samples`` responses: all but its last token go through the
+            model's backbone once, and ``generate`` continues every response from that KV cache, expanded
+            (``prompt_cache``). The same computation up to float rounding; ``false`` runs every response's prompt,
+            as ``generate`` on repeated prompts does (its samples for a seed, bit for bit).
     """
 
     def __init__(
@@ -237,6 +241,7 @@ class GenerateSampler(Sampler):
         add_bos: bool = True,
         progress: bool = True,
         draw: str = "candidates",
+        share_prompts: bool = True,
     ) -> None:
         problems = []
         if num_samples < 1:
@@ -263,6 +268,7 @@ class GenerateSampler(Sampler):
         self.add_bos = add_bos
         self.progress = progress
         self.draw = draw
+        self.share_prompts = share_prompts
 
     @property
     def token_draw(self) -> TokenDraw:
@@ -272,7 +278,8 @@ class GenerateSampler(Sampler):
     def settings(self) -> dict:
         keys = ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "max_prompt_tokens", "add_bos",
                 "draw")  # fmt: skip
-        extra = {k: v for k, v in self.arguments.items() if k not in keys and k != "batch_size"}  # a subclass's own
+        how = ("batch_size", "share_prompts")  # how the samples are computed, not what they are
+        extra = {k: v for k, v in self.arguments.items() if k not in keys and k not in how}  # a subclass's own
         return {"class": type(self).__name__, **{k: getattr(self, k) for k in keys}, **extra}
 
     def generation_config(self, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
@@ -309,9 +316,10 @@ class GenerateSampler(Sampler):
                 with torch.no_grad(), torch.random.fork_rng(devices=devices):  # keep the training RNG stream
                     torch.manual_seed(seed + start)  # a block's samples do not depend on earlier blocks
                     input_ids, attention_mask = left_pad(batch, tokenizer.pad_token_id, model.device)
+                    cache = self.prompt_cache(model, input_ids, attention_mask) if self.share_prompts else {}
                     recorder = LogpRecorder(tokenizer.eos_token_id)
-                    with self.recording(model, recorder):
-                        generated = self.generate(model, input_ids, attention_mask, config)  # (b·n, ≤ new + 1)
+                    with self.recording(model, recorder):  # (b·n, ≤ new + 1)
+                        generated = self.generate(model, input_ids, attention_mask, config, **cache)
                 generated = generated[:, : self.max_new_tokens]
                 yield start, self._collect(batch, generated.tolist(), tokenizer, recorder)
         finally:
@@ -329,21 +337,48 @@ class GenerateSampler(Sampler):
             handle.remove()
 
     def generate(
-        self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig
+        self,
+        model: PreTrainedModel,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        config: GenerationConfig,
+        **cache,
     ) -> torch.Tensor:
         """The new tokens, ``num_samples`` consecutive rows per prompt: (b·n, ≤ max_new_tokens), padded after EOS.
 
         Each prompt is repeated ``num_samples`` times (as ``generate``'s ``num_return_sequences`` does) and every
         token is drawn by ``TokenDraw``, through a logits processor that leaves ``generate``'s greedy step nothing
-        else to pick."""
+        else to pick. ``cache``: what ``prompt_cache`` returned, which ``generate`` continues."""
         from transformers import LogitsProcessorList
 
         ids = input_ids.repeat_interleave(self.num_samples, dim=0)
         mask = attention_mask.repeat_interleave(self.num_samples, dim=0)
         drawn = [] if self.temperature == 0 else [_drawn_token_processor(self.token_draw)]
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                             logits_processor=LogitsProcessorList(drawn))  # fmt: skip
+                             logits_processor=LogitsProcessorList(drawn), **cache)  # fmt: skip
         return out[:, ids.shape[1] :]
+
+    def prompt_cache(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        """``generate``'s cache argument holding every prompt but its last token, run once per prompt through the
+        backbone (before the log-probabilities are recorded) and expanded to the ``num_samples`` rows of each; empty
+        where that is not the same computation or buys nothing: one sample per prompt, a prompt of one token, a
+        model without a separate output head or whose cache cannot be expanded (``prompt_sharing``), or ZeRO-3 over
+        several processes (each must run as many forwards as the others)."""
+        n, width = self.num_samples, input_ids.shape[1]
+        if n < 2 or width < 2 or bool(attention_mask[:, : width - 1].sum(-1).eq(0).any()) or _zero3_processes() > 1:
+            return {}
+        split = split_head(model)
+        if split is None or not prompt_sharing(model, split[0]):
+            return {}
+        mask = attention_mask[:, : width - 1]
+        name = cache_argument(model)
+        out = split[0](input_ids=input_ids[:, : width - 1], attention_mask=mask,
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)  # fmt: skip
+        cache = out.get(name)
+        if cache is None:
+            return {}
+        cache.reorder_cache(torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(n))
+        return {name: cache}
 
     def _collect(
         self, prompt_ids: list[list[int]], generated: list[list[int]], tokenizer, recorder: LogpRecorder | None = None
@@ -435,6 +470,9 @@ class StaticCacheSampler(GenerateSampler):
             yield
         finally:
             self._recorder = None
+
+    def prompt_cache(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        return {}  # the decode loop fills its own static cache
 
     def _compiling(self, model, synced: bool) -> bool:
         if self.compile is False or synced:  # ZeRO-3's hooks gather parameters inside the forward

@@ -80,7 +80,8 @@ def test_whole_vocabulary_draw_gives_generates_own_samples(policy, prompts):
     """``draw: vocabulary`` reproduces transformers' ``generate(do_sample=True, num_return_sequences=2)`` token for
     token for the same seed: the sampling that runs made before candidate draws keep their samples."""
     model, tokenizer = policy
-    sampler = GenerateSampler(max_new_tokens=16, batch_size=64, progress=False, draw="vocabulary")
+    sampler = GenerateSampler(max_new_tokens=16, batch_size=64, progress=False, draw="vocabulary",
+                              share_prompts=False)  # fmt: skip
     got = sampler.sample(model, tokenizer, prompts, seed=5)
     ids, mask = left_pad([encode_prompt(tokenizer, p, 512) for p in prompts], tokenizer.pad_token_id, model.device)
     torch.manual_seed(5)
@@ -90,6 +91,55 @@ def test_whole_vocabulary_draw_gives_generates_own_samples(policy, prompts):
     eos = tokenizer.eos_token_id
     want = [seq[: seq.index(eos)] if eos in seq else seq for seq in out]
     assert [ids for pair in got.response_ids for ids in pair] == want
+
+
+@pytest.mark.parametrize("case", ["paper defaults", "three samples, short last block", "whole-vocabulary draw"])
+def test_a_prompt_shared_by_its_samples_runs_once_and_draws_the_same(policy, prompts, case):
+    """With ``share_prompts`` each block's prompts but their last token run once through the backbone and
+    ``generate`` starts from that cache, expanded to the samples' rows (its first forward takes one token per row);
+    the tokens drawn are those of every row running its own prompt, and the recorded log-probs equal to rounding."""
+    model, tokenizer = policy
+    settings = {"batch_size": 16, "progress": False, **CASES[case]}
+    shapes = []  # (rows, tokens) of the full model's forwards with more than one row (a one-row check is not one)
+    record = lambda m, a, k: shapes.append(tuple(k["input_ids"].shape)) if len(k["input_ids"]) > 1 else None  # noqa: E731
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        shared = GenerateSampler(**settings).sample(model, tokenizer, prompts, seed=7)
+        shared_shapes = list(shapes)
+        shapes.clear()
+        whole = GenerateSampler(**settings, share_prompts=False).sample(model, tokenizer, prompts, seed=7)
+    finally:
+        handle.remove()
+    n, blocks = settings.get("num_samples", 2), -(-len(prompts) // settings["batch_size"])
+    prompts_run = [s for s in shapes if s[1] > 1]
+    assert len(prompts_run) == blocks and all(s[0] % n == 0 for s in prompts_run)  # every row ran its prompt
+    assert {s[1] for s in shared_shapes} == {1} and len(shared_shapes) == len(shapes)  # the backbone ran them
+    assert shared.response_ids == whole.response_ids and shared.finished == whole.finished
+    for mine, theirs in ((shared.logps, whole.logps), (shared.eos_logps, whole.eos_logps)):
+        flat_mine, flat_theirs = [x for g in mine for x in g], [x for g in theirs for x in g]
+        assert flat_mine == pytest.approx(flat_theirs, abs=1e-4)
+
+
+def test_a_prompt_cache_is_only_built_where_it_is_the_same_computation(policy):
+    model, _ = policy
+    ids = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    model.eval()
+    cache = GenerateSampler(num_samples=3).prompt_cache(model, ids, mask)
+    ((name, value),) = cache.items()
+    assert value.get_seq_length() == 3  # all but the last token, expanded to 2 prompts × 3 samples:
+    rows, row_mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+    with torch.no_grad():  # the last token continues from it as from the whole prompt
+        want = model(input_ids=rows, attention_mask=row_mask, position_ids=(row_mask.cumsum(-1) - 1).clamp(min=0))
+        got = model(input_ids=rows[:, -1:], attention_mask=row_mask, position_ids=row_mask.sum(-1, keepdim=True) - 1,
+                    **{name: value})  # fmt: skip
+    torch.testing.assert_close(got.logits[:, -1], want.logits[:, -1], atol=1e-4, rtol=1e-4)
+    assert GenerateSampler(num_samples=1).prompt_cache(model, ids, mask) == {}  # nothing shared
+    one_token = torch.tensor([[0, 0, 0, 11], [5, 6, 7, 8]]), torch.tensor([[0, 0, 0, 1], [1, 1, 1, 1]])
+    assert GenerateSampler().prompt_cache(model, *one_token) == {}  # a prompt with nothing before its last token
+    assert GenerateSampler().prompt_cache(model, ids[:, -1:], mask[:, -1:]) == {}
+    assert StaticCacheSampler().prompt_cache(model, ids, mask) == {}  # its decode loop fills its own cache
+    assert "share_prompts" not in GenerateSampler(share_prompts=False).settings()  # how, not what, is sampled
 
 
 def test_a_bad_draw_is_refused():
