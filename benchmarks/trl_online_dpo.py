@@ -90,18 +90,25 @@ def bpo_worker(spec: dict) -> dict:
     from bpo_lightning.sampling import GenerateSampler
 
     meter = _Meter()
-    generate = GenerateSampler.generate
+    generate, prompt_cache = GenerateSampler.generate, GenerateSampler.prompt_cache
 
-    def timed_generate(self, model, input_ids, attention_mask, config):
+    def timed_prompt_cache(self, *args):  # the prompts' shared prefill is sampling time too
         start = time.perf_counter()
-        out = generate(self, model, input_ids, attention_mask, config)
+        try:
+            return prompt_cache(self, *args)
+        finally:
+            meter.sampling_s += time.perf_counter() - start
+
+    def timed_generate(self, model, input_ids, attention_mask, config, **cache):
+        start = time.perf_counter()
+        out = generate(self, model, input_ids, attention_mask, config, **cache)
         meter.sampling_s += time.perf_counter() - start
         eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
         # responses' tokens only: the step past the limit (the EOS term of a truncated response) is timed, not counted
         meter.tokens += _sampled_tokens(out[:, : spec["new_tokens"]], eos)
         return out
 
-    GenerateSampler.generate = timed_generate
+    GenerateSampler.generate, GenerateSampler.prompt_cache = timed_generate, timed_prompt_cache
     lightning.Trainer.fit = meter.time_fit(lightning.Trainer.fit)
     BPOModule.configure_model = meter.time_fit(BPOModule.configure_model, sign=-1)  # model loading: not counted
     matched = spec["variant"] == "bpo-matched"

@@ -362,10 +362,13 @@ class GenerateSampler(Sampler):
         """``generate``'s cache argument holding every prompt but its last token, run once per prompt through the
         backbone (before the log-probabilities are recorded) and expanded to the ``num_samples`` rows of each; empty
         where that is not the same computation or buys nothing: one sample per prompt, a prompt of one token, a
-        model without a separate output head or whose cache cannot be expanded (``prompt_sharing``), or ZeRO-3 over
-        several processes (each must run as many forwards as the others)."""
+        model without a separate output head or whose cache cannot be expanded (``prompt_sharing``), a model whose
+        generation config names its own cache (``cache_implementation``, which ``generate`` will not combine with a
+        given one), or ZeRO-3 over several processes (each must run as many forwards as the others)."""
         n, width = self.num_samples, input_ids.shape[1]
         if n < 2 or width < 2 or bool(attention_mask[:, : width - 1].sum(-1).eq(0).any()) or _zero3_processes() > 1:
+            return {}
+        if getattr(getattr(model, "generation_config", None), "cache_implementation", None) is not None:
             return {}
         split = split_head(model)
         if split is None or not prompt_sharing(model, split[0]):

@@ -139,6 +139,11 @@ def test_a_prompt_cache_is_only_built_where_it_is_the_same_computation(policy):
     assert GenerateSampler().prompt_cache(model, *one_token) == {}  # a prompt with nothing before its last token
     assert GenerateSampler().prompt_cache(model, ids[:, -1:], mask[:, -1:]) == {}
     assert StaticCacheSampler().prompt_cache(model, ids, mask) == {}  # its decode loop fills its own cache
+    model.generation_config.cache_implementation = "static"  # generate refuses a given cache beside its own
+    try:
+        assert GenerateSampler().prompt_cache(model, ids, mask) == {}
+    finally:
+        model.generation_config.cache_implementation = None
     assert "share_prompts" not in GenerateSampler(share_prompts=False).settings()  # how, not what, is sampled
 
 
