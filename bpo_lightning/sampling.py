@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from bpo_lightning.arguments import RecordsArguments
-from bpo_lightning.errors import InputError
+from bpo_lightning.errors import InputError, RunError, one_line
 from bpo_lightning.hookspecs import hookimpl
 from bpo_lightning.logprobs import cache_argument, prompt_sharing, split_head
 
@@ -216,7 +216,11 @@ class GenerateSampler(Sampler):
         temperature: softmax temperature; 0 means greedy decoding.
         top_k: keep the k most likely tokens (0 disables).
         top_p: nucleus sampling mass (1.0 disables).
-        batch_size: prompts per ``generate`` call (each expands to ``num_samples`` sequences).
+        batch_size: prompts per ``generate`` call (each expands to ``num_samples`` sequences). A block's KV cache
+            grows to ``batch_size`` × ``num_samples`` × (longest prompt + ``max_new_tokens``) positions: 2 ×
+            layers × key/value heads × head size × dtype bytes each (a 7B model with 32 full-attention heads in
+            bfloat16: 0.5 MiB, so 128 prompts at 512 + 128 tokens take 80 GiB; with 8 key/value heads, 20 GiB).
+            Block sizes also set each block's seed: another size draws other samples.
         max_prompt_tokens: prompts longer than this keep their last tokens.
         add_bos: prepend the tokenizer's BOS token to every prompt.
         progress: show a progress bar while sampling.
@@ -236,7 +240,7 @@ class GenerateSampler(Sampler):
         temperature: float = 1.0,
         top_k: int = 50,
         top_p: float = 1.0,
-        batch_size: int = 64,
+        batch_size: int = 128,
         max_prompt_tokens: int = 512,
         add_bos: bool = True,
         progress: bool = True,
@@ -318,8 +322,8 @@ class GenerateSampler(Sampler):
                     input_ids, attention_mask = left_pad(batch, tokenizer.pad_token_id, model.device)
                     cache = self.prompt_cache(model, input_ids, attention_mask) if self.share_prompts else {}
                     recorder = LogpRecorder(tokenizer.eos_token_id)
-                    with self.recording(model, recorder):  # (b·n, ≤ new + 1)
-                        generated = self.generate(model, input_ids, attention_mask, config, **cache)
+                    with self.recording(model, recorder), _out_of_memory(len(batch), self.num_samples):
+                        generated = self.generate(model, input_ids, attention_mask, config, **cache)  # (b·n, ≤ new+1)
                 generated = generated[:, : self.max_new_tokens]
                 yield start, self._collect(batch, generated.tolist(), tokenizer, recorder)
         finally:
@@ -435,7 +439,7 @@ class StaticCacheSampler(GenerateSampler):
         temperature: float = 1.0,
         top_k: int = 50,
         top_p: float = 1.0,
-        batch_size: int = 64,
+        batch_size: int = 128,
         max_prompt_tokens: int = 512,
         add_bos: bool = True,
         progress: bool = True,
@@ -561,6 +565,18 @@ class StaticCacheSampler(GenerateSampler):
                           **{cache_key: cache}, cache_position=torch.tensor([width + t], device=device),
                           use_cache=True).logits[:, -1].float()
         return tokens[:rows]
+
+
+@contextmanager
+def _out_of_memory(prompts: int, samples: int):
+    """An accelerator's out-of-memory error while sampling as a ``RunError`` naming the block size (the blocks
+    sampled before it are saved, and a resumed run starts from the first missing one)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        raise RunError(f"data.sampler.init_args.batch_size: a block of {prompts} prompts × {samples} samples ran out "
+                       f"of accelerator memory while sampling; set a smaller batch_size ({one_line(err)[:160]})"
+                       ) from err  # fmt: skip
 
 
 def _accepts(model, name: str) -> bool:

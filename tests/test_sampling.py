@@ -147,6 +147,30 @@ def test_a_prompt_cache_is_only_built_where_it_is_the_same_computation(policy):
     assert "share_prompts" not in GenerateSampler(share_prompts=False).settings()  # how, not what, is sampled
 
 
+def test_running_out_of_accelerator_memory_names_the_block_size(policy, prompts, monkeypatch):
+    """An out-of-memory error while sampling a block is a one-line error naming the setting to lower; the blocks
+    yielded before it are the caller's (collection saves each as it arrives)."""
+    from bpo_lightning.errors import RunError
+
+    model, tokenizer = policy
+    sampler = GenerateSampler(max_new_tokens=4, batch_size=16, progress=False)
+    generate, calls = GenerateSampler.generate, []
+
+    def second_runs_out(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerateSampler, "generate", second_runs_out)
+    blocks = sampler.sample_batches(model, tokenizer, prompts, seed=0)
+    start, first = next(blocks)
+    assert start == 0 and len(first.response_ids) == 16
+    with pytest.raises(RunError, match=r"data.sampler.init_args.batch_size: a block of 16 prompts × 2 samples ran out "
+                                       r"of accelerator memory.*Tried to allocate 20.00 GiB"):  # fmt: skip
+        next(blocks)
+
+
 def test_a_bad_draw_is_refused():
     with pytest.raises(Exception, match="draw must be 'candidates' or 'vocabulary', got 'gumbel'"):
         GenerateSampler(draw="gumbel")
