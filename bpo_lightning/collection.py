@@ -140,7 +140,12 @@ def sample_and_annotate(
                 job = None
                 if any(index not in done for index in block):
                     prompts = [model_input(data.pool[index]) for index in block]
-                    samples = _sample_block(data.sampler, module, prompts, phase_seed + b * size)
+                    try:
+                        samples = _sample_block(data.sampler, module, prompts, phase_seed + b * size)
+                    except BaseException:  # out of memory, say: the block annotated meanwhile is saved first
+                        if pending is not None:
+                            finish(pending.result())
+                        raise
                     todo = [k for k, index in enumerate(block) if index not in done]
                     job = (data.annotator, [block[k] for k in todo], data.pool, _subset(samples, todo), data.cache)
                 elif lockstep:  # ZeRO-3: this process's share of every collective generate, results discarded

@@ -364,6 +364,38 @@ def test_a_torn_last_line_is_cut_reading_only_the_end(tmp_path, data, kept):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_a_sampler_failing_mid_phase_keeps_the_blocks_before_it(tmp_path, sft_dir, pipeline):
+    """A block's sampling fails (out of memory, say): the blocks sampled before it are saved, the one annotated in
+    the background included, and the resumed run samples from the first missing block, asking for no answer twice."""
+    from bpo_lightning.sampling import GenerateSampler
+
+    class FailsOnce(GenerateSampler):
+        calls = 0
+
+        def sample(self, *args, **kwargs):
+            FailsOnce.calls += 1
+            if FailsOnce.calls == 3:
+                raise RunError("data.sampler.init_args.batch_size: out of memory (stand-in)")
+            return super().sample(*args, **kwargs)
+
+    annotator = CountingAnnotator()
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=32, num_phases=1, annotator=annotator)
+    data.sampler, data.pipeline = FailsOnce(max_new_tokens=8, batch_size=8, progress=False), pipeline
+    with pytest.raises(RunError, match="out of memory"):
+        trainer.fit(module, datamodule=data)
+    store = PhaseStore(tmp_path / "data", 0)
+    first_blocks = list(data.phase_indices(0))[:16]
+    assert sorted(store.load_samples()) == sorted(first_blocks)  # blocks 1 and 2
+    asked = len(annotator.calls)
+
+    module, data, trainer = make_run(tmp_path, sft_dir, budget=32, num_phases=1, annotator=annotator)
+    data.sampler, data.pipeline = FailsOnce(max_new_tokens=8, batch_size=8, progress=False), pipeline
+    trainer.fit(module, datamodule=data)
+    again, rest = annotator.calls[asked:], list(data.phase_indices(0))[16:]
+    assert again and set(again) <= {data.pool[i]["prompt"] for i in rest}  # blocks 3 and 4 only
+
+
 def test_pipelined_collection_writes_the_sequential_files(tmp_path, sft_dir):
     """Annotating block k while block k+1 is sampled: the same phase files, byte for byte, and the overlap happens."""
     import time
