@@ -320,10 +320,11 @@ class GenerateSampler(Sampler):
                 with torch.no_grad(), torch.random.fork_rng(devices=devices):  # keep the training RNG stream
                     torch.manual_seed(seed + start)  # a block's samples do not depend on earlier blocks
                     input_ids, attention_mask = left_pad(batch, tokenizer.pad_token_id, model.device)
-                    cache = self.prompt_cache(model, input_ids, attention_mask) if self.share_prompts else {}
-                    recorder = LogpRecorder(tokenizer.eos_token_id)
-                    with self.recording(model, recorder), _out_of_memory(len(batch), self.num_samples):
-                        generated = self.generate(model, input_ids, attention_mask, config, **cache)  # (b·n, ≤ new+1)
+                    with _out_of_memory(len(batch), self.num_samples):
+                        cache = self.prompt_cache(model, input_ids, attention_mask) if self.share_prompts else {}
+                        recorder = LogpRecorder(tokenizer.eos_token_id)
+                        with self.recording(model, recorder):  # (b·n, ≤ new + 1)
+                            generated = self.generate(model, input_ids, attention_mask, config, **cache)
                 generated = generated[:, : self.max_new_tokens]
                 yield start, self._collect(batch, generated.tolist(), tokenizer, recorder)
         finally:
