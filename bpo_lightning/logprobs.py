@@ -175,8 +175,14 @@ def shared_prompt_states(
 def cache_argument(model: torch.nn.Module) -> str:
     """The name of the KV cache in a transformers model's arguments and outputs (a PEFT wrapper's: its base model's):
     ``cache`` in recent transformers, ``past_key_values`` in earlier ones."""
+    return "cache" if accepts(model, "cache") else "past_key_values"
+
+
+def accepts(model: torch.nn.Module, name: str) -> bool:
+    """Whether a transformers model's ``forward`` takes the argument ``name`` (a PEFT wrapper forwards its keyword
+    arguments to its base model, whose signature decides)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return name in inspect.signature(base.forward).parameters
 
 
 _SHARING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> whether shared prompts give the same

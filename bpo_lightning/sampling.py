@@ -6,7 +6,6 @@ model is trained on exactly the context it sampled from) and returns the generat
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from tqdm import tqdm
 from bpo_lightning.arguments import RecordsArguments
 from bpo_lightning.errors import InputError, RunError, one_line
 from bpo_lightning.hookspecs import hookimpl
-from bpo_lightning.logprobs import cache_argument, prompt_sharing, split_head
+from bpo_lightning.logprobs import accepts, cache_argument, prompt_sharing, split_head
 
 if TYPE_CHECKING:  # transformers is imported when sampling starts, not when plugins are listed
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -371,14 +370,14 @@ class GenerateSampler(Sampler):
         generation config names its own cache (``cache_implementation``, which ``generate`` will not combine with a
         given one), or ZeRO-3 over several processes (each must run as many forwards as the others)."""
         n, width = self.num_samples, input_ids.shape[1]
-        if n < 2 or width < 2 or bool(attention_mask[:, : width - 1].sum(-1).eq(0).any()) or _zero3_processes() > 1:
+        mask = attention_mask[:, : width - 1]  # every prompt but its last token
+        if n < 2 or width < 2 or bool(mask.sum(-1).eq(0).any()) or _zero3_processes() > 1:
             return {}
         if getattr(getattr(model, "generation_config", None), "cache_implementation", None) is not None:
             return {}
         split = split_head(model)
         if split is None or not prompt_sharing(model, split[0]):
             return {}
-        mask = attention_mask[:, : width - 1]
         name = cache_argument(model)
         out = split[0](input_ids=input_ids[:, : width - 1], attention_mask=mask,
                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)  # fmt: skip
@@ -539,7 +538,7 @@ class StaticCacheSampler(GenerateSampler):
         step = self._step(model, compiling)
         cache_key = cache_argument(model)
         draw = self.token_draw
-        last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}  # no (rows, width, V)
+        last_only = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}  # no (rows, width, V)
         out = model(input_ids=ids, attention_mask=full_mask, position_ids=position, **{cache_key: cache},
                     cache_position=torch.arange(width, device=device), use_cache=True, **last_only)
         logits = out.logits[:, -1].float()
@@ -578,11 +577,6 @@ def _out_of_memory(prompts: int, samples: int):
         raise RunError(f"data.sampler.init_args.batch_size: a block of {prompts} prompts × {samples} samples ran out "
                        f"of accelerator memory while sampling; set a smaller batch_size ({one_line(err)[:160]})"
                        ) from err  # fmt: skip
-
-
-def _accepts(model, name: str) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper forwards kwargs
-    return name in inspect.signature(base.forward).parameters
 
 
 def _as_list(value) -> list[int]:
