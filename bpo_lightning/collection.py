@@ -127,25 +127,26 @@ def sample_and_annotate(
 
     pending = None  # the previous round's annotation, running while this round samples
     origin = str(data.run_dir.resolve())  # the run that pays for this phase's answers (see cached_score)
+
+    def flush() -> None:  # the block annotated in the background, its rows appended (once)
+        nonlocal pending
+        job, pending = pending, None
+        if job is not None:
+            finish(job.result())
+
     try:
         with module.behavior_weights(), module.precision_context(), module.sampling_context(), quiet(data.sampler), \
                 bar:  # fmt: skip
             for first in range(0, len(blocks), ranks.world):  # one round: a block per process
                 if stop_requested(module, ranks):  # the block in flight is saved first
-                    if pending is not None:
-                        finish(pending.result())
+                    flush()
                     raise _stopped(phase, len(done), len(positions))
                 b = first + ranks.rank
                 block = blocks[b] if b < len(blocks) else []
                 job = None
                 if any(index not in done for index in block):
                     prompts = [model_input(data.pool[index]) for index in block]
-                    try:
-                        samples = _sample_block(data.sampler, module, prompts, phase_seed + b * size)
-                    except BaseException:  # out of memory, say: the block annotated meanwhile is saved first
-                        if pending is not None:
-                            finish(pending.result())
-                        raise
+                    samples = _sample_block(data.sampler, module, prompts, phase_seed + b * size)
                     todo = [k for k, index in enumerate(block) if index not in done]
                     job = (data.annotator, [block[k] for k in todo], data.pool, _subset(samples, todo), data.cache)
                 elif lockstep:  # ZeRO-3: this process's share of every collective generate, results discarded
@@ -153,13 +154,14 @@ def sample_and_annotate(
                 if annotator is None:
                     finish(annotate(*job, origin=origin) if job else [])
                     continue
-                if pending is not None:
-                    finish(pending.result())
+                flush()
                 pending = annotator.submit(annotate, *job, origin=origin) if job else _done([])
-            if pending is not None:
-                finish(pending.result())
+            flush()
             if stop_requested(module, ranks):  # collected, not trained: stop before training starts
                 raise _stopped(phase, len(done), len(positions))
+    except BaseException:  # a sampler out of memory, say: what was annotated in the background is saved first
+        flush()
+        raise
     finally:
         if annotator is not None:
             annotator.shutdown(wait=True, cancel_futures=True)
