@@ -11,12 +11,20 @@
   next fit starts.
 
 Under DeepSpeed the strategy writes its own checkpoint folders; ``PhaseCheckpoint`` leaves its I/O alone.
+
+No checkpoint runs code when it is read. Files load with ``weights_only=True``. DeepSpeed's readers (the engine's
+resume, ``zero_to_fp32``) unpickle with ``weights_only=False``: inside ``weights_only_loads()`` every ``torch.load``
+is weights-only, with the few DeepSpeed classes its optimizer states hold allowed, and a file holding anything else
+is refused by name. ``bpo export`` and every trainer a ``BPOModule`` runs in (``guard_loads``) read through it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -44,6 +52,87 @@ def _without_crc32():
         yield
     finally:
         torch.serialization.set_crc32_options(before)
+
+
+# what DeepSpeed's optimizer-state files hold besides tensors and builtins (ZeRO 1-3, fp32/bf16/fp16): an enum,
+# a dataclass and the loss scalers, whose unpickling sets attributes and runs no code
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _allowed_globals() -> list:
+    import importlib
+
+    found = []
+    for name in DEEPSPEED_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        with contextlib.suppress(ImportError, AttributeError):  # absent in this DeepSpeed version (or no DeepSpeed)
+            found.append(getattr(importlib.import_module(module), attr))
+    return found
+
+
+@contextlib.contextmanager
+def weights_only_loads(key: str = "ckpt_path"):
+    """Every ``torch.load`` inside is ``weights_only=True`` whatever its caller asks (DeepSpeed asks for
+    ``weights_only=False``); a file holding other Python objects is an ``InputError`` naming the file, ``key`` and
+    the objects, and nothing of it runs."""
+    import torch
+
+    load = torch.load
+
+    @functools.wraps(load)
+    def restricted(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **kwargs):
+        try:
+            with torch.serialization.safe_globals(_allowed_globals()):
+                return load(f, map_location=map_location, weights_only=True, mmap=mmap, **kwargs)
+        except pickle.UnpicklingError as err:
+            raise load_error(f, key, err) from None
+
+    torch.load = restricted
+    try:
+        yield
+    finally:
+        torch.load = load
+
+
+def load_error(f, key: str, err: Exception) -> InputError:
+    """The ``InputError`` for a file ``torch.load`` refused: one holding Python objects beyond weights names them (read
+    without running them); any other is truncated, damaged or not written by ``torch.save``."""
+    import torch
+
+    names: list[str] = []
+    if isinstance(err, pickle.UnpicklingError) and isinstance(f, str | os.PathLike):
+        with contextlib.suppress(Exception):
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+            names = [name for name in unsafe if name not in DEEPSPEED_GLOBALS]
+    if names:
+        return InputError(f"{key}: {f} is refused: it holds Python objects ({', '.join(names[:4])}) that would run "
+                          "code when loaded, and bpo-lightning reads checkpoints as weights only; use a checkpoint "
+                          "written by `bpo fit`")  # fmt: skip
+    detail = " ".join(_ANSI.sub("", f"{type(err).__name__}: {err}").split())[:200]
+    return InputError(f"{key}: {f} is not a complete checkpoint — truncated, damaged or not written by torch.save "
+                      f"({detail})")  # fmt: skip
+
+
+def guard_loads(strategy) -> None:
+    """Make ``strategy.load_checkpoint`` (Lightning's resume and ``--ckpt_path``; for DeepSpeed the engine's folder
+    reader) run inside ``weights_only_loads``. Idempotent."""
+    load = strategy.load_checkpoint
+    if getattr(load, "_weights_only", False):
+        return
+
+    @functools.wraps(load)
+    def guarded(*args, **kwargs):
+        with weights_only_loads():
+            return load(*args, **kwargs)
+
+    guarded._weights_only = True
+    strategy.load_checkpoint = guarded
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -89,9 +178,9 @@ def checked_load(path, map_location: Any = None, weights_only: bool | None = Non
         else:
             checkpoint = load(path, map_location=map_location, weights_only=weights_only)
     except Exception as err:  # torch raises many kinds (zip errors, unpickling errors, IndexError, EOFError)
-        detail = " ".join(f"{type(err).__name__}: {err}".split())[:200]
-        raise InputError(f"ckpt_path: {path} is not a complete checkpoint — truncated, damaged or not written by "
-                         f"torch.save ({detail})") from err  # fmt: skip
+        if isinstance(err, InputError):
+            raise
+        raise load_error(path, "ckpt_path", err) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "bpo" not in checkpoint:
         keys = type(checkpoint).__name__
         if isinstance(checkpoint, dict):

@@ -69,16 +69,21 @@ def with_bos(tokenizer):
 
 def load_checkpoint(path: str | Path) -> dict:
     """A Lightning checkpoint as one dict: a ``.ckpt`` file, or the folder DeepSpeed writes (its ZeRO partitions are
-    consolidated into whole float32 weights; the Lightning and bpo state of process 0 come along)."""
+    consolidated into whole float32 weights; the Lightning and bpo state of process 0 come along). Either is read as
+    weights only: a file holding other Python objects is refused and none of it runs."""
+    from bpo_lightning.checkpoints import checked_load, weights_only_loads
+
     path = Path(path)
     if not path.is_dir():
-        from bpo_lightning.checkpoints import checked_load
-
-        return checked_load(path, weights_only=True)  # a checkpoint never runs code on load
+        return checked_load(path, weights_only=True)
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
     # beside the folder, not in $TMPDIR (a killed export leaves no checkpoint-sized file there); it prints a line
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, contextlib.redirect_stdout(io.StringIO()):
+    with (
+        tempfile.TemporaryDirectory(dir=path.parent) as tmp,
+        contextlib.redirect_stdout(io.StringIO()),
+        weights_only_loads(),  # DeepSpeed's readers unpickle with weights_only=False
+    ):
         return convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "checkpoint.pt")
 
 

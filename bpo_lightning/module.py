@@ -153,6 +153,11 @@ class BPOModule(L.LightningModule):
         self._eval_records: list[dict] = []
 
     # --- model and behavior -------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        from bpo_lightning.checkpoints import guard_loads
+
+        guard_loads(self.trainer.strategy)  # no checkpoint (a DeepSpeed folder included) runs code when it is read
+
     def configure_model(self) -> None:
         if self.policy is not None:
             return
