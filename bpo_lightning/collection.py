@@ -2,6 +2,10 @@
 
     behavior update → sample → annotate → persist → pairs → behavior/reference log-probs → save
 
+``collect_phase`` is given what it uses and returns a ``PhaseResult``: the phase's prompts (``PhasePrompts``), π_β
+(``BehaviorLLM``, which ``BPOModule.behavior_llm`` builds once the behavior update is done), the sampler, the
+annotator, the phase's files (``PhaseStore``) and the processes (``Ranks``). It reads nothing else.
+
 The phase's prompts are cut into *blocks* of ``sampler.batch_size`` consecutive positions. Block ``b`` is always
 sampled as a whole with the seed ``phase_seed + b · block_size``, so a block's responses depend neither on the
 number of processes nor on what a killed run had already saved: 1 or N processes, fresh or resumed, draw the same
@@ -10,18 +14,22 @@ rows are gathered and process 0 (the only writer) appends them to ``samples.json
 processes for the behavior/reference forwards, gathered again, and process 0 writes ``pairs.jsonl``: every process
 ends with the same records and the same ``PhaseStats``, so what each logs is already the total.
 
-Observation hooks (``on_phase_start``, ``on_pairs_ready``) fire on process 0 only, once per phase.
+Observation hooks (``on_phase_start``) fire on process 0 only, once per phase.
 
 Under ZeRO-3 every forward pass is collective: every process must call ``generate`` and the scoring forwards the
-same number of times. ``Lockstep`` pads the rounds with forwards whose results are discarded (and not counted).
+same number of times. ``BehaviorLLM.lockstep`` says so; a process without a block of its own then samples a
+stand-in block whose results are discarded (and not counted).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -29,27 +37,54 @@ from tqdm import tqdm
 from bpo_lightning.annotation import Annotator, JoinedPairs, PairwiseAnnotator
 from bpo_lightning.cache import AnnotationCache, cached_score
 from bpo_lightning.distributed import Ranks
-from bpo_lightning.errors import InputError, RunError, Stopped
+from bpo_lightning.errors import RunError, Stopped
 from bpo_lightning.plugins import get_plugins
 from bpo_lightning.prompts import model_input
-from bpo_lightning.sampling import Samples, encode_prompt
+from bpo_lightning.sampling import Sampler, Samples, check_context
 from bpo_lightning.store import PhaseStore
-from bpo_lightning.types import PhaseStats, PreferenceRecord
+from bpo_lightning.types import PhaseResult, PhaseStats, PreferenceRecord
 
 
-def collect_phase(data, module, phase: int, ranks: Ranks) -> tuple[list[PreferenceRecord], PhaseStats]:
-    """Build (or reload) one phase's preference pairs; every process returns the same records and stats."""
-    version = module.start_phase(phase)  # the behavior update happens here, right before sampling
-    provenance = {
-        "phase": phase,
-        "behavior_version": version,
-        "sampler": data.sampler.settings(),
-        "annotator": data.annotator.identity,
-        "seed": data.seed,
-        "reference": module.reference,
-        "behavior_logps": module.hparams.get("behavior_logps", "forward"),
-    }
-    store = PhaseStore(data.run_dir / "data", phase)
+@dataclass
+class PhasePrompts:
+    """A phase's prompts: positions ``positions`` of the run's shuffled ``pool``, and the run's data seed."""
+
+    phase: int
+    pool: list[dict]
+    positions: range
+    seed: int
+
+    @property
+    def phase_seed(self) -> int:
+        return self.seed * 1_000_003 + self.phase * 10_007
+
+
+@dataclass
+class BehaviorLLM:
+    """π_β as one phase's collection uses it (``BPOModule.behavior_llm``)."""
+
+    model: Any  # the policy module; inside ``computing()`` it computes as π_β
+    tokenizer: Any
+    version: int  # the behavior model's updates so far (provenance of the phase's data)
+    computing: Callable[[], AbstractContextManager]  # π_β's weights, the training precision, a ZeRO-3 gather
+    score: Callable[[list[PreferenceRecord]], None]  # fills in the behavior/reference log-probs of pairs
+    provenance: dict = field(default_factory=dict)  # the module's settings that shape the phase's pairs
+    lockstep: bool = False  # ZeRO-3 over several processes: every process runs every forward
+    sampler_logps: bool = False  # π_β's log-probs from the sampler, where it records them
+    truncated_eos: bool = True  # a response cut at max_new_tokens is scored with an EOS term
+
+
+def collect_phase(
+    prompts: PhasePrompts, behavior: BehaviorLLM, sampler: Sampler, annotator: Annotator, store: PhaseStore,
+    ranks: Ranks, *, cache: AnnotationCache | None = None, pipeline: bool = True,
+    stop: Callable[[], bool] = lambda: False,
+) -> PhaseResult:
+    """Build (or reload) one phase's preference pairs; every process returns the same result. ``stop`` says whether
+    this process was asked to stop (SIGTERM); ``pipeline`` annotates a block while the next one samples."""
+    phase, version = prompts.phase, behavior.version
+    provenance = {"phase": phase, "behavior_version": version, "sampler": sampler.settings(),
+                  "annotator": annotator.identity, "seed": prompts.seed, **behavior.provenance}  # fmt: skip
+    run_dir = store.root.parent
     problem = None
     if ranks.rank == 0:
         try:
@@ -63,127 +98,135 @@ def collect_phase(data, module, phase: int, ranks: Ranks) -> tuple[list[Preferen
     saved = (store.load_pairs() if store.complete() else store.load_samples()) if ranks.rank == 0 else None
     saved = ranks.broadcast(saved)
     if isinstance(saved, tuple):  # the phase is complete: its pairs and stats
-        return saved
+        return PhaseResult(phase, tuple(saved[0]), saved[1], run_dir)
     if ranks.rank == 0:
         get_plugins().hook.on_phase_start(phase=phase, behavior_version=version)
-    counters = getattr(data.annotator, "take_counts", None)
+    counters = getattr(annotator, "take_counts", None)
     if counters is not None:
         counters()  # what the annotator counted before (as the evaluator, say) is not this phase's
-    rows = sample_and_annotate(data, module, phase, store, ranks, done=saved)
+    collector = Collector(prompts, behavior, sampler, annotator, store, ranks, cache, pipeline, stop)
+    rows = collector.run(done=saved)
     stats, records = PhaseStats(phase), []
-    from_sampler = module.hparams.get("behavior_logps") == "sampler"  # else all from a forward pass (score_shared)
-    truncated_eos = module.hparams.get("truncated_eos", True)
     if counters is not None:  # a judge's requests, retries, timeouts, failures, … summed over processes
         for part in ranks.gather(counters()):
             for name, n in part.items():
                 stats.annotator[name] = stats.annotator.get(name, 0) + n
-    for index in data.phase_indices(phase):
+    for index in prompts.positions:
         row = rows[index]
         stats.count(row["status"], row.get("annotated", 0), row.get("cached", 0))
         stats.responses += len(row["responses"])
         stats.truncated += sum(not f for f in _finished(row))
         if row["status"] == "kept":
-            records.append(record_from_row(row, phase, version, from_sampler, truncated_eos))
+            records.append(record_from_row(row, phase, version, behavior.sampler_logps, behavior.truncated_eos))
     if stats.responses and stats.truncated / stats.responses > 0.5 and ranks.rank == 0:
-        limit = getattr(data.sampler, "max_new_tokens", "?")
         scored = ("scored as if they ended there (model.truncated_eos: true, the paper's convention)"
-                  if module.hparams.get("truncated_eos", True) else "scored without an EOS term")  # fmt: skip
+                  if behavior.truncated_eos else "scored without an EOS term")  # fmt: skip
         warnings.warn(f"phase {phase + 1}: {stats.truncated} of {stats.responses} responses reached "
-                      f"data.sampler.init_args.max_new_tokens ({limit}) without EOS and are {scored}; raise "
-                      "max_new_tokens, or set model.truncated_eos: false", stacklevel=2)  # fmt: skip
-    score_shared(module, records, ranks)
+                      f"data.sampler.init_args.max_new_tokens ({sampler.max_new_tokens}) without EOS and are "
+                      f"{scored}; raise max_new_tokens, or set model.truncated_eos: false", stacklevel=2)  # fmt: skip
+    score_shared(behavior.score, records, ranks)
     if ranks.rank == 0:
         store.write_pairs(records, stats, provenance)
     ranks.barrier()  # the phase is on disk before any process moves on
-    return records, stats
+    return PhaseResult(phase, tuple(records), stats, run_dir)
 
 
-def sample_and_annotate(
-    data, module, phase: int, store: PhaseStore, ranks: Ranks, done: dict[int, dict]
-) -> dict[int, dict]:
-    """Every prompt of the phase sampled and annotated exactly once across processes; rows by pool index, starting
-    from the rows a killed run had saved (``done``).
+@dataclass
+class Collector:
+    """One phase's sampling and annotation: every prompt sampled and annotated exactly once across processes."""
 
-    With ``data.pipeline`` a block is annotated in a worker thread while the next one is sampled (a judge's or a
-    reward model's latency hides behind generation); rows are still appended in block order, and one block at most
-    waits in memory."""
-    positions = list(data.phase_indices(phase))
-    size = max(1, int(getattr(data.sampler, "batch_size", 16)))
-    blocks = [positions[start : start + size] for start in range(0, len(positions), size)]
-    phase_seed = data.seed * 1_000_003 + phase * 10_007
-    lockstep = module.lockstep
-    show = bool(getattr(data.sampler, "progress", False)) and ranks.rank == 0
-    bar = tqdm(total=len(positions), initial=len(done), desc=f"phase {phase + 1}: sampling + annotating",
-               unit="prompt", leave=False, disable=not show)  # fmt: skip
-    pipelined = bool(getattr(data, "pipeline", False))
-    annotator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="annotate") if pipelined else None
+    prompts: PhasePrompts
+    behavior: BehaviorLLM
+    sampler: Sampler
+    annotator: Annotator
+    store: PhaseStore
+    ranks: Ranks
+    cache: AnnotationCache | None = None
+    pipeline: bool = True
+    stop: Callable[[], bool] = lambda: False
 
-    def finish(rows: list[dict]) -> None:  # one round's rows: gathered, appended by process 0, counted
-        new = [row for part in ranks.gather(rows) for row in part]
-        if ranks.rank == 0 and new:
-            store.append_samples(new)
-        done.update((row["index"], row) for row in new)
-        bar.update(len(new))
+    def run(self, done: dict[int, dict]) -> dict[int, dict]:
+        """Rows by pool index, starting from the rows a killed run had saved (``done``).
 
-    pending = None  # the previous round's annotation, running while this round samples
-    origin = str(data.run_dir.resolve())  # the run that pays for this phase's answers (see cached_score)
+        With ``pipeline`` a block is annotated in a worker thread while the next one is sampled (a judge's or a
+        reward model's latency hides behind generation); rows are still appended in block order, and one block at
+        most waits in memory."""
+        positions, ranks, size = list(self.prompts.positions), self.ranks, max(1, int(self.sampler.batch_size))
+        blocks = [positions[start : start + size] for start in range(0, len(positions), size)]
+        phase_seed, pool = self.prompts.phase_seed, self.prompts.pool
+        show = self.sampler.progress and ranks.rank == 0
+        bar = tqdm(total=len(positions), initial=len(done), desc=f"phase {self.prompts.phase + 1}: sampling + "
+                   "annotating", unit="prompt", leave=False, disable=not show)  # fmt: skip
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="annotate") if self.pipeline else None
+        origin = str(self.store.root.parent.resolve())  # the run that pays for this phase's answers (cached_score)
 
-    def flush() -> None:  # the block annotated in the background, its rows appended (once)
-        nonlocal pending
-        job, pending = pending, None
-        if job is not None:
-            finish(job.result())
+        def finish(rows: list[dict]) -> None:  # one round's rows: gathered, appended by process 0, counted
+            new = [row for part in ranks.gather(rows) for row in part]
+            if ranks.rank == 0 and new:
+                self.store.append_samples(new)
+            done.update((row["index"], row) for row in new)
+            bar.update(len(new))
 
-    try:
-        with module.behavior_weights(), module.precision_context(), module.sampling_context(), quiet(data.sampler), \
-                bar:  # fmt: skip
-            for first in range(0, len(blocks), ranks.world):  # one round: a block per process
-                if stop_requested(module, ranks):  # the block in flight is saved first
+        pending = None  # the previous round's annotation, running while this round samples
+
+        def flush() -> None:  # the block annotated in the background, its rows appended (once)
+            nonlocal pending
+            job, pending = pending, None
+            if job is not None:
+                finish(job.result())
+
+        try:
+            with self.behavior.computing(), quiet(self.sampler), bar:
+                self.sampler.prepare(self.behavior.model, f"behavior-{self.behavior.version}")
+                for first in range(0, len(blocks), ranks.world):  # one round: a block per process
+                    if self.stop_agreed():  # the block in flight is saved first
+                        flush()
+                        raise self._stopped(len(done), len(positions))
+                    b = first + ranks.rank
+                    block = blocks[b] if b < len(blocks) else []
+                    job = None
+                    if any(index not in done for index in block):
+                        samples = self.sample([model_input(pool[index]) for index in block], phase_seed + b * size)
+                        todo = [k for k, index in enumerate(block) if index not in done]
+                        job = (self.annotator, [block[k] for k in todo], pool, _subset(samples, todo), self.cache)
+                    elif self.behavior.lockstep:  # ZeRO-3: this process's share of every collective generate
+                        self.sample([model_input(pool[positions[0]])], phase_seed)
+                    if worker is None:
+                        finish(annotate(*job, origin=origin) if job else [])
+                        continue
                     flush()
-                    raise _stopped(phase, len(done), len(positions))
-                b = first + ranks.rank
-                block = blocks[b] if b < len(blocks) else []
-                job = None
-                if any(index not in done for index in block):
-                    prompts = [model_input(data.pool[index]) for index in block]
-                    samples = _sample_block(data.sampler, module, prompts, phase_seed + b * size)
-                    todo = [k for k, index in enumerate(block) if index not in done]
-                    job = (data.annotator, [block[k] for k in todo], data.pool, _subset(samples, todo), data.cache)
-                elif lockstep:  # ZeRO-3: this process's share of every collective generate, results discarded
-                    _sample_block(data.sampler, module, [model_input(data.pool[positions[0]])], phase_seed)
-                if annotator is None:
-                    finish(annotate(*job, origin=origin) if job else [])
-                    continue
+                    pending = worker.submit(annotate, *job, origin=origin) if job else _done([])
                 flush()
-                pending = annotator.submit(annotate, *job, origin=origin) if job else _done([])
+                if self.stop_agreed():  # collected, not trained: stop before training starts
+                    raise self._stopped(len(done), len(positions))
+        except BaseException:  # a sampler out of memory, say: what was annotated in the background is saved first
             flush()
-            if stop_requested(module, ranks):  # collected, not trained: stop before training starts
-                raise _stopped(phase, len(done), len(positions))
-    except BaseException:  # a sampler out of memory, say: what was annotated in the background is saved first
-        flush()
-        raise
-    finally:
-        if annotator is not None:
-            annotator.shutdown(wait=True, cancel_futures=True)
-    return done
+            raise
+        finally:
+            if worker is not None:
+                worker.shutdown(wait=True, cancel_futures=True)
+        return done
 
+    def sample(self, prompts: list, seed: int) -> Samples:
+        """One block sampled as a whole (its seed and composition fix its responses)."""
+        model, tokenizer = self.behavior.model, self.behavior.tokenizer
+        check_context(self.sampler, model, tokenizer, prompts)
+        return self.sampler.sample(model, tokenizer, prompts, seed=seed)
 
-def _stopped(phase: int, saved: int, total: int) -> Stopped:
-    return Stopped(f"stopped by a signal during phase {phase + 1}'s collection, with {saved} of {total} prompts "
-                   "saved; the same command with --ckpt_path last continues from them")
+    def stop_agreed(self) -> bool:
+        """Whether a process received SIGTERM (Lightning's signal handler sets the flag); agreed by every process."""
+        stop = bool(self.stop())
+        return self.ranks.most(int(stop)) > 0 if self.ranks.world > 1 else stop
 
-
-def stop_requested(module, ranks: Ranks) -> bool:
-    """Whether a process received SIGTERM (Lightning's signal handler sets the flag); agreed by every process."""
-    trainer = module._trainer
-    stop = bool(getattr(trainer, "received_sigterm", False)) if trainer is not None else False
-    return ranks.most(int(stop)) > 0 if ranks.world > 1 else stop
+    def _stopped(self, saved: int, total: int) -> Stopped:
+        return Stopped(f"stopped by a signal during phase {self.prompts.phase + 1}'s collection, with {saved} of "
+                       f"{total} prompts saved; the same command with --ckpt_path last continues from them")
 
 
 @contextmanager
-def quiet(sampler):
+def quiet(sampler: Sampler):
     """The sampler's own per-call progress bar off while the collection shows one bar for the whole phase."""
-    progress = getattr(sampler, "progress", None)
+    progress = sampler.progress
     if progress:
         sampler.progress = False
     try:
@@ -191,36 +234,6 @@ def quiet(sampler):
     finally:
         if progress:
             sampler.progress = progress
-
-
-def _sample_block(sampler, module, prompts: list, seed: int) -> Samples:
-    """One block sampled as a whole (its seed and composition fix its responses)."""
-    check_context(sampler, module, prompts)
-    return sampler.sample(module.policy, module.tokenizer, prompts, seed=seed)
-
-
-def check_context(
-    sampler, module, prompts: list, key: str = "data.prompts", settings: str = "data.sampler.init_args"
-) -> None:
-    """Refuse, naming the keys, prompts whose tokens plus the longest response (and its EOS) do not fit the policy's
-    context: the model would fail deep inside with an index error (a sampler without these settings is trusted).
-    ``key`` names the prompts, ``settings`` where ``max_new_tokens`` / ``max_prompt_tokens`` are set."""
-    config = getattr(module.policy, "config", None)
-    limit = getattr(config, "max_position_embeddings", None)
-    new, most = getattr(sampler, "max_new_tokens", None), getattr(sampler, "max_prompt_tokens", None)
-    if not isinstance(limit, int) or new is None or most is None:
-        return
-    add_bos = getattr(sampler, "add_bos", True)
-    lengths = [len(encode_prompt(module.tokenizer, p, most, add_bos)) for p in prompts]
-    longest = max(lengths)
-    prompt = prompts[lengths.index(longest)]
-    if longest + new + 1 > limit:
-        text = prompt if isinstance(prompt, str) else str(prompt)
-        raise InputError(
-            f"{key}: the prompt {text[:60]!r}… has {longest} tokens; with {settings}.max_new_tokens "
-            f"({new}) and the EOS token that exceeds the policy's context of {limit} positions. Set "
-            f"{settings}.max_prompt_tokens to at most {limit - new - 1} (prompts keep their last tokens)."
-        )
 
 
 def _done(value) -> Future:
@@ -234,10 +247,12 @@ def _subset(samples: Samples, keep: list[int]) -> Samples:
     return Samples(*(None if getattr(samples, n) is None else [getattr(samples, n)[k] for k in keep] for n in names))
 
 
-def score_shared(module, records: list[PreferenceRecord], ranks: Ranks) -> None:
+def score_shared(
+    score: Callable[[list[PreferenceRecord]], None], records: list[PreferenceRecord], ranks: Ranks
+) -> None:
     """Behavior/reference log-probs of ``records``: each process scores every N-th pair, then all are shared."""
     mine = records[ranks.rank :: ranks.world]
-    module.score_records(mine)
+    score(mine)
     if ranks.world == 1:
         return
     scored = {r.index: r for part in ranks.gather(mine) for r in part}

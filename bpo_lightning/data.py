@@ -21,14 +21,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bpo_lightning.annotation import Annotator, PairwiseAnnotator
 from bpo_lightning.cache import AnnotationCache
-from bpo_lightning.collection import annotate, collect_phase, global_batches  # noqa: F401 (annotate: API)
+from bpo_lightning.collection import PhasePrompts, annotate, collect_phase, global_batches  # noqa: F401 (annotate)
 from bpo_lightning.distributed import Ranks
 from bpo_lightning.errors import InputError, RunError
 from bpo_lightning.logprobs import right_padded
-from bpo_lightning.plugins import get_plugins
 from bpo_lightning.prompts import PromptSource
 from bpo_lightning.sampling import GenerateSampler, Sampler
-from bpo_lightning.types import PhaseStats, PreferenceRecord
+from bpo_lightning.store import PhaseStore
+from bpo_lightning.types import PhaseResult, PhaseStats, PhaseSteps, PreferenceRecord
 
 
 class OnlineDataModule(L.LightningDataModule):
@@ -84,7 +84,7 @@ class OnlineDataModule(L.LightningDataModule):
             problems.append(f"data.num_phases ({num_phases}) exceeds data.budget ({budget}): each phase needs a prompt")
         if problems:
             raise InputError("; ".join(problems))
-        if isinstance(annotator, PairwiseAnnotator) and getattr(sampler, "num_samples", 2) != 2:
+        if isinstance(annotator, PairwiseAnnotator) and sampler is not None and sampler.num_samples != 2:
             raise InputError("data.sampler.init_args.num_samples must be 2 with a pairwise annotator (a judge)")
         self.prompts, self.eval_prompts, self.test_prompts = prompts, eval_prompts, test_prompts
         self.max_eval_prompts, self.eval_batch_size = max_eval_prompts, eval_batch_size
@@ -101,7 +101,6 @@ class OnlineDataModule(L.LightningDataModule):
         self.eval_rows: list[dict] = []
         self.test_rows: list[dict] | None = None
         self.phases_collected = 0  # cursor: phases whose pairs are complete
-        self._ready: tuple | None = None  # (phase, pairs, stats) collected, not yet announced
         self.stats: dict[int, PhaseStats] = {}
 
     @property
@@ -166,19 +165,22 @@ class OnlineDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module
         if module.policy is None:  # asked before the model exists (DeepSpeed, to guess a micro-batch size)
             return DataLoader([], batch_size=max(1, self.batch_size // ranks.world))
-        records = self.collect(phase)
+        behavior = module.behavior_llm(phase)  # π_β updated for this phase, right before it samples
+        result = self.collect(phase, behavior)
+        records = result.records
         plan = global_batches(len(records), self.batch_size, self.seed * 1000 + phase, ranks)
-        pad, eos = module.tokenizer.pad_token_id, module.tokenizer.eos_token_id
-        truncated_eos = module.hparams.get("truncated_eos", True)
+        pad, eos = behavior.tokenizer.pad_token_id, behavior.tokenizer.eos_token_id
 
         def collate(item: tuple[list[int], int]) -> dict[str, torch.Tensor]:
             mine, total = item
             if ranks.world == 1:
-                return pair_batch([records[i] for i in mine], pad, eos, truncated_eos)
-            return weighted_pair_batch(records, mine, total, ranks.world, pad, eos, truncated_eos)
+                return pair_batch([records[i] for i in mine], pad, eos, behavior.truncated_eos)
+            return weighted_pair_batch(records, mine, total, ranks.world, pad, eos, behavior.truncated_eos)
 
-        # batch_size=None: each item is one step's share; a DistributedSampler subclass, so Lightning keeps it
-        return DataLoader(plan, batch_size=None, sampler=Shard(len(plan)), collate_fn=collate)
+        # batch_size=None: each item is one step's share; a DistributedSampler subclass, so Lightning keeps it. The
+        # module reads the phase's result from the loader (PhaseSteps) when the phase's training starts.
+        steps = PhaseSteps(plan, result)
+        return DataLoader(steps, batch_size=None, sampler=Shard(len(plan)), collate_fn=collate)
 
     def val_dataloader(self) -> DataLoader:
         if not self.eval_rows:
@@ -206,25 +208,20 @@ class OnlineDataModule(L.LightningDataModule):
         the same share ``val_dataloader`` gives."""
         return list(self._eval_loader(self.eval_rows, rank, world_size))
 
-    def collect(self, phase: int) -> list[PreferenceRecord]:
-        """Build (or reload) one phase's preference pairs, split across processes (``collection``)."""
-        module = self.trainer.lightning_module
-        records, stats = collect_phase(self, module, phase, Ranks.of(self.trainer))
-        if len(records) < self.min_pairs:
-            raise RunError(too_few_pairs(stats, self.min_pairs))
-        self.stats[phase] = stats
+    def collect(self, phase: int, behavior) -> PhaseResult:
+        """Build (or reload) one phase's preference pairs from π_β (``behavior``, a ``collection.BehaviorLLM``),
+        split across processes (``collection``)."""
+        trainer = self.trainer
+        prompts = PhasePrompts(phase, self.pool, self.phase_indices(phase), self.seed)
+        store = PhaseStore(self.run_dir / "data", phase)
+        result = collect_phase(prompts, behavior, self.sampler, self.annotator, store, Ranks.of(trainer),
+                               cache=self.cache, pipeline=self.pipeline,
+                               stop=lambda: bool(getattr(trainer, "received_sigterm", False)))  # fmt: skip
+        if len(result.records) < self.min_pairs:
+            raise RunError(too_few_pairs(result.stats, self.min_pairs))
+        self.stats[phase] = result.stats
         self.phases_collected = max(self.phases_collected, phase + 1)
-        module.phase_stats = stats
-        module.plan_steps(phase, len(records))  # the learning-rate schedule counts the pairs actually kept
-        self._ready = (phase, tuple(records), stats)  # announced when the phase's training starts (``announce``)
-        return records
-
-    def announce(self, phase: int) -> None:
-        """``on_pairs_ready`` for ``phase``, once, as its training starts (process 0). Lightning may ask for a
-        phase's loader without training it (a resumed fit reloads the finished phase first): that is not announced."""
-        ready, self._ready = self._ready, None
-        if ready is not None and ready[0] == phase and self.trainer.global_rank == 0:
-            get_plugins().hook.on_pairs_ready(phase=phase, pairs=ready[1], stats=ready[2], run_dir=self.run_dir)
+        return result
 
     def state_dict(self) -> dict:
         return {"phases_collected": self.phases_collected}

@@ -26,12 +26,11 @@ from tqdm import tqdm
 
 from bpo_lightning.annotation import JoinedPairs, PairwiseAnnotator
 from bpo_lightning.cache import cached_score
-from bpo_lightning.collection import check_context
 from bpo_lightning.errors import InputError
 from bpo_lightning.logprobs import right_padded
 from bpo_lightning.metrics import ResponseStats, SequenceKL, WinTieLoss
 from bpo_lightning.prompts import model_input
-from bpo_lightning.sampling import GenerateSampler, Samples
+from bpo_lightning.sampling import Sampler, Samples, check_context
 from bpo_lightning.store import atomic_write
 
 
@@ -78,23 +77,20 @@ class Evaluation:
         self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
         self.seed, self.kl_samples, self.save_responses = seed, kl_samples, save_responses
 
-    def samplers(self, data_sampler, batch_size: int) -> tuple[GenerateSampler, GenerateSampler | None]:
-        """The answer sampler and the KL sampler (full distribution), with the data sampler's length limits and way
-        of drawing tokens (``TokenDraw``)."""
+    def samplers(self, data_sampler: Sampler, batch_size: int) -> tuple[Sampler, Sampler | None]:
+        """The answer sampler and the KL sampler (full distribution), from the data sampler
+        (``Sampler.evaluation_sampler``): its length limits unless set here, and its way of drawing tokens."""
         limits = {
-            "max_new_tokens": self.max_new_tokens or getattr(data_sampler, "max_new_tokens", 128),
-            "max_prompt_tokens": self.max_prompt_tokens or getattr(data_sampler, "max_prompt_tokens", 512),
-            "add_bos": getattr(data_sampler, "add_bos", True),
-            "draw": getattr(data_sampler, "draw", "candidates"),
-            "share_prompts": getattr(data_sampler, "share_prompts", True),
+            "max_new_tokens": self.max_new_tokens or data_sampler.max_new_tokens or 128,
+            "max_prompt_tokens": self.max_prompt_tokens or data_sampler.max_prompt_tokens or 512,
             "batch_size": batch_size,
-            "progress": False,
         }
-        answers = GenerateSampler(num_samples=self.samples_per_prompt, temperature=self.temperature,
-                                  top_k=self.top_k, **limits)  # fmt: skip
+        answers = data_sampler.evaluation_sampler(num_samples=self.samples_per_prompt, temperature=self.temperature,
+                                                  top_k=self.top_k, **limits)  # fmt: skip
         if not self.kl_samples:
             return answers, None
-        return answers, GenerateSampler(num_samples=self.kl_samples, temperature=1.0, top_k=0, top_p=1.0, **limits)
+        return answers, data_sampler.evaluation_sampler(num_samples=self.kl_samples, temperature=1.0, top_k=0,
+                                                        **limits)  # fmt: skip
 
 
 class EvaluationMetrics(nn.Module):
@@ -168,9 +164,10 @@ def evaluation_step(module, batch: list[tuple[int, dict]], data, metrics: Evalua
     answer_sampler, kl_sampler = settings.samplers(data.sampler, batch_size=len(rows))
     inputs = [model_input(r) for r in rows]
     own = settings.max_new_tokens is not None or settings.max_prompt_tokens is not None
-    check_context(answer_sampler, module, inputs, key="data.eval_prompts",
+    check_context(answer_sampler, module.policy, module.tokenizer, inputs, key="data.eval_prompts",
                   settings="model.evaluation" if own else "data.sampler.init_args")  # fmt: skip
     with module.policy_weights(), module.sampling_context():  # an ensemble is evaluated through its merged adapter
+        answer_sampler.prepare(module.policy, module.weights_name())
         answers = answer_sampler.sample(module.policy, module.tokenizer, inputs, seed=settings.seed + indices[0])
     if kl_sampler is not None:  # before anything is dropped: under ZeRO-3 every process answers as many prompts
         _update_kl(module, kl_sampler, inputs, settings.seed + 1_000_003 + indices[0], metrics, indices)
@@ -209,13 +206,14 @@ def _float(x: torch.Tensor) -> float | None:
 
 
 def _update_kl(
-    module, sampler: GenerateSampler, inputs: list, seed: int, metrics: EvaluationMetrics, indices: list[int]
+    module, sampler: Sampler, inputs: list, seed: int, metrics: EvaluationMetrics, indices: list[int]
 ) -> None:
     """Monte-Carlo KL(policy‖initial) and KL(policy‖behavior) on answers sampled from the policy itself (stand-in
     prompts, index -1, are sampled and scored with the others, then left out)."""
     real = torch.tensor([i >= 0 for i in indices]).repeat_interleave(sampler.num_samples)  # (N·k,)
     with module.policy_weights():
         with module.sampling_context():
+            sampler.prepare(module.policy, module.weights_name())
             draws = sampler.sample(module.policy, module.tokenizer, inputs, seed=seed)
         policy = module.response_logps(draws)
     with module.initial_weights():
@@ -308,9 +306,12 @@ class PhaseReport(L.Callback):
 
     @staticmethod
     def _show_bars(trainer: L.Trainer) -> bool:
-        sampler = getattr(trainer.datamodule, "sampler", None)
+        from bpo_lightning.data import OnlineDataModule
+
+        data = trainer.datamodule
+        sampler = data.sampler if isinstance(data, OnlineDataModule) else None
         own = trainer.progress_bar_callback is None  # Lightning's bar, where on, already shows the loops
-        return own and trainer.global_rank == 0 and bool(getattr(sampler, "progress", False))
+        return own and trainer.global_rank == 0 and isinstance(sampler, Sampler) and sampler.progress
 
     def _open_bar(self, trainer: L.Trainer, total, desc: str, unit: str = "batch", initial: int = 0) -> None:
         self._close_bar()

@@ -9,15 +9,17 @@ Regimes by configuration alone (docs/algorithm.md §1.2):
 | on-policy DPO     | ``HardSync``  | ``initial``   |
 | BPO, EMA behavior | ``EMA``       | ``behavior``  |
 
-The datamodule calls ``start_phase`` at the top of ``train_dataloader`` — Lightning calls that *before*
-``on_train_epoch_start`` — so the behavior is updated right before it samples. Behavior and reference
-log-probabilities are computed once, when a phase's pairs are built (``score_records``), and arrive with each batch.
+A phase's collection asks the module for π_β (``behavior_llm``) at the top of the datamodule's ``train_dataloader``
+— Lightning calls that *before* ``on_train_epoch_start`` — so the behavior is updated right before it samples.
+Behavior and reference log-probabilities are computed once, when a phase's pairs are built (``score_records``), and
+arrive with each batch. When the phase's training starts, the module reads the phase's ``PhaseResult`` from its
+training loader (``PhaseSteps``): the counts it logs, the steps of the learning-rate schedule, ``on_pairs_ready``.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Literal
 
@@ -41,8 +43,9 @@ from bpo_lightning.logprobs import chunk_positions, sequence_logps
 from bpo_lightning.lora import LoRA
 from bpo_lightning.losses import DPOLoss, PreferenceLoss
 from bpo_lightning.metrics import importance_kl_terms
+from bpo_lightning.plugins import get_plugins
 from bpo_lightning.policy import PolicySource
-from bpo_lightning.types import PhaseStats, PreferenceRecord
+from bpo_lightning.types import PhaseResult, PhaseStats, PhaseSteps, PreferenceRecord
 from bpo_lightning.weights import TrainableWeights, localize, policy_weights, whole
 
 STEP_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
@@ -203,6 +206,32 @@ class BPOModule(L.LightningModule):
                     self.behavior_copy = self._copy(self.weights.state())
             self.phases_started += 1
         return self.behavior_version
+
+    def behavior_llm(self, phase: int):
+        """π_β of ``phase`` as collection uses it (``collection.BehaviorLLM``), its update done (``start_phase``)."""
+        from bpo_lightning.collection import BehaviorLLM
+
+        version = self.start_phase(phase)
+        hp = self.hparams
+
+        @contextmanager
+        def computing():
+            with self.behavior_weights(), self.precision_context(), self.sampling_context():
+                yield
+
+        loss = {k: v for k, v in vars(self.loss).items() if not k.startswith("_") and k != "training"
+                and isinstance(v, int | float | str | bool)}  # fmt: skip
+        provenance = {"reference": self.reference, "behavior_logps": hp.get("behavior_logps", "forward"),
+                      "loss": {"class": f"{type(self.loss).__module__}.{type(self.loss).__qualname__}", **loss}}
+        return BehaviorLLM(model=self.policy, tokenizer=self.tokenizer, version=version, computing=computing,
+                           score=self.score_records, provenance=provenance, lockstep=self.lockstep,
+                           sampler_logps=hp.get("behavior_logps") == "sampler",
+                           truncated_eos=hp.get("truncated_eos", True))  # fmt: skip
+
+    def weights_name(self) -> str:
+        """A name of the weights the policy computes with now (``Sampler.prepare``): it changes when they do."""
+        step = max(self.global_step if self._trainer is not None else 0, self.checkpoint_step)
+        return f"policy-{step}-{self.phases_started}"
 
     def trainable_state(self) -> Snapshot:
         """CPU copies of the trainable tensors, whole (under ZeRO-3 every process must call this: it gathers)."""
@@ -384,9 +413,22 @@ class BPOModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         for metric in self.step_metrics.values():
             metric.reset()
-        data = self.trainer.datamodule
-        if hasattr(data, "announce"):  # on_pairs_ready: the phase's pairs, right before the policy trains on them
-            data.announce(self.trainer.current_epoch)
+        result = self._phase_result()
+        if result is None:  # a loader that is not a phase's (a datamodule of the user's own)
+            return
+        self.phase_stats = result.stats
+        self.horizon = self._planned_steps(result.phase, len(result.records))  # the schedule counts the pairs kept
+        if self.trainer.global_rank == 0:  # on_pairs_ready: the phase's pairs, right before the policy trains on them
+            get_plugins().hook.on_pairs_ready(phase=result.phase, pairs=result.records, stats=result.stats,
+                                              run_dir=result.run_dir)  # fmt: skip
+
+    def _phase_result(self) -> PhaseResult | None:
+        """The ``PhaseResult`` of the phase about to train, from the training loader Lightning holds."""
+        loader = self.trainer.train_dataloader
+        steps = getattr(loader, "dataset", None)
+        if isinstance(steps, PhaseSteps) and steps.result.phase == self.trainer.current_epoch:
+            return steps.result
+        return None
 
     def on_train_epoch_end(self) -> None:
         if self.phase_stats is not None:
@@ -473,7 +515,7 @@ class BPOModule(L.LightningModule):
         optimizer = adamw(self._param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
                           weight_decay=hp.weight_decay)  # fmt: skip
         if self.horizon is None:
-            self.horizon = self._planned_steps()  # refined when each phase's pairs are known (plan_steps)
+            self.horizon = self._planned_steps()  # refined when each phase's training starts, its pairs known
 
         def factor(step: int) -> float:
             if step < hp.warmup_steps:
@@ -509,11 +551,6 @@ class BPOModule(L.LightningModule):
         this = steps(len(dm.phase_indices(phase)) if kept is None else kept)
         later = sum(steps(len(dm.phase_indices(p))) for p in range(phase + 1, dm.num_phases))
         return (self.trainer.global_step if phase else 0) + this + later
-
-    def plan_steps(self, phase: int, kept: int) -> None:
-        """The phase's pairs are known: the linear decay now ends at 0 after the last step the run will take, with
-        this phase's drops counted (after the last phase, exactly)."""
-        self.horizon = self._planned_steps(phase, kept)
 
     # --- checkpoints ------------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

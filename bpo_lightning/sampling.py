@@ -171,18 +171,41 @@ def _drawn_token_processor(draw: TokenDraw):
 
 
 class Sampler(RecordsArguments):
-    """Base class of samplers. ``num_samples`` responses are drawn for each prompt.
+    """Base class of samplers, and the whole contract collection and evaluation rely on (docs/plugins.md).
 
-    ``settings()`` is saved with every phase and compared on resume: by default the class and the arguments its
-    ``__init__`` was called with (``self.arguments``, recorded automatically; ``progress`` left out)."""
+    A sampler implements ``sample_batches``; every other member has a default here, and collection and evaluation
+    read nothing else. ``settings()`` is saved with every phase and compared on resume: by default the class and
+    the arguments its ``__init__`` was called with (``self.arguments``, recorded automatically; ``progress`` left
+    out). ``bpo_lightning.testing.check_sampler`` checks a sampler against this contract.
+    """
 
     num_samples: int = 2
+    """Responses drawn per prompt (exactly 2 with a pairwise annotator, a judge)."""
+    batch_size: int = 128
+    """Prompts per block. Collection hands the sampler one block at a time, seeded with the phase's seed plus the
+    block's first position, so a block's samples depend on neither the number of processes nor a resume; another
+    block size draws other samples (it is part of ``settings()``)."""
+    max_new_tokens: int | None = None
+    """Longest response in tokens (without its EOS), or ``None`` when the sampler sets no limit. With
+    ``max_prompt_tokens`` it lets collection refuse a prompt that would not fit the policy's context before any
+    sampling; held-out answers use it unless ``model.evaluation.max_new_tokens`` is set."""
+    max_prompt_tokens: int | None = None
+    """Prompts longer than this keep their last tokens (``encode_prompt``); ``None``: no limit."""
+    add_bos: bool = True
+    """Whether ``encode_prompt`` prepends the tokenizer's BOS token. Training batches are built from the
+    ``prompt_ids`` the sampler returns, so the policy trains on exactly the context it sampled from."""
+    progress: bool = False
+    """Show the sampler's own progress bar (collection turns it off while it shows one bar for the phase)."""
 
     def sample_batches(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, seed: int
     ) -> Iterator[tuple[int, Samples]]:
         """Yield ``(start, samples)`` for consecutive blocks of ``prompts``, as soon as each block is sampled,
-        so that callers can annotate and save it before the next one."""
+        so that callers can annotate and save it before the next one.
+
+        ``Samples.response_ids`` exclude EOS (the training batches append it), ``finished`` says which responses
+        ended with EOS, and ``logps`` / ``eos_logps`` (π_β's log-probabilities, optional) are the raw model's,
+        before temperature, top-k or top-p. The same ``seed`` and prompts must give the same samples."""
         raise NotImplementedError
 
     def sample(
@@ -197,6 +220,23 @@ class Sampler(RecordsArguments):
         if blocks and all(b.logps is not None and b.eos_logps is not None for b in blocks):  # for all or for none
             out.logps, out.eos_logps = joined("logps"), joined("eos_logps")
         return out
+
+    def prepare(self, model: PreTrainedModel, weights: str) -> None:
+        """Called before each sampling pass with the model about to be sampled from and a name for the weights it
+        computes with: ``behavior-<version>`` when a phase starts collecting, ``policy-<step>`` for held-out
+        answers. The name changes exactly when the weights do. A sampler that keeps its own copy of the weights
+        (an inference engine) refreshes it when the name changed; the default samples from ``model`` itself and
+        does nothing."""
+
+    def evaluation_sampler(
+        self, *, num_samples: int, temperature: float, top_k: int, max_new_tokens: int, max_prompt_tokens: int,
+        batch_size: int,
+    ) -> Sampler:
+        """The sampler that answers held-out prompts (and draws the KL samples) with these settings, drawing
+        tokens as this one does. Default: ``GenerateSampler`` with this sampler's ``add_bos``."""
+        return GenerateSampler(num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=1.0,
+                               max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+                               batch_size=batch_size, add_bos=self.add_bos, progress=False)  # fmt: skip
 
     def settings(self) -> dict:
         """Settings recorded with every sampled pair (provenance): the class and its constructor arguments."""
@@ -278,10 +318,21 @@ class GenerateSampler(Sampler):
         """How each token is drawn, from the sampler's settings."""
         return TokenDraw(self.temperature, self.top_k, self.top_p, self.draw)
 
+    def evaluation_sampler(
+        self, *, num_samples: int, temperature: float, top_k: int, max_new_tokens: int, max_prompt_tokens: int,
+        batch_size: int,
+    ) -> GenerateSampler:
+        return GenerateSampler(num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=1.0,
+                               max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+                               batch_size=batch_size, add_bos=self.add_bos, progress=False, draw=self.draw,
+                               share_prompts=self.share_prompts)  # fmt: skip
+
     def settings(self) -> dict:
-        keys = ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "max_prompt_tokens", "add_bos",
-                "draw")  # fmt: skip
-        how = ("batch_size", "share_prompts")  # how the samples are computed, not what they are
+        # the block size seeds the blocks (another size draws other samples); sharing a prompt's prefill is how the
+        # samples are computed, not what they are
+        keys = ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "batch_size", "max_prompt_tokens",
+                "add_bos", "draw")  # fmt: skip
+        how = ("share_prompts",)
         extra = {k: v for k, v in self.arguments.items() if k not in keys and k not in how}  # a subclass's own
         return {"class": type(self).__name__, **{k: getattr(self, k) for k in keys}, **extra}
 
@@ -460,7 +511,8 @@ class StaticCacheSampler(GenerateSampler):
         self._recorder: LogpRecorder | None = None
 
     def settings(self) -> dict:
-        # the sampled distribution is GenerateSampler's: how it is computed is not provenance
+        # compiling the decode step changes how the samples are computed, not what they are (it draws
+        # GenerateSampler's tokens, tested); the class name stays, as run.json's data.sampler.class_path names it
         base = super().settings()
         for key in ("compile", "compile_mode", "prompt_bucket"):
             base.pop(key, None)
@@ -607,3 +659,26 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> t
 def register_samplers(register):
     register(GenerateSampler)
     register(StaticCacheSampler)
+
+
+def check_context(
+    sampler: Sampler, model, tokenizer: PreTrainedTokenizerBase, prompts: list, key: str = "data.prompts",
+    settings: str = "data.sampler.init_args",
+) -> None:
+    """Refuse, naming the keys, prompts whose tokens plus the longest response (and its EOS) do not fit the model's
+    context: the model would fail deep inside with an index error (a sampler without length limits is trusted).
+    ``key`` names the prompts, ``settings`` where ``max_new_tokens`` / ``max_prompt_tokens`` are set."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    new, most = sampler.max_new_tokens, sampler.max_prompt_tokens
+    if not isinstance(limit, int) or new is None or most is None:
+        return
+    lengths = [len(encode_prompt(tokenizer, p, most, sampler.add_bos)) for p in prompts]
+    longest = max(lengths)
+    prompt = prompts[lengths.index(longest)]
+    if longest + new + 1 > limit:
+        text = prompt if isinstance(prompt, str) else str(prompt)
+        raise InputError(
+            f"{key}: the prompt {text[:60]!r}… has {longest} tokens; with {settings}.max_new_tokens "
+            f"({new}) and the EOS token that exceeds the policy's context of {limit} positions. Set "
+            f"{settings}.max_prompt_tokens to at most {limit - new - 1} (prompts keep their last tokens)."
+        )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 
 @dataclass
@@ -76,3 +78,27 @@ class PhaseStats:
         if self.annotator:
             text += " | annotator " + ", ".join(f"{n} {name}" for name, n in self.annotator.items())
         return text
+
+
+@dataclass
+class PhaseResult:
+    """What one phase's collection returns (``collection.collect_phase``): the same on every process."""
+
+    phase: int
+    records: tuple[PreferenceRecord, ...]  # the pairs the policy trains on, in pool order
+    stats: PhaseStats
+    run_dir: Path  # where the phase's files are (``data/phase_NNNN.*``)
+
+
+class PhaseSteps(Sequence):
+    """A phase's training loader's items, one per optimizer step (``(positions, pairs in the step)``), and the
+    ``PhaseResult`` they come from: the module reads it from the loader when the phase's training starts."""
+
+    def __init__(self, steps: list[tuple[list[int], int]], result: PhaseResult) -> None:
+        self.steps, self.result = steps, result
+
+    def __getitem__(self, k):
+        return self.steps[k]
+
+    def __len__(self) -> int:
+        return len(self.steps)

@@ -19,7 +19,7 @@ from bpo_lightning.plugins import format_plugins
 from bpo_lightning.policy import Pretrained
 from bpo_lightning.sampling import Samples
 from bpo_lightning.tasks import reviews
-from bpo_lightning.testing import check_loss
+from bpo_lightning.testing import check_loss, check_sampler
 
 ROOT = Path(__file__).parents[1]
 DOC = ROOT / "docs" / "plugins.md"
@@ -101,6 +101,7 @@ def test_the_sampler_samples_with_the_tiny_policy(examples, policy):
                                   "max_prompt_tokens": 64}  # fmt: skip
     with pytest.raises(InputError, match=r"data\.sampler\.init_args\.temperatures"):
         examples["sampler"].TemperatureLadderSampler(temperatures=(1.0,))
+    check_sampler(sampler, model, tokenizer, PROMPTS)  # the conformance kit agrees
 
 
 def test_the_annotator_scores(examples):

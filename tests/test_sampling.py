@@ -180,7 +180,8 @@ def test_static_cache_sampler_records_the_distribution_not_the_mechanics():
     sampler = StaticCacheSampler(max_new_tokens=8, compile=False, prompt_bucket=8)
     settings = sampler.settings()
     assert settings["class"] == "StaticCacheSampler" and settings["max_new_tokens"] == 8
-    assert not {"compile", "compile_mode", "prompt_bucket", "batch_size"} & set(settings)
+    assert not {"compile", "compile_mode", "prompt_bucket"} & set(settings)
+    assert settings["batch_size"] == 128  # the block size seeds the blocks: it is provenance
 
 
 def test_static_cache_sampler_rejects_a_bad_bucket():
@@ -239,3 +240,52 @@ def test_sampler_log_probs_equal_a_forward_pass(policy, prompts, cls, case):
             assert samples.logps[k][i] == pytest.approx(without_eos[k][i], abs=1e-4)
             assert samples.logps[k][i] + samples.eos_logps[k][i] == pytest.approx(with_eos[k][i], abs=1e-4)
             assert samples.eos_logps[k][i] < 0
+
+
+# --- the sampler contract (bpo_lightning.testing.check_sampler) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [GenerateSampler, StaticCacheSampler])
+def test_the_built_in_samplers_conform(cls, policy, prompts):
+    from bpo_lightning.testing import check_sampler
+
+    model, tokenizer = policy
+    check_sampler(cls(max_new_tokens=12, batch_size=8, progress=False), model, tokenizer, prompts[:10], seed=3)
+
+
+class _Broken(GenerateSampler):
+    """GenerateSampler's samples, damaged in one way (``fault``), as a plugin sampler might get them wrong."""
+
+    def __init__(self, fault: str = "eos", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.fault = fault
+
+    def sample_batches(self, model, tokenizer, prompts, *, seed):
+        for start, block in super().sample_batches(model, tokenizer, prompts, seed=seed):
+            eos = tokenizer.eos_token_id
+            if self.fault == "eos":  # keeps the EOS it drew
+                block.response_ids = [[ids + [eos] if done else ids for ids, done in zip(group, flags, strict=True)]
+                                      for group, flags in zip(block.response_ids, block.finished, strict=True)]  # fmt: skip
+            elif self.fault == "one sample":
+                block.response_ids = [group[:1] for group in block.response_ids]
+            elif self.fault == "no bos":
+                block.prompt_ids = [ids[1:] for ids in block.prompt_ids]
+            elif self.fault == "tempered logps":  # log-probs of the warped distribution, not the model's
+                block.logps = [[v / 0.5 for v in group] for group in block.logps]
+            yield start, block
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [("eos", "response_ids hold EOS"), ("one sample", "has 1 entries, num_samples is 2"),
+     ("no bos", "are not encode_prompt"), ("tempered logps", "must be the raw model's")],
+)  # fmt: skip
+def test_the_sampler_check_names_what_a_sampler_gets_wrong(fault, message, policy, prompts):
+    from bpo_lightning.testing import check_sampler, sampler_problems
+
+    model, tokenizer = policy
+    sampler = _Broken(fault, max_new_tokens=12, batch_size=8, progress=False)
+    problems = sampler_problems(sampler, model, tokenizer, prompts[:10], seed=3)
+    assert problems and all(message in p for p in problems), problems
+    with pytest.raises(AssertionError, match=message):
+        check_sampler(sampler, model, tokenizer, prompts[:10], seed=3)
