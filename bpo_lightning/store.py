@@ -25,8 +25,11 @@ from pathlib import Path
 from bpo_lightning.errors import RunError, disk_error
 from bpo_lightning.types import PhaseStats, PreferenceRecord
 
-# provenance entries that must match for saved data to be reused
-_MUST_MATCH = ("phase", "behavior_version", "sampler", "annotator", "seed")
+# provenance entries that must match for saved data to be reused (``collection.collect_phase`` records them: the
+# sampler's ``settings()``, the annotator's ``identity``, and the module's reference, loss and behavior log-probs)
+MUST_MATCH = ("phase", "behavior_version", "sampler", "annotator", "seed", "reference", "loss", "behavior_logps")
+# recorded only by later versions: a phase file written before leaves them out, and is compared without them
+_LATER = {"loss": None, "sampler": ("batch_size",)}
 
 
 class PhaseStore:
@@ -48,7 +51,7 @@ class PhaseStore:
             atomic_write(self.meta_path, json.dumps({"provenance": provenance, "complete": False}, indent=1))
             return
         saved = self._meta("provenance")
-        diff = [k for k in _MUST_MATCH if saved.get(k) != provenance.get(k)]
+        diff = [k for k in MUST_MATCH if differs(saved, provenance, k)]
         if diff:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {provenance.get(k)!r}" for k in diff)
             raise RunError(
@@ -200,3 +203,15 @@ def atomic_write(path: Path, text: str, key: str = "trainer.default_root_dir") -
         if isinstance(err, OSError):
             raise disk_error(err, path, key) from err
         raise
+
+
+def differs(saved: dict, current: dict, key: str) -> bool:
+    """Whether provenance entry ``key`` differs, leaving out what a phase file written before it was recorded lacks
+    (``_LATER``)."""
+    later = _LATER.get(key, ())
+    if key in _LATER and later is None and key not in saved:
+        return False
+    old, new = saved.get(key), current.get(key)
+    if isinstance(old, dict) and isinstance(new, dict) and later:
+        new = {k: v for k, v in new.items() if k in old or k not in later}
+    return old != new

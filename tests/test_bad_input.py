@@ -254,3 +254,26 @@ def test_a_locked_cache_is_waited_for_not_fatal(tmp_path):
     holder.execute("BEGIN IMMEDIATE")
     assert AnnotationCache(path, timeout=0.1).get("a", ["p"], ["r"]) == [1.0]
     holder.rollback()
+
+
+@pytest.mark.parametrize(
+    ("flag", "key"),
+    [("--data.sampler.init_args.batch_size=4", "data.sampler.init_args.batch_size: saved 8, now 4"),
+     ("--model.reference=initial", "model.reference: saved 'behavior', now 'initial'"),
+     ("--model.loss=IPOLoss", "model.loss.class_path: saved 'bpo_lightning.DPOLoss', now 'bpo_lightning.IPOLoss'")],
+    ids=["block size", "reference", "loss"],
+)  # fmt: skip
+def test_a_resume_with_another_block_size_reference_or_loss_is_refused(flag, key, tmp_path, cache, capsys):
+    """The block size seeds the sampler's blocks (another size draws other samples); the reference and the loss
+    decide what the saved pairs train. A second `bpo fit` into the run's folder with one of them changed is refused,
+    naming the key, and changes no file."""
+    run = tmp_path / "run"
+    main(shrunk(run, cache))
+    files = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*shrunk(run, cache), flag, "--ckpt_path=last"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "holds a run with other settings" in err and key in err, err  # the differing key listed below the line
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == files

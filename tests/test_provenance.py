@@ -59,3 +59,50 @@ def test_a_subclass_of_the_built_in_sampler_keeps_its_own_arguments():
 
     settings = Longer(penalty=1.3, max_new_tokens=8).settings()
     assert settings["penalty"] == 1.3 and settings["max_new_tokens"] == 8
+
+
+def _fit_once(root, sft_dir, **changes):
+    """A one-phase fit of 16 prompts into ``root`` through ``Trainer.fit``; ``changes``: ``block`` (the sampler's
+    batch_size), ``reference`` or ``loss`` differing from the first run."""
+    from bpo_lightning.losses import IPOLoss
+    from conftest import make_run
+
+    module_args = {"reference": changes["reference"]} if "reference" in changes else {}
+    if "loss" in changes:
+        module_args["loss"] = IPOLoss(beta=changes["loss"])
+    module, data, trainer = make_run(root, sft_dir, budget=16, num_phases=1, **module_args)
+    data.sampler = GenerateSampler(max_new_tokens=16, batch_size=changes.get("block", 16), progress=False)
+    trainer.fit(module, datamodule=data)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [({"block": 8}, r"sampler: saved .*'batch_size': 16.*now .*'batch_size': 8"),
+     ({"reference": "initial"}, r"reference: saved 'behavior', now 'initial'"),
+     ({"loss": 0.1}, r"loss: saved .*DPOLoss.*now .*IPOLoss")],
+    ids=["block size", "reference", "loss"],
+)  # fmt: skip
+def test_the_python_api_refuses_phase_data_of_another_setup(change, key, tmp_path, sft_dir):
+    """The saved phase of a run is reused only by that run's setup, through ``Trainer.fit`` as through ``bpo fit``:
+    another block size draws other samples (blocks are seeded by their first position), another reference or loss
+    trains on them otherwise; each is refused naming the entry, and the saved files are left as they were."""
+    first = _fit_once(tmp_path, sft_dir)
+    assert first.stats[0].prompts == 16
+    files = {p: p.read_bytes() for p in sorted((tmp_path / "data").iterdir())}
+    with pytest.raises(RunError, match=key):
+        _fit_once(tmp_path, sft_dir, **change)
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "data").iterdir())} == files
+
+
+def test_a_phase_file_written_before_the_loss_and_block_size_were_recorded_is_reused(tmp_path):
+    """Phase files of earlier versions hold no ``loss`` and no sampler ``batch_size``: compared without them."""
+    sampler = GenerateSampler(batch_size=16)
+    old = {"phase": 0, "behavior_version": 0, "annotator": "a", "seed": 0, "reference": "behavior",
+           "sampler": {k: v for k, v in sampler.settings().items() if k != "batch_size"}}  # fmt: skip
+    store = PhaseStore(tmp_path, 0)
+    store.check(old)
+    now = {**old, "sampler": sampler.settings(), "loss": {"class": "bpo_lightning.losses.DPOLoss", "beta": 0.1}}
+    store.check(now)  # accepted
+    with pytest.raises(RunError, match="sampler"):  # a setting the old file does record still counts
+        store.check({**now, "sampler": {**sampler.settings(), "max_new_tokens": 7}})
