@@ -42,7 +42,7 @@ from bpo_lightning.plugins import get_plugins
 from bpo_lightning.prompts import model_input
 from bpo_lightning.sampling import Sampler, Samples, check_context
 from bpo_lightning.store import PhaseStore
-from bpo_lightning.types import PhaseResult, PhaseStats, PreferenceRecord
+from bpo_lightning.types import PhaseResult, PhaseStats, PreferenceRecord, SampleRow
 
 
 @dataclass
@@ -113,10 +113,10 @@ def collect_phase(
                 stats.annotator[name] = stats.annotator.get(name, 0) + n
     for index in prompts.positions:
         row = rows[index]
-        stats.count(row["status"], row.get("annotated", 0), row.get("cached", 0))
-        stats.responses += len(row["responses"])
-        stats.truncated += sum(not f for f in _finished(row))
-        if row["status"] == "kept":
+        stats.count(row.status, row.annotated, row.cached)
+        stats.responses += len(row.responses)
+        stats.truncated += sum(not f for f in row.finished)
+        if row.status == "kept":
             records.append(record_from_row(row, phase, version, behavior.sampler_logps, behavior.truncated_eos))
     if stats.responses and stats.truncated / stats.responses > 0.5 and ranks.rank == 0:
         scored = ("scored as if they ended there (model.truncated_eos: true, the paper's convention)"
@@ -145,7 +145,7 @@ class Collector:
     pipeline: bool = True
     stop: Callable[[], bool] = lambda: False
 
-    def run(self, done: dict[int, dict]) -> dict[int, dict]:
+    def run(self, done: dict[int, SampleRow]) -> dict[int, SampleRow]:
         """Rows by pool index, starting from the rows a killed run had saved (``done``).
 
         With ``pipeline`` a block is annotated in a worker thread while the next one is sampled (a judge's or a
@@ -160,11 +160,11 @@ class Collector:
         worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="annotate") if self.pipeline else None
         origin = str(self.store.root.parent.resolve())  # the run that pays for this phase's answers (cached_score)
 
-        def finish(rows: list[dict]) -> None:  # one round's rows: gathered, appended by process 0, counted
+        def finish(rows: list[SampleRow]) -> None:  # one round's rows: gathered, appended by process 0, counted
             new = [row for part in ranks.gather(rows) for row in part]
             if ranks.rank == 0 and new:
                 self.store.append_samples(new)
-            done.update((row["index"], row) for row in new)
+            done.update((row.index, row) for row in new)
             bar.update(len(new))
 
         pending = None  # the previous round's annotation, running while this round samples
@@ -265,48 +265,48 @@ def score_shared(
 def annotate(
     annotator: Annotator, indices: list[int], pool: list[dict], samples: Samples, cache: AnnotationCache | None = None,
     origin: str | None = None,
-) -> list[dict]:
+) -> list[SampleRow]:
     """Score each prompt's distinct responses in one annotator call; identical responses are not annotated, and
     responses the cache knows are not sent to the annotator (``origin``: the run, see ``cached_score``)."""
     rows, queries = [], []
     blocks = zip(indices, samples.prompt_ids, samples.responses, samples.response_ids, samples.finished, strict=False)
     for k, (index, prompt_ids, texts, ids, finished) in enumerate(blocks):  # `indices` may run past this block
-        row = {"index": index, "prompt": pool[index]["prompt"], "prompt_ids": prompt_ids, "responses": texts,
-               "response_ids": ids, "finished": [bool(f) for f in finished], "scores": [None] * len(texts),
-               "status": "identical"}  # fmt: skip
+        row = SampleRow(index=index, prompt=pool[index]["prompt"], prompt_ids=prompt_ids, responses=texts,
+                        response_ids=ids, finished=[bool(f) for f in finished], scores=[None] * len(texts),
+                        status="identical")  # fmt: skip
         if samples.logps is not None and samples.eos_logps is not None:  # π_β's own log-probs, from sampling
-            row["logps"], row["eos_logps"] = samples.logps[k], samples.eos_logps[k]
+            row.logps, row.eos_logps = samples.logps[k], samples.eos_logps[k]
         rows.append(row)
         distinct = _distinct(texts)
         if len(distinct) >= 2:
-            row["status"] = None  # decided once scored
+            row.status = None  # decided once scored
             queries.extend((row, i) for i in distinct)
     if isinstance(annotator, PairwiseAnnotator):
         queries, annotator = _as_pair_queries(queries), JoinedPairs(annotator)
-    prompts = [row["prompt"] for row, _ in queries]
+    prompts = [row.prompt for row, _ in queries]
     responses = [
-        row["responses"][i] if isinstance(i, int) else JoinedPairs.join(row["responses"][i[0]], row["responses"][i[1]])
+        row.responses[i] if isinstance(i, int) else JoinedPairs.join(row.responses[i[0]], row.responses[i[1]])
         for row, i in queries
     ]
     scores, fresh = cached_score(annotator, cache, prompts, responses, origin) if queries else ([], [])
     fresh = set(fresh)
     for k, ((row, i), score) in enumerate(zip(queries, scores, strict=True)):
-        key = "annotated" if k in fresh else "cached"
+        paid = k in fresh
         if isinstance(i, tuple):  # a verdict on the pair (first, second): +1, −1, 0 or NaN
-            row["verdict"] = None if math.isnan(score) else float(score)
+            row.verdict = None if math.isnan(score) else float(score)
             score = math.nan if math.isnan(score) else (score > 0) - (score < 0)
-            row["scores"][i[0]], row["scores"][i[1]] = (None, None) if math.isnan(score) else (score, -score)
-            row[key] = row.get(key, 0) + 2
+            row.scores[i[0]], row.scores[i[1]] = (None, None) if math.isnan(score) else (score, -score)
+            row.annotated, row.cached = row.annotated + 2 * paid, row.cached + 2 * (not paid)
             continue
-        row["scores"][i] = None if score is None or math.isnan(score) else float(score)  # NaN -> null in JSON
-        row[key] = row.get(key, 0) + 1
+        row.scores[i] = None if score is None or math.isnan(score) else float(score)  # NaN -> null in JSON
+        row.annotated, row.cached = row.annotated + paid, row.cached + (not paid)
     for row in rows:
-        if row["status"] is None:
-            row["status"] = _choose(row)
+        if row.status is None:
+            row.status = _choose(row)
     return rows
 
 
-def _as_pair_queries(queries: list[tuple[dict, int]]) -> list[tuple[dict, tuple[int, int]]]:
+def _as_pair_queries(queries: list[tuple[SampleRow, int]]) -> list[tuple[SampleRow, tuple[int, int]]]:
     """(row, response) queries → one (row, (first, second)) query per row, for a pairwise annotator."""
     pairs: dict[int, list] = {}
     for row, i in queries:
@@ -318,42 +318,36 @@ def _distinct(texts: list[str]) -> list[int]:
     return [i for i, text in enumerate(texts) if text not in texts[:i]]
 
 
-def _choose(row: dict) -> str:
+def _choose(row: SampleRow) -> str:
     """Best vs worst response by score (strict: equal scores carry no preference)."""
-    scored = [(row["scores"][i], i) for i in _distinct(row["responses"])]
+    scored = [(row.scores[i], i) for i in _distinct(row.responses)]
     if any(score is None for score, _ in scored):
         return "annotator_nan"  # counted: the phase line and data/dropped report it
     (best, c), (worst, r) = max(scored), min(scored)
     if best == worst:
         return "tie"
-    row["chosen"], row["rejected"] = c, r
+    row.chosen, row.rejected = c, r
     return "kept"
 
 
 def record_from_row(
-    row: dict, phase: int, version: int, sampler_logps: bool = False, truncated_eos: bool = True
+    row: SampleRow, phase: int, version: int, sampler_logps: bool = False, truncated_eos: bool = True
 ) -> PreferenceRecord:
     """The row's pair; with ``sampler_logps``, its behavior log-probs are the sampler's when the row has them (a
     response's sum plus its EOS term, which a response cut at the limit gets only with ``truncated_eos``, as in
     ``pair_batch``), so no forward pass has to compute them again."""
-    c, r = row["chosen"], row["rejected"]
-    finished = _finished(row)
+    c, r, finished = row.chosen, row.rejected, row.finished
     record = PreferenceRecord(
-        phase=phase, index=row["index"], prompt=row["prompt"], chosen=row["responses"][c],
-        rejected=row["responses"][r], chosen_score=row["scores"][c], rejected_score=row["scores"][r],
-        prompt_ids=row["prompt_ids"], chosen_ids=row["response_ids"][c], rejected_ids=row["response_ids"][r],
-        behavior_version=version, chosen_finished=finished[c], rejected_finished=finished[r],
+        phase=phase, index=row.index, prompt=row.prompt, chosen=row.responses[c], rejected=row.responses[r],
+        chosen_score=row.scores[c], rejected_score=row.scores[r], prompt_ids=row.prompt_ids,
+        chosen_ids=row.response_ids[c], rejected_ids=row.response_ids[r], behavior_version=version,
+        chosen_finished=finished[c], rejected_finished=finished[r],
     )  # fmt: skip
-    if sampler_logps and row.get("logps") is not None and row.get("eos_logps") is not None:
-        logps, eos = row["logps"], row["eos_logps"]
+    if sampler_logps and row.logps is not None and row.eos_logps is not None:
+        logps, eos = row.logps, row.eos_logps
         record.behavior_chosen_logps = logps[c] + (eos[c] if finished[c] or truncated_eos else 0.0)
         record.behavior_rejected_logps = logps[r] + (eos[r] if finished[r] or truncated_eos else 0.0)
     return record
-
-
-def _finished(row: dict) -> list[bool]:
-    """Which of a row's responses ended with EOS (rows saved before this was recorded: all of them)."""
-    return row.get("finished") or [True] * len(row["responses"])
 
 
 def global_batches(n: int, batch_size: int, seed: int, ranks: Ranks) -> list[tuple[list[int], int]]:

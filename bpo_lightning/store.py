@@ -20,10 +20,11 @@ import json
 import os
 import tempfile
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 from bpo_lightning.errors import RunError, disk_error
-from bpo_lightning.types import PhaseStats, PreferenceRecord
+from bpo_lightning.types import PhaseStats, PreferenceRecord, SampleRow
 
 # provenance entries that must match for saved data to be reused (``collection.collect_phase`` records them: the
 # sampler's ``settings()``, the annotator's ``identity``, and the module's reference, loss and behavior log-probs)
@@ -62,10 +63,10 @@ class PhaseStore:
     def complete(self) -> bool:
         return self.meta_path.exists() and bool(self._meta().get("complete", False))
 
-    def load_samples(self) -> dict[int, dict]:
+    def load_samples(self) -> dict[int, SampleRow]:
         """Annotated prompts saved so far, by prompt index. A torn last line (a killed job) is skipped; a damaged
         line before it is an error."""
-        rows: dict[int, dict] = {}
+        rows: dict[int, SampleRow] = {}
         if not self.samples_path.exists():
             return rows
         lines = _read(self.samples_path).splitlines()
@@ -79,23 +80,26 @@ class PhaseStore:
                 raise self._damaged(self.samples_path, number, err) from None
             if not isinstance(row, dict) or not isinstance(row.get("index"), int):
                 raise self._damaged(self.samples_path, number, KeyError("no prompt index"))
-            rows[row["index"]] = row
+            try:
+                rows[row["index"]] = SampleRow.from_json(row)
+            except TypeError as err:  # a field missing
+                raise self._damaged(self.samples_path, number, err) from None
         return rows
 
-    def append_samples(self, rows: list[dict]) -> None:
+    def append_samples(self, rows: list[SampleRow]) -> None:
         """Append rows, first cutting a torn last line (a job killed mid-append) so every line stays whole."""
         try:
             if self.samples_path.exists():
                 with self.samples_path.open("rb+") as f:
                     _cut_torn_line(f)
             with self.samples_path.open("a") as f:  # flushed, not fsynced: a killed process loses nothing written
-                f.write("".join(json.dumps(row) + "\n" for row in rows))
+                f.write("".join(json.dumps(row.to_json()) + "\n" for row in rows))
         except OSError as err:
             raise disk_error(err, self.samples_path) from err
 
     def write_pairs(self, records: list[PreferenceRecord], stats: PhaseStats, provenance: dict) -> None:
         atomic_write(self.pairs_path, "".join(json.dumps(r.to_json()) + "\n" for r in records))
-        meta = {"provenance": provenance, "complete": True, "stats": _stats_json(stats)}
+        meta = {"provenance": provenance, "complete": True, "stats": asdict(stats)}
         atomic_write(self.meta_path, json.dumps(meta, indent=1))
 
     def load_pairs(self) -> tuple[list[PreferenceRecord], PhaseStats]:
@@ -171,12 +175,6 @@ def _cut_torn_line(f) -> None:
             return
         position = start
     f.truncate(0)  # one torn line and nothing else
-
-
-def _stats_json(stats: PhaseStats) -> dict:
-    return {"phase": stats.phase, "prompts": stats.prompts, "kept": stats.kept, "dropped": stats.dropped,
-            "annotated": stats.annotated, "cached": stats.cached, "annotator": stats.annotator,
-            "responses": stats.responses, "truncated": stats.truncated}  # fmt: skip
 
 
 _UMASK = os.umask(0)

@@ -43,6 +43,43 @@ class PreferenceRecord:
 
 
 @dataclass
+class SampleRow:
+    """One prompt of a phase as sampled and annotated: a line of ``data/phase_NNNN.samples.jsonl``.
+
+    ``status`` is what happened to it: ``kept`` (a pair: responses ``chosen`` and ``rejected``), or dropped as
+    ``identical``, ``tie`` or ``annotator_nan``; ``None`` until it is scored.
+    """
+
+    index: int  # position of the prompt in the run's shuffled prompt pool
+    prompt: str | list  # the prompt's text (or chat messages)
+    prompt_ids: list[int]  # as the sampler encoded it (with BOS)
+    responses: list[str]
+    response_ids: list[list[int]]  # without EOS
+    finished: list[bool]  # which responses ended with EOS (rows saved before this was recorded: all of them)
+    scores: list[float | None]  # the annotator's, None where it gave none (+1 / −1 for a pairwise verdict)
+    status: str | None = None
+    chosen: int | None = None
+    rejected: int | None = None
+    annotated: int = 0  # responses the annotator was paid for (a pairwise verdict counts 2)
+    cached: int = 0  # responses whose score came from the annotation cache
+    verdict: float | None = None  # a pairwise annotator's verdict on (first, second): +1, −1, 0; None: none
+    logps: list[float] | None = None  # π_β's log-probs recorded by the sampler (sums over response_ids)
+    eos_logps: list[float] | None = None  # and of EOS right after each response
+
+    def to_json(self) -> dict:
+        """The line's fields, the optional ones (pair, counts, verdict, log-probs) left out while unset."""
+        return {k: v for k, v in asdict(self).items() if v is not None and not (k in ("annotated", "cached") and not v)}
+
+    @classmethod
+    def from_json(cls, row: dict) -> SampleRow:
+        """A saved line; a line saved before ``finished`` was recorded has every response ending with EOS."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in row.items() if k in names}
+        values["finished"] = values.get("finished") or [True] * len(values.get("responses", []))
+        return cls(**values)
+
+
+@dataclass
 class PhaseStats:
     """What happened to a phase's prompts: kept as pairs, or dropped (and why)."""
 

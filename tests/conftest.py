@@ -15,6 +15,7 @@ from bpo_lightning.policy import Pretrained
 from bpo_lightning.prompts import ReviewPrompts
 from bpo_lightning.sampling import GenerateSampler
 from bpo_lightning.tasks import reviews
+from bpo_lightning.types import SampleRow
 
 
 @pytest.fixture(scope="session")
@@ -97,3 +98,8 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("kill points: killed with SIGKILL, resumed, compared with the uninterrupted run")
     for line in [columns, ["-" * w for w in widths], *rows]:
         terminalreporter.write_line(" | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))
+
+
+def sample_row(index: int) -> SampleRow:
+    """A minimal saved prompt of a phase: two identical responses (nothing to annotate)."""
+    return SampleRow(index, "p", [1], ["a", "a"], [[2], [2]], [True, True], [None, None], "identical")

@@ -114,10 +114,10 @@ def test_annotate_picks_best_vs_worst_and_counts_drops():
         pool,
         _samples([["a", "b", "c"], ["x", "x"], ["c", "d"], ["a", "n"], ["a", "a", "b"]]),
     )
-    assert [r["status"] for r in rows] == ["kept", "identical", "tie", "annotator_nan", "kept"]
-    assert (rows[0]["chosen"], rows[0]["rejected"]) == (1, 0)  # best "b" vs worst "a" of three
-    assert (rows[4]["chosen"], rows[4]["rejected"]) == (2, 0)
-    assert rows[3]["scores"] == [1.0, None]
+    assert [r.status for r in rows] == ["kept", "identical", "tie", "annotator_nan", "kept"]
+    assert (rows[0].chosen, rows[0].rejected) == (1, 0)  # best "b" vs worst "a" of three
+    assert (rows[4].chosen, rows[4].rejected) == (2, 0)
+    assert rows[3].scores == [1.0, None]
     assert annotator.calls.count("p1") == 0  # identical responses are never sent to the annotator
     assert annotator.calls.count("p4") == 2  # a duplicated response is scored once
 
@@ -329,13 +329,13 @@ def test_pairwise_annotator_verdicts_become_pairs_and_are_cached(tmp_path):
     samples = _samples([["ab", "abc"], ["same", "same"], ["xy", "zw"], ["a?", "bb"]])
     judge, cache = LongerIsBetter(), AnnotationCache(tmp_path / "c.sqlite")
     rows = annotate(judge, [0, 1, 2, 3], pool, samples, cache)
-    assert [r["status"] for r in rows] == ["kept", "identical", "tie", "annotator_nan"]
-    assert (rows[0]["chosen"], rows[0]["rejected"]) == (1, 0) and rows[0]["scores"] == [-1, 1]
+    assert [r.status for r in rows] == ["kept", "identical", "tie", "annotator_nan"]
+    assert (rows[0].chosen, rows[0].rejected) == (1, 0) and rows[0].scores == [-1, 1]
     assert len(judge.compared) == 3  # the identical pair was not judged
     again = annotate(judge, [0, 1, 2, 3], pool, samples, cache)
     assert len(judge.compared) == 4  # only the unanswered (NaN) pair is asked again; verdicts came from the cache
-    assert [r["status"] for r in again] == [r["status"] for r in rows]
-    assert again[0].get("cached") == 2 and again[0].get("annotated") is None
+    assert [r.status for r in again] == [r.status for r in rows]
+    assert again[0].cached == 2 and again[0].annotated == 0
 
 
 def test_pairwise_annotator_needs_two_samples():
@@ -386,4 +386,4 @@ def test_mostly_truncated_responses_are_counted_and_warned_about(tmp_path, sft_d
     pairs = PhaseStore(tmp_path / "data", 0).load_pairs()[0]
     assert any(not p.chosen_finished or not p.rejected_finished for p in pairs)
     rows = PhaseStore(tmp_path / "data", 0).load_samples()
-    assert all(len(row["finished"]) == 2 for row in rows.values())
+    assert all(len(row.finished) == 2 for row in rows.values())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CountingAnnotator, make_run
+from conftest import CountingAnnotator, make_run, sample_row
 from torch.testing import assert_close
 
 from bpo_lightning.collection import global_batches
@@ -286,10 +286,10 @@ def _umask() -> int:
 
 def test_an_append_after_a_torn_line_keeps_every_line_whole(tmp_path):
     store = PhaseStore(tmp_path, 0)
-    store.append_samples([{"index": 0}])
+    store.append_samples([sample_row(0)])
     with store.samples_path.open("a") as f:
         f.write('{"index": 1, "respo')  # a job killed mid-append
-    store.append_samples([{"index": 1}, {"index": 2}])
+    store.append_samples([sample_row(1), sample_row(2)])
     assert [json.loads(line)["index"] for line in store.samples_path.read_text().splitlines()] == [0, 1, 2]
 
 

@@ -6,6 +6,7 @@ import os
 import re
 
 import pytest
+from conftest import sample_row
 
 from bpo_lightning.errors import InputError, RunError
 from bpo_lightning.prompts import PromptSource
@@ -380,12 +381,15 @@ def test_a_damaged_pairs_line_is_named(tmp_path):
 
 def test_a_damaged_samples_line_is_named_but_a_torn_last_line_is_skipped(tmp_path):
     store = _phase(tmp_path)
-    store.append_samples([{"index": 0}, {"index": 1}])
+    store.append_samples([sample_row(0), sample_row(1)])
     with store.samples_path.open("a") as f:
         f.write('{"index": 2, "respo')  # a job killed mid-append
     with pytest.warns(UserWarning, match=r"phase_0000.samples.jsonl:3: skipping an incomplete line"):
         assert sorted(store.load_samples()) == [0, 1]
-    store.samples_path.write_text('{"index": 0}\n{"ind\n{"index": 2}\n')
+    whole = [json.dumps(sample_row(i).to_json()) for i in (0, 2)]
+    store.samples_path.write_text(f'{whole[0]}\n{{"ind\n{whole[1]}\n')
+    _raises(RunError, store.load_samples, f"trainer.default_root_dir: {store.samples_path} line 2 is damaged")
+    store.samples_path.write_text(f'{whole[0]}\n{{"index": 1}}\n{whole[1]}\n')  # a row without its fields
     _raises(RunError, store.load_samples, f"trainer.default_root_dir: {store.samples_path} line 2 is damaged")
 
 
@@ -403,7 +407,7 @@ def test_a_full_disk_in_atomic_write_keeps_the_old_file_and_no_temporary_file(tm
 
 def test_a_full_disk_while_appending_samples_is_named(tmp_path, monkeypatch):
     store = _phase(tmp_path)
-    store.append_samples([{"index": 0}])
+    store.append_samples([sample_row(0)])
     full = type(store.samples_path)
 
     def no_space_left(self, mode="r", *args, **kwargs):  # the file opens, its write fails
@@ -413,9 +417,9 @@ def test_a_full_disk_while_appending_samples_is_named(tmp_path, monkeypatch):
         return handle
 
     monkeypatch.setattr(full, "open", no_space_left)
-    _raises(RunError, lambda: store.append_samples([{"index": 1}]), f"cannot write {store.samples_path} (No space")
+    _raises(RunError, lambda: store.append_samples([sample_row(1)]), f"cannot write {store.samples_path} (No space")
     monkeypatch.undo()
-    assert store.samples_path.read_text() == '{"index": 0}\n'  # the rows written before are intact
+    assert store.samples_path.read_text() == json.dumps(sample_row(0).to_json()) + "\n"  # the rows before: intact
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EROFS])
@@ -446,3 +450,4 @@ def test_an_unwritable_run_folder_is_named(tmp_path):
         _raises(RunError, lambda: sub.check({"phase": 0}), f"cannot write {folder / 'sub'} (Permission denied)")
     finally:
         folder.chmod(0o700)
+

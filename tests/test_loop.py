@@ -72,9 +72,9 @@ def annotations_on_disk(root, phases):
     total = 0
     for phase in phases:
         for row in PhaseStore(root / "data", phase).load_samples().values():
-            distinct = len(set(row["responses"])) if row["status"] != "identical" else 0
-            assert row.get("annotated", 0) + row.get("cached", 0) == distinct
-            total += row.get("annotated", 0)
+            distinct = len(set(row.responses)) if row.status != "identical" else 0
+            assert row.annotated + row.cached == distinct
+            total += row.annotated
     return total
 
 
@@ -211,7 +211,7 @@ def test_partial_phase_is_continued_not_resampled(tmp_path, sft_dir):
     rows = PhaseStore(tmp_path / "data", 0).load_samples()
     fresh = [row for index, row in rows.items() if index not in saved]
     assert fresh and not set(annotator.paid) & set(first.paid)  # nothing paid twice
-    queries = {(row["prompt"], text) for row in fresh if row.get("annotated") for text in row["responses"]}
+    queries = {(row.prompt, text) for row in fresh if row.annotated for text in row.responses}
     assert set(annotator.paid) | (queries & set(first.paid)) == queries  # each paid once, now or before
     assert len(annotator.paid) == len(set(annotator.paid))  # a (prompt, response) that recurs is asked once
 

@@ -138,9 +138,9 @@ def test_the_annotator_and_the_judge_label_the_samplers_pairs(examples, policy):
         rows = annotate(annotator, list(range(len(PROMPTS))), pool, samples)
         assert len(rows) == len(PROMPTS)
         for row in rows:
-            assert row["status"] in {"kept", "identical", "tie", "annotator_nan"}
-            if row["status"] == "kept":
-                assert row["scores"][row["chosen"]] > row["scores"][row["rejected"]]
+            assert row.status in {"kept", "identical", "tie", "annotator_nan"}
+            if row.status == "kept":
+                assert row.scores[row.chosen] > row.scores[row.rejected]
     distinct = sum(len(set(texts)) == 2 for texts in samples.responses)
     assert judge.counts["requests"] == 2 * distinct  # one request per order of every pair of distinct responses
 

@@ -264,8 +264,9 @@ class _Broken(GenerateSampler):
         for start, block in super().sample_batches(model, tokenizer, prompts, seed=seed):
             eos = tokenizer.eos_token_id
             if self.fault == "eos":  # keeps the EOS it drew
-                block.response_ids = [[ids + [eos] if done else ids for ids, done in zip(group, flags, strict=True)]
-                                      for group, flags in zip(block.response_ids, block.finished, strict=True)]  # fmt: skip
+                pairs = zip(block.response_ids, block.finished, strict=True)
+                block.response_ids = [[ids + [eos] * done for ids, done in zip(group, flags, strict=True)]
+                                      for group, flags in pairs]  # fmt: skip
             elif self.fault == "one sample":
                 block.response_ids = [group[:1] for group in block.response_ids]
             elif self.fault == "no bos":

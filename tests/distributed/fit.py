@@ -123,7 +123,7 @@ def install_kill(point: str, n: int, module: BPOModule, trainer_callbacks: list)
         def torn_append(self, rows):
             if hit():
                 with self.samples_path.open("a") as f:
-                    f.write(json.dumps(rows[0])[:40])
+                    f.write(json.dumps(rows[0].to_json())[:40])
                     f.flush()
                 die()
             append(self, rows)
