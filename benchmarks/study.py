@@ -119,7 +119,8 @@ def evaluate(module: BPOModule, limit: int) -> dict:
     )  # fmt: skip
     data.setup("validate")
     metrics = EvaluationMetrics()
-    records = [r for batch in data.eval_batches() for r in evaluation_step(module, batch, data, metrics)]
+    inputs = data.evaluation_inputs()
+    records = [r for batch in data.eval_batches() for r in evaluation_step(module, inputs, batch, metrics)]
     result = metrics.compute()
     outcomes: dict[int, list[float]] = {}
     for r in records:

@@ -13,6 +13,7 @@ number of pairs per optimizer step: with N processes each takes every N-th pair 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +25,7 @@ from bpo_lightning.cache import AnnotationCache
 from bpo_lightning.collection import PhasePrompts, annotate, collect_phase, global_batches  # noqa: F401 (annotate)
 from bpo_lightning.distributed import Ranks
 from bpo_lightning.errors import InputError, RunError
+from bpo_lightning.evaluation import EvaluationInputs, HeldOut
 from bpo_lightning.logprobs import right_padded
 from bpo_lightning.prompts import PromptSource
 from bpo_lightning.sampling import GenerateSampler, Sampler
@@ -179,7 +181,8 @@ class OnlineDataModule(L.LightningDataModule):
 
         # batch_size=None: each item is one step's share; a DistributedSampler subclass, so Lightning keeps it. The
         # module reads the phase's result from the loader (PhaseSteps) when the phase's training starts.
-        steps = PhaseSteps(plan, result)
+        later = range(phase + 1, self.num_phases)
+        steps = PhaseSteps(plan, result, tuple(math.ceil(len(self.phase_indices(p)) / self.batch_size) for p in later))
         return DataLoader(steps, batch_size=None, sampler=Shard(len(plan)), collate_fn=collate)
 
     def val_dataloader(self) -> DataLoader:
@@ -200,8 +203,13 @@ class OnlineDataModule(L.LightningDataModule):
         if rank is None or world is None:
             rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         shard = Shard(len(rows), rank, world, pad=world > 1, block=self.eval_batch_size)
-        return DataLoader([*enumerate(rows), (-1, rows[0])], batch_size=self.eval_batch_size, collate_fn=list,
-                          sampler=shard)  # fmt: skip
+        items = HeldOut([*enumerate(rows), (-1, rows[0])], self.evaluation_inputs)
+        return DataLoader(items, batch_size=self.eval_batch_size, collate_fn=list, sampler=shard)
+
+    def evaluation_inputs(self) -> EvaluationInputs:
+        """What the held-out prompts are evaluated with: the sampler, the evaluator and annotator, the cache."""
+        run_dir = self.run_dir if self._run_dir or self.trainer is not None else None
+        return EvaluationInputs(self.sampler, self.evaluator, self.annotator, self.cache, run_dir)
 
     def eval_batches(self, rank: int = 0, world_size: int = 1) -> list[list[tuple[int, dict]]]:
         """This process's share of the validation prompts as ``(index, row)`` batches (outside Lightning's loops),

@@ -15,7 +15,11 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -24,8 +28,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from tqdm import tqdm
 
-from bpo_lightning.annotation import JoinedPairs, PairwiseAnnotator
-from bpo_lightning.cache import cached_score
+from bpo_lightning.annotation import Annotator, JoinedPairs, PairwiseAnnotator
+from bpo_lightning.cache import AnnotationCache, cached_score
 from bpo_lightning.errors import InputError
 from bpo_lightning.logprobs import right_padded
 from bpo_lightning.metrics import ResponseStats, SequenceKL, WinTieLoss
@@ -150,15 +154,57 @@ def _nan(scores: list) -> torch.Tensor:
     return torch.tensor([math.nan if s is None else float(s) for s in scores], dtype=torch.float64)
 
 
+@dataclass
+class EvaluationInputs:
+    """What evaluating held-out prompts takes from the data side (``OnlineDataModule.evaluation_inputs``)."""
+
+    sampler: Sampler  # the data sampler: the answers' length limits and way of drawing (``evaluation_sampler``)
+    evaluator: Annotator  # scores answers against the references
+    annotator: Annotator  # the training annotator: the proxy reward, when it is not the evaluator
+    cache: AnnotationCache | None  # where paid scores are kept
+    run_dir: Path | None = None  # answers are saved under ``run_dir/evaluations``
+
+
+class HeldOut(list):
+    """A held-out loader's items (``(index, row)``) with the ``EvaluationInputs`` that evaluate them: the module
+    reads them from the loader Lightning gives it (made when first read: the cache opens in the run folder)."""
+
+    def __init__(self, items: list, inputs: Callable[[], EvaluationInputs]) -> None:
+        super().__init__(items)
+        self._inputs = inputs
+
+    @property
+    def inputs(self) -> EvaluationInputs:
+        return self._inputs()
+
+
+class EvaluatedPolicy(Protocol):
+    """What ``evaluation_step`` uses of the model side (``BPOModule`` is one)."""
+
+    evaluation: Evaluation
+    policy: Any
+    tokenizer: Any
+
+    def policy_weights(self) -> AbstractContextManager: ...
+    def sampling_context(self) -> AbstractContextManager: ...
+    def weights_name(self) -> str: ...
+    def response_logps(self, samples: Samples) -> torch.Tensor: ...
+    def initial_weights(self) -> AbstractContextManager: ...
+    def behavior_weights_for_evaluation(self) -> AbstractContextManager | None: ...
+
+
 @torch.no_grad()
-def evaluation_step(module, batch: list[tuple[int, dict]], data, metrics: EvaluationMetrics) -> list[dict]:
+def evaluation_step(
+    module: EvaluatedPolicy, inputs: EvaluationInputs, batch: list[tuple[int, dict]], metrics: EvaluationMetrics
+) -> list[dict]:
     """Evaluate ``module``'s policy on one batch of ``(index, row)`` held-out prompts; update ``metrics`` and
     return one record per answer (what ``save_responses`` writes).
 
-    ``data`` gives the evaluator, the training annotator (for the proxy reward), the annotation cache and the
-    sampler's length limits. A batch's seed is ``evaluation.seed`` plus its first prompt's index, so the same
-    batches give the same sampled answers (another ``data.eval_batch_size`` or process count gives other draws).
+    ``inputs`` gives the evaluator, the training annotator (for the proxy reward), the annotation cache and the
+    data sampler. A batch's seed is ``evaluation.seed`` plus its first prompt's index, so the same batches give the
+    same sampled answers (another ``data.eval_batch_size`` or process count gives other draws).
     """
+    data = inputs
     settings: Evaluation = module.evaluation
     indices, rows = [i for i, _ in batch], [r for _, r in batch]
     answer_sampler, kl_sampler = settings.samplers(data.sampler, batch_size=len(rows))
@@ -415,7 +461,7 @@ class PhaseReport(L.Callback):
             return
         batches = dm.eval_batches(trainer.global_rank, trainer.world_size)
         self._open_bar(trainer, len(batches), "start: evaluating")
-        result = module.evaluate(self._counted(batches), stage="start")
+        result = module.evaluate(self._counted(batches), dm.evaluation_inputs(), stage="start")
         self._close_bar()
         self._record(trainer, {"phase": 0, "step": 0, **result})
         if trainer.logger is not None:

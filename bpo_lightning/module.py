@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager, nullcontext
 from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -38,14 +39,22 @@ from bpo_lightning.distributed import (
     zero3_integration,
 )
 from bpo_lightning.errors import InputError
-from bpo_lightning.evaluation import Evaluation, EvaluationMetrics, evaluation_step, response_batch, save_records
+from bpo_lightning.evaluation import (
+    Evaluation,
+    EvaluationInputs,
+    EvaluationMetrics,
+    HeldOut,
+    evaluation_step,
+    response_batch,
+    save_records,
+)
 from bpo_lightning.logprobs import chunk_positions, sequence_logps
 from bpo_lightning.lora import LoRA
 from bpo_lightning.losses import DPOLoss, PreferenceLoss
 from bpo_lightning.metrics import importance_kl_terms
 from bpo_lightning.plugins import get_plugins
 from bpo_lightning.policy import PolicySource
-from bpo_lightning.types import PhaseResult, PhaseStats, PhaseSteps, PreferenceRecord
+from bpo_lightning.types import PhaseStats, PhaseSteps, PreferenceRecord
 from bpo_lightning.weights import TrainableWeights, localize, policy_weights, whole
 
 STEP_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
@@ -154,6 +163,7 @@ class BPOModule(L.LightningModule):
         self.checkpoint_step = 0  # training steps behind the weights (from a loaded checkpoint)
         self.horizon: int | None = None  # optimizer steps of the whole run, for the linear decay
         self._eval_records: list[dict] = []
+        self._eval_inputs: EvaluationInputs | None = None
 
     # --- model and behavior -------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -413,21 +423,24 @@ class BPOModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         for metric in self.step_metrics.values():
             metric.reset()
-        result = self._phase_result()
-        if result is None:  # a loader that is not a phase's (a datamodule of the user's own)
+        steps = self._phase_steps()
+        if steps is None:  # a loader that is not a phase's (a datamodule of the user's own)
             return
+        result = steps.result
         self.phase_stats = result.stats
-        self.horizon = self._planned_steps(result.phase, len(result.records))  # the schedule counts the pairs kept
+        # the linear decay ends at 0 after the last step the run will take: this phase's pairs known, every prompt of
+        # the later phases counted as a pair (after the last phase, exactly)
+        accumulate = self.trainer.accumulate_grad_batches
+        self.horizon = self.trainer.global_step + sum(math.ceil(n / accumulate) for n in (len(steps), *steps.later))
         if self.trainer.global_rank == 0:  # on_pairs_ready: the phase's pairs, right before the policy trains on them
             get_plugins().hook.on_pairs_ready(phase=result.phase, pairs=result.records, stats=result.stats,
                                               run_dir=result.run_dir)  # fmt: skip
 
-    def _phase_result(self) -> PhaseResult | None:
-        """The ``PhaseResult`` of the phase about to train, from the training loader Lightning holds."""
-        loader = self.trainer.train_dataloader
-        steps = getattr(loader, "dataset", None)
+    def _phase_steps(self) -> PhaseSteps | None:
+        """The batches and ``PhaseResult`` of the phase about to train, from the training loader Lightning holds."""
+        steps = getattr(self.trainer.train_dataloader, "dataset", None)
         if isinstance(steps, PhaseSteps) and steps.result.phase == self.trainer.current_epoch:
-            return steps.result
+            return steps
         return None
 
     def on_train_epoch_end(self) -> None:
@@ -460,18 +473,29 @@ class BPOModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._end_evaluation("test", "test")
 
-    def evaluate(self, batches, stage: str = "evaluate") -> dict[str, float]:
+    def evaluate(self, batches, inputs: EvaluationInputs, stage: str = "evaluate") -> dict[str, float]:
         """Evaluate on ``batches`` of ``(index, row)`` held-out prompts outside Lightning's loops (e.g. before
-        training); the same steps as ``validation_step``. Returns the metrics (also in ``last_evaluation``)."""
-        self._start_evaluation()
+        training) with ``inputs`` (``OnlineDataModule.evaluation_inputs``); the same steps as ``validation_step``.
+        Returns the metrics (also in ``last_evaluation``)."""
+        self._start_evaluation(inputs)
         for batch in batches:
             self._evaluate_batch(batch)
         return self._end_evaluation(stage, None)
 
     def _evaluate_batch(self, batch: list[tuple[int, dict]]) -> None:
-        self._eval_records += evaluation_step(self, batch, self.trainer.datamodule, self.eval_metrics)
+        self._eval_records += evaluation_step(self, self._eval_inputs, batch, self.eval_metrics)
 
-    def _start_evaluation(self) -> None:
+    def _start_evaluation(self, inputs: EvaluationInputs | None = None) -> None:
+        """Reset the metrics; the inputs come from the held-out loader Lightning holds (``HeldOut``)."""
+        if inputs is None:
+            trainer = self.trainer
+            loaders = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders
+            inputs = getattr(loaders, "dataset", None)
+            inputs = inputs.inputs if isinstance(inputs, HeldOut) else None
+        if inputs is None:
+            raise RuntimeError("BPOModule evaluates held-out loaders of OnlineDataModule (items with their "
+                               "EvaluationInputs); pass inputs to evaluate() outside Lightning's loops")  # fmt: skip
+        self._eval_inputs = inputs
         self.eval_metrics.reset()
         self._eval_records = []
 
@@ -486,7 +510,8 @@ class BPOModule(L.LightningModule):
             rank = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
             step = trainer.global_step if trainer.state.fn == "fit" else self.checkpoint_step
             name = f"{stage}_step{step:07d}{rank}.jsonl"
-            save_records(self._eval_records, trainer.datamodule.run_dir / "evaluations" / name)
+            run_dir = self._eval_inputs.run_dir or Path(trainer.default_root_dir)
+            save_records(self._eval_records, run_dir / "evaluations" / name)
         self._eval_records = []
         return self.last_evaluation
 
@@ -514,8 +539,6 @@ class BPOModule(L.LightningModule):
             adamw = partial(DeepSpeedCPUAdam, adamw_mode=True)
         optimizer = adamw(self._param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
                           weight_decay=hp.weight_decay)  # fmt: skip
-        if self.horizon is None:
-            self.horizon = self._planned_steps()  # refined when each phase's training starts, its pairs known
 
         def factor(step: int) -> float:
             if step < hp.warmup_steps:
@@ -536,21 +559,6 @@ class BPOModule(L.LightningModule):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         for group in optimizer.param_groups:  # each member is clipped on its own, as with one optimizer each
             torch.nn.utils.clip_grad_norm_(group["params"], gradient_clip_val)
-
-    def _planned_steps(self, phase: int = 0, kept: int | None = None) -> int | None:
-        """Optimizer steps of the whole run: the steps taken before ``phase``, then ``kept`` pairs in it, then every
-        prompt of the later phases giving a pair (their drops are not known yet)."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "phase_indices"):
-            return None
-        accumulate = self.trainer.accumulate_grad_batches
-
-        def steps(pairs: int) -> int:
-            return math.ceil(math.ceil(pairs / dm.batch_size) / accumulate)
-
-        this = steps(len(dm.phase_indices(phase)) if kept is None else kept)
-        later = sum(steps(len(dm.phase_indices(p))) for p in range(phase + 1, dm.num_phases))
-        return (self.trainer.global_step if phase else 0) + this + later
 
     # --- checkpoints ------------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

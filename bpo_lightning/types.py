@@ -128,11 +128,12 @@ class PhaseResult:
 
 
 class PhaseSteps(Sequence):
-    """A phase's training loader's items, one per optimizer step (``(positions, pairs in the step)``), and the
-    ``PhaseResult`` they come from: the module reads it from the loader when the phase's training starts."""
+    """A phase's training loader's items, one per batch (``(positions, pairs in the batch)``), the ``PhaseResult``
+    they come from, and the batches of the later phases if each of their prompts gives a pair (``later``; their
+    drops are not known yet): the module reads them from the loader when the phase's training starts."""
 
-    def __init__(self, steps: list[tuple[list[int], int]], result: PhaseResult) -> None:
-        self.steps, self.result = steps, result
+    def __init__(self, steps: list[tuple[list[int], int]], result: PhaseResult, later: tuple[int, ...] = ()) -> None:
+        self.steps, self.result, self.later = steps, result, later
 
     def __getitem__(self, k):
         return self.steps[k]

@@ -246,14 +246,14 @@ def test_stand_in_prompts_are_answered_but_not_counted(tmp_path, sft_dir):
     module.configure_model()
     rows = data.eval_rows
     plain, padded = EvaluationMetrics(), EvaluationMetrics()
-    records = evaluation_step(module, list(enumerate(rows)), data, plain)
-    with_stand_in = evaluation_step(module, [*enumerate(rows), (-1, rows[0])], data, padded)
+    records = evaluation_step(module, data.evaluation_inputs(), list(enumerate(rows)), plain)
+    with_stand_in = evaluation_step(module, data.evaluation_inputs(), [*enumerate(rows), (-1, rows[0])], padded)
     assert records == with_stand_in  # the stand-in leaves no record
     a, b = plain.compute(), padded.compute()
     assert a["count"] == b["count"] == 3 and a["win_rate"] == b["win_rate"] and a["reward"] == b["reward"]
     # only stand-ins: the metrics are updated (every process must take part in their reduction) with nothing
     empty = EvaluationMetrics()
-    assert evaluation_step(module, [(-1, rows[0])], data, empty) == []
+    assert evaluation_step(module, data.evaluation_inputs(), [(-1, rows[0])], empty) == []
     assert empty.compute()["count"] == 0 and "kl_initial" not in empty.compute()
 
 

@@ -72,7 +72,8 @@ def test_win_rate_and_rewards_follow_the_saved_scores(sft_dir):
     gold = RuleAnnotator("bpo_lightning.tasks.reviews:gold_reward")
     data = _data(annotator=Length(), evaluator=gold)  # the annotator (proxy) is not the evaluator
     metrics = EvaluationMetrics()
-    records = [r for batch in data.eval_batches() for r in evaluation_step(module, batch, data, metrics)]
+    inputs = data.evaluation_inputs()
+    records = [r for batch in data.eval_batches() for r in evaluation_step(module, inputs, batch, metrics)]
     result = metrics.compute()
     assert len(records) == 16 and [r["index"] for r in records] == [i for i in range(8) for _ in range(2)]
     wins = sum(r["score"] > r["reference_score"] for r in records)
@@ -83,7 +84,8 @@ def test_win_rate_and_rewards_follow_the_saved_scores(sft_dir):
     assert result["length"] == pytest.approx(sum(len(r["response"].split()) for r in records) / 16)
     assert "kl_initial" not in result and module.initial is None  # kl_samples: 0 keeps no initial weights
     # the same batches give the same sampled answers: each batch's seed follows its first prompt's index
-    again = [r for batch in data.eval_batches() for r in evaluation_step(module, batch, data, EvaluationMetrics())]
+    inputs = data.evaluation_inputs()
+    again = [r for batch in data.eval_batches() for r in evaluation_step(module, inputs, batch, EvaluationMetrics())]
     assert [r["response"] for r in again] == [r["response"] for r in records]
 
 
@@ -92,7 +94,8 @@ def test_an_evaluator_failure_is_counted_invalid_not_as_a_loss(sft_dir):
     data = _data(annotator=Length(), limit=4)
     data.eval_rows[1] = {**data.eval_rows[1], "reference": "zzz"}  # the evaluator fails on this reference
     metrics = EvaluationMetrics()
-    records = [r for batch in data.eval_batches() for r in evaluation_step(module, batch, data, metrics)]
+    inputs = data.evaluation_inputs()
+    records = [r for batch in data.eval_batches() for r in evaluation_step(module, inputs, batch, metrics)]
     result = metrics.compute()
     assert records[1]["reference_score"] is None
     assert result["invalid"] == 1 and result["count"] == 3
@@ -121,7 +124,7 @@ def test_kl_estimates_match_exact_kl_of_one_token_answers_and_follow_the_behavio
 
     def evaluate():
         metrics = EvaluationMetrics()
-        evaluation_step(module, batch, data, metrics)
+        evaluation_step(module, data.evaluation_inputs(), batch, metrics)
         return metrics.compute()
 
     def perturb(seed):
@@ -260,7 +263,8 @@ def test_a_reward_model_evaluates_and_references_are_scored_once(tmp_path, sft_d
     data = _data(annotator=Length(), evaluator=rm, limit=6)
     data.annotation_cache = str(tmp_path / "cache.sqlite")
     metrics = EvaluationMetrics()
-    records = [r for batch in data.eval_batches() for r in evaluation_step(module, batch, data, metrics)]
+    inputs = data.evaluation_inputs()
+    records = [r for batch in data.eval_batches() for r in evaluation_step(module, inputs, batch, metrics)]
     prompts = [r["prompt"] for r in records]
     direct = RewardModelAnnotator(str(tmp_path / "rm"), batch_size=1, max_length=64, device="cpu")
     expected = direct.score(prompts, [r["response"] for r in records])
@@ -271,5 +275,5 @@ def test_a_reward_model_evaluates_and_references_are_scored_once(tmp_path, sft_d
     assert metrics.compute()["win_rate"] == pytest.approx(wins / 6)
     calls = len(rm.scored)
     for batch in data.eval_batches():  # a second evaluation of the same policy: everything comes from the cache
-        evaluation_step(module, batch, data, EvaluationMetrics())
+        evaluation_step(module, data.evaluation_inputs(), batch, EvaluationMetrics())
     assert len(rm.scored) == calls

@@ -64,8 +64,9 @@ def test_a_subclass_of_the_built_in_sampler_keeps_its_own_arguments():
 def _fit_once(root, sft_dir, **changes):
     """A one-phase fit of 16 prompts into ``root`` through ``Trainer.fit``; ``changes``: ``block`` (the sampler's
     batch_size), ``reference`` or ``loss`` differing from the first run."""
-    from bpo_lightning.losses import IPOLoss
     from conftest import make_run
+
+    from bpo_lightning.losses import IPOLoss
 
     module_args = {"reference": changes["reference"]} if "reference" in changes else {}
     if "loss" in changes:
