@@ -26,7 +26,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from bpo_lightning.errors import InputError, disk_error
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+from bpo_lightning.files import atomic_file
 
 
 @contextlib.contextmanager
@@ -144,22 +141,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         except OSError as err:
             raise disk_error(err, path, "checkpoint.dirpath") from err
-        try:
-            with os.fdopen(fd, "wb") as f, _without_crc32():
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_UMASK)
-            os.replace(tmp, path)
-        except OSError as err:
-            Path(tmp).unlink(missing_ok=True)
-            raise disk_error(err, path, "checkpoint.dirpath") from err
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path, "wb", fsync=True, key="checkpoint.dirpath") as f, _without_crc32():
+            torch.save(checkpoint, f)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return checked_load(path, map_location, weights_only, load=super().load_checkpoint)

@@ -21,16 +21,16 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from bpo_lightning.annotation import Annotator, PairwiseAnnotator
+from bpo_lightning.batches import pair_batch, weighted_pair_batch
 from bpo_lightning.cache import AnnotationCache
 from bpo_lightning.collection import PhasePrompts, annotate, collect_phase, global_batches  # noqa: F401 (annotate)
 from bpo_lightning.distributed import Ranks
 from bpo_lightning.errors import InputError, RunError
 from bpo_lightning.evaluation import EvaluationInputs, HeldOut
-from bpo_lightning.logprobs import right_padded
 from bpo_lightning.prompts import PromptSource
 from bpo_lightning.sampling import GenerateSampler, Sampler
 from bpo_lightning.store import PhaseStore
-from bpo_lightning.types import PhaseResult, PhaseStats, PhaseSteps, PreferenceRecord
+from bpo_lightning.types import PhaseResult, PhaseStats, PhaseSteps
 
 
 class OnlineDataModule(L.LightningDataModule):
@@ -260,51 +260,6 @@ class Shard(DistributedSampler):
 
     def __len__(self) -> int:
         return sum(1 for _ in iter(self))
-
-
-def pair_batch(
-    records: list[PreferenceRecord], pad_id: int, eos_id: int, truncated_eos: bool = True
-) -> dict[str, torch.Tensor]:
-    """Right-padded batch of 2B sequences, chosen first then rejected: prompt + response + EOS.
-
-    ``loss_mask`` marks the response tokens and EOS; behavior/reference log-probs come along as (2B,) tensors. A
-    response cut at ``max_new_tokens`` gets the EOS term too with ``truncated_eos`` (the paper's convention), none
-    without.
-    """
-    seqs, prompt_lens = [], []
-    for side in ("chosen", "rejected"):
-        for r in records:
-            ended = getattr(r, f"{side}_finished", True) or truncated_eos
-            seqs.append(r.prompt_ids + getattr(r, f"{side}_ids") + [eos_id] * ended)
-            prompt_lens.append(len(r.prompt_ids))
-    batch = right_padded(seqs, prompt_lens, pad_id)
-
-    def both(name: str) -> torch.Tensor:
-        values = [getattr(r, f"{name}_chosen_logps") for r in records] + [
-            getattr(r, f"{name}_rejected_logps") for r in records
-        ]
-        return torch.tensor(values, dtype=torch.float32)
-
-    batch["behavior_logps"] = both("behavior")  # (2B,)
-    batch["reference_logps"] = both("reference")  # (2B,)
-    return batch
-
-
-def weighted_pair_batch(
-    records: list[PreferenceRecord], mine: list[int], total: int, world: int, pad_id: int, eos_id: int,
-    truncated_eos: bool = True,
-) -> dict[str, torch.Tensor]:
-    """One process's share of a global step of ``total`` pairs over ``world`` processes.
-
-    ``pair_weight`` (B,) is 1 for real pairs and 0 for the stand-in pair of an empty share; ``loss_scale`` is
-    ``world / total``: with gradients averaged over processes, Σ_processes (world/total)·Σ_own ℓ / world is the mean
-    loss over the step's ``total`` pairs, whatever their split.
-    """
-    rows = [records[i] for i in mine] or [records[0]]
-    batch = pair_batch(rows, pad_id, eos_id, truncated_eos)
-    batch["pair_weight"] = torch.tensor([1.0 if mine else 0.0] * len(rows))  # (B,)
-    batch["loss_scale"] = torch.tensor(world / total)
-    return batch
 
 
 _CAUSES = {

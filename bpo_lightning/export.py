@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import copy
 import io
-import os
 import tempfile
 from pathlib import Path
 
@@ -45,7 +44,7 @@ def export_policy(module, out_dir: str | Path) -> Path:
         tokenizer.save_pretrained(out)
     finally:
         tokenizer.padding_side = generating_side
-    from bpo_lightning.tasks.reviews import shareable
+    from bpo_lightning.files import shareable
 
     shareable(out)  # not the 0600 safetensors gives its files
     return out
@@ -95,9 +94,11 @@ def consolidated(path: str | Path) -> Path:
         return path
     target = path.with_name(path.name + ".consolidated.ckpt")
     if not target.exists() or target.stat().st_mtime < path.stat().st_mtime:
-        tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
-        torch.save(load_checkpoint(path), tmp)
-        os.replace(tmp, target)
+        from bpo_lightning.files import atomic_file
+
+        checkpoint = load_checkpoint(path)
+        with atomic_file(target, "wb", key="ckpt_path") as f:
+            torch.save(checkpoint, f)
     return target
 
 

@@ -105,7 +105,7 @@ def check_run_dir(run_dir: str | Path, current: dict) -> None:
                 f"config ({Path(run_dir) / 'config.yaml'})."
             )
         return
-    from bpo_lightning.store import atomic_write
+    from bpo_lightning.files import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps({"fingerprint": current}, indent=1, sort_keys=True))

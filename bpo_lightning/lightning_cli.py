@@ -66,7 +66,7 @@ class BPOCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         from bpo_lightning.checkpoints import PhaseCheckpoint
-        from bpo_lightning.evaluation import PhaseReport
+        from bpo_lightning.reporting import PhaseReport
 
         parser.add_lightning_class_args(PhaseReport, "report")
         parser.add_lightning_class_args(PhaseCheckpoint, "checkpoint")

@@ -305,15 +305,3 @@ def _same_logits(model: torch.nn.Module, split: tuple) -> bool:
     return want.shape == logits.shape and torch.allclose(want, logits, atol=1e-4, rtol=1e-4)
 
 
-def right_padded(sequences: list[list[int]], starts: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad token id lists into ``input_ids``, ``attention_mask`` and ``loss_mask`` (N, T); ``loss_mask``
-    marks each sequence's tokens from ``starts[i]`` on (the response: prompt tokens come before)."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
-        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, : len(seq)] = 1
-        loss_mask[row, start : len(seq)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}

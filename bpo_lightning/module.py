@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from bpo_lightning.batches import pair_batch, response_batch
 from bpo_lightning.behavior import BehaviorUpdate, Frozen, HardSync, Snapshot
 from bpo_lightning.distributed import (
     Ranks,
@@ -45,7 +46,6 @@ from bpo_lightning.evaluation import (
     EvaluationMetrics,
     HeldOut,
     evaluation_step,
-    response_batch,
     save_records,
 )
 from bpo_lightning.logprobs import chunk_positions, sequence_logps
@@ -314,8 +314,6 @@ class BPOModule(L.LightningModule):
             r.reference_chosen_logps, r.reference_rejected_logps = rc, rr
 
     def _sequence_logps(self, records: list[PreferenceRecord]) -> list[tuple[float, float]]:
-        from bpo_lightning.data import pair_batch
-
         size, pad, eos = self.hparams.scoring_batch_size, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         chunks = [records[start : start + size] for start in range(0, len(records), size)]
         real = len(chunks)
@@ -384,7 +382,7 @@ class BPOModule(L.LightningModule):
         if self.loss.average_log_prob:  # IPO: per-token means
             policy, reference = logps.means(), reference / logps.counts.clamp(min=1)
         out = self.loss(policy[:n], policy[n:], reference[:n], reference[n:])
-        if "pair_weight" in batch:  # a share of a global step over several processes (data.weighted_pair_batch)
+        if "pair_weight" in batch:  # a share of a global step over several processes (batches.weighted_pair_batch)
             real = batch["pair_weight"] > 0
             loss = (out.losses * batch["pair_weight"]).sum() * batch["loss_scale"]
         else:

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from bpo_lightning.arguments import RecordsArguments
+from bpo_lightning.batches import left_pad
 from bpo_lightning.errors import InputError, RunError, one_line
 from bpo_lightning.hookspecs import hookimpl
 from bpo_lightning.logprobs import accepts, cache_argument, prompt_sharing, split_head
@@ -642,17 +643,6 @@ def _zero3_processes() -> int:
     if not is_deepspeed_zero3_enabled() or not torch.distributed.is_initialized():
         return 1
     return torch.distributed.get_world_size()
-
-
-def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists into ``input_ids`` and ``attention_mask`` of shape (N, T)."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, width - len(seq) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
 
 
 @hookimpl

@@ -15,15 +15,14 @@ names the file and line; a full disk or an unwritable folder stops it with one t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 from bpo_lightning.errors import RunError, disk_error
+from bpo_lightning.files import atomic_write
 from bpo_lightning.types import PhaseStats, PreferenceRecord, SampleRow
 
 # provenance entries that must match for saved data to be reused (``collection.collect_phase`` records them: the
@@ -175,32 +174,6 @@ def _cut_torn_line(f) -> None:
             return
         position = start
     f.truncate(0)  # one torn line and nothing else
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write(path: Path, text: str, key: str = "trainer.default_root_dir") -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: a complete file or the old one, never half.
-
-    An ``OSError`` (a full disk, a folder without write permission) is a ``RunError`` naming ``path`` and ``key``;
-    no temporary file is left behind.
-    """
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")  # unique per writer
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # the mode a plain open() would give, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise disk_error(err, path, key) from err
-        raise
 
 
 def differs(saved: dict, current: dict, key: str) -> bool:

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bpo_lightning import GenerateSampler, RuleAnnotator
 from bpo_lightning.annotation import PairwiseAnnotator
-from bpo_lightning.data import OnlineDataModule, annotate, pair_batch
+from bpo_lightning.batches import pair_batch
+from bpo_lightning.data import OnlineDataModule, annotate
 from bpo_lightning.logprobs import sequence_logps, token_logps
 from bpo_lightning.policy import Pretrained, prepare_tokenizer
 from bpo_lightning.prompts import PromptSource, ReviewPrompts
@@ -344,7 +345,7 @@ def test_pairwise_annotator_needs_two_samples():
 
 
 def test_a_judge_annotates_and_evaluates_a_run(tmp_path, sft_dir):
-    from bpo_lightning.evaluation import PhaseReport
+    from bpo_lightning.reporting import PhaseReport
 
     judge, report = LongerIsBetter(), PhaseReport()
     module, data, trainer = make_run(tmp_path, sft_dir, budget=16, num_phases=1, annotator=judge, callbacks=[report],

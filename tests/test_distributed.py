@@ -19,8 +19,9 @@ import torch
 from conftest import CountingAnnotator, make_run, sample_row
 from torch.testing import assert_close
 
+from bpo_lightning.batches import weighted_pair_batch
 from bpo_lightning.collection import global_batches
-from bpo_lightning.data import Shard, weighted_pair_batch
+from bpo_lightning.data import Shard
 from bpo_lightning.distributed import Ranks
 from bpo_lightning.evaluation import Evaluation, EvaluationMetrics, evaluation_step
 from bpo_lightning.store import PhaseStore, atomic_write

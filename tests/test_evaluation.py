@@ -13,12 +13,14 @@ from torch.utils.data import DistributedSampler
 
 from bpo_lightning import GenerateSampler, RuleAnnotator
 from bpo_lightning.annotation import Annotator
+from bpo_lightning.batches import response_batch
 from bpo_lightning.cli import main
 from bpo_lightning.data import OnlineDataModule
-from bpo_lightning.evaluation import Evaluation, EvaluationMetrics, PhaseReport, evaluation_step, response_batch
+from bpo_lightning.evaluation import Evaluation, EvaluationMetrics, evaluation_step
 from bpo_lightning.module import BPOModule
 from bpo_lightning.policy import Pretrained
 from bpo_lightning.prompts import ReviewPrompts
+from bpo_lightning.reporting import PhaseReport
 from bpo_lightning.sampling import Samples, encode_prompt
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")

@@ -13,7 +13,8 @@ import transformers
 from torch.testing import assert_close
 
 import bpo_lightning.logprobs as logprobs
-from bpo_lightning.logprobs import chunk_positions, right_padded, sequence_logps, split_head
+from bpo_lightning.batches import right_padded
+from bpo_lightning.logprobs import chunk_positions, sequence_logps, split_head
 
 V = 97
 

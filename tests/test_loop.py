@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 from bpo_lightning import EMA, DPOLoss, Frozen, HardSync
-from bpo_lightning.data import pair_batch
+from bpo_lightning.batches import pair_batch
 from bpo_lightning.evaluation import Evaluation
 from bpo_lightning.logprobs import sequence_logps
 from bpo_lightning.store import PhaseStore

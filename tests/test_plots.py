@@ -6,8 +6,8 @@ import pytest
 from conftest import make_run
 
 from bpo_lightning.cli import main
-from bpo_lightning.evaluation import PhaseReport
 from bpo_lightning.plots import plot_histories
+from bpo_lightning.reporting import PhaseReport
 
 
 def test_plot_histories_writes_a_png(tmp_path):

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bpo_lightning.batches import left_pad
 from bpo_lightning.prompts import ReviewPrompts, model_input
-from bpo_lightning.sampling import GenerateSampler, StaticCacheSampler, TokenDraw, encode_prompt, left_pad
+from bpo_lightning.sampling import GenerateSampler, StaticCacheSampler, TokenDraw, encode_prompt
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +206,7 @@ def test_compiled_decode_step_draws_the_eager_tokens(policy, prompts):
 
 def _forward_logps(model, tokenizer, samples, with_eos: bool) -> list[list[float]]:
     """log π(y|x) of every sampled response by a forward pass over prompt + response (+ EOS), as training does."""
-    from bpo_lightning.data import right_padded
+    from bpo_lightning.batches import right_padded
     from bpo_lightning.logprobs import sequence_logps
 
     seqs, starts = [], []

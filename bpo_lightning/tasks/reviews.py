@@ -33,6 +33,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
+from bpo_lightning.files import shareable
+
 from .reviews_data import (
     ADJECTIVES,
     ASPECT_CATEGORY,
@@ -328,15 +330,6 @@ def sft_dir_name(steps: int, seed: int) -> str:
 
 def _is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
-
-
-def shareable(folder: Path) -> None:
-    """Give the files of a saved model folder the mode a plain ``open`` gives (``safetensors`` writes 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in Path(folder).iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
 
 
 def ensure_sft(

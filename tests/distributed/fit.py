@@ -36,13 +36,14 @@ from bpo_lightning import EMA, Frozen, HardSync, hookimpl  # noqa: E402
 from bpo_lightning.annotation import Annotator  # noqa: E402
 from bpo_lightning.checkpoints import PhaseCheckpoint  # noqa: E402
 from bpo_lightning.data import OnlineDataModule  # noqa: E402
-from bpo_lightning.evaluation import Evaluation, PhaseReport  # noqa: E402
+from bpo_lightning.evaluation import Evaluation  # noqa: E402
 from bpo_lightning.logs import RunCSVLogger  # noqa: E402
 from bpo_lightning.lora import LoRA  # noqa: E402
 from bpo_lightning.module import BPOModule  # noqa: E402
 from bpo_lightning.plugins import get_plugins  # noqa: E402
 from bpo_lightning.policy import FromConfig, Pretrained  # noqa: E402
 from bpo_lightning.prompts import ReviewPrompts  # noqa: E402
+from bpo_lightning.reporting import PhaseReport  # noqa: E402
 from bpo_lightning.sampling import GenerateSampler  # noqa: E402
 from bpo_lightning.tasks import reviews  # noqa: E402
 
