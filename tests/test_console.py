@@ -145,7 +145,7 @@ def test_checkpoint_files_count_phases_from_one(tmp_path):
 
 
 def test_the_phase_line_gives_kl_with_its_standard_error():
-    from bpo_lightning.evaluation import _describe
+    from bpo_lightning.reporting import _describe
 
     line = _describe({"win_rate": 0.5, "tie_rate": 0.0, "kl_initial": 1.927, "kl_initial_stderr": 0.596,
                       "kl_behavior": 0.098, "kl_behavior_stderr": 0.039})  # fmt: skip
