@@ -9,7 +9,7 @@
     bpo export --run runs/quickstart --out exported/  # trained policy as a transformers folder
     bpo compare runs/a runs/b --out compare.png       # several runs' phases in one figure
 
-Plugins load before the command line is parsed, so registered class names work as config shorthands. ``bpo`` and
+Plugins load before the command line is parsed, so registered names work as config shorthands. ``bpo`` and
 ``bpo --help`` import neither torch nor Lightning: they answer at once. The libraries' own logs are silenced
 (``console``) unless ``--verbose``.
 """
@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from bpo_lightning.console import VERBOSE_ENV
@@ -154,8 +156,10 @@ def _main(argv: list[str], args: list[str] | None) -> None:
         raise SystemExit(2)
     from bpo_lightning.lightning_cli import run
 
-    with quiet_third_party():
-        run(args)
+    with quiet_third_party(), registered_names_resolved(argv, plugins) as resolved:
+        if args is None:  # LightningCLI reads sys.argv, and so do the processes a multi-process run re-executes
+            sys.argv[1:] = resolved
+        run(None if args is None else resolved)
 
 
 # config keys whose value may be a registered short name, and the registry that names it
@@ -177,6 +181,84 @@ def _known(kind: str, plugins) -> set[str]:
             found.add(cls.__name__)
             todo.append(cls)
     return found
+
+
+def import_paths(plugins) -> dict[str, dict[str, str]]:
+    """kind -> {registered name: its class's import path} for the names given with ``register(cls, name=...)``:
+    jsonargparse looks a short name up among the class names of the subclasses, so it finds no other name."""
+    return {kind: {name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in registry.items()
+                   if name != cls.__name__} for kind, registry in plugins.registries.items()}  # fmt: skip
+
+
+@contextmanager
+def registered_names_resolved(argv: list[str], plugins):
+    """``argv`` with each registered short name that jsonargparse cannot resolve itself (``import_paths``) replaced
+    by its class's import path: a value of ``--model.loss`` / ``data.annotator`` / ``data.evaluator`` /
+    ``data.sampler`` (or of its ``.class_path``, or its ``class_path`` in a YAML/JSON value), and the same keys in a
+    ``--config`` file, which is then read from a rewritten copy (the rest of the file byte for byte) that lasts as
+    long as this context. Class names and import paths pass through, as does every file that needs no change."""
+    paths = {kind: names for kind, names in import_paths(plugins).items() if names}
+    registered = {key: kind for key, kind in _REGISTERED.items() if kind in paths}
+    in_config = [(tuple(key.split(".")), kind) for key, kind in registered.items()]
+    resolved = list(argv)
+    with ExitStack() as stack:
+        folder = None
+        for i, arg in enumerate(argv if registered else ()):
+            key, sep, value = arg.partition("=")
+            at = i if sep else i + 1  # `--key=value` or `--key value`
+            if not sep:
+                value = argv[at] if at < len(argv) else ""
+            name = key.removeprefix("--").removesuffix(".class_path")
+            if key.startswith("--") and name in registered:
+                text = _resolved_text(value, [((), registered[name])], paths)
+                if text is not None:
+                    resolved[at] = f"{key}={text}" if sep else text
+            elif key in ("--config", "-c") and value and Path(value).is_file():
+                text = _resolved_text(Path(value).read_text(encoding="utf-8"), in_config, paths)
+                if text is not None:
+                    if folder is None:
+                        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bpo-config-")))
+                    copy = folder / str(i) / Path(value).name  # the file's own name, for messages naming it
+                    copy.parent.mkdir()
+                    copy.write_text(text, encoding="utf-8")
+                    resolved[at] = f"{key}={copy}" if sep else str(copy)
+        yield resolved
+
+
+def _resolved_text(text: str, locations: list[tuple[tuple[str, ...], str]], paths) -> str | None:
+    """``text`` (YAML) with the registered short name at each (keys, kind) location (a plain value or a mapping's
+    ``class_path``) replaced by its import path, everything else as it was; ``None`` when nothing changes."""
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None  # the parser reports it
+    spans = set()
+    for keys, kind in locations:
+        node = root
+        for key in keys:
+            node = _child(node, key)
+        if isinstance(node, yaml.MappingNode):
+            node = _child(node, "class_path")
+        if not isinstance(node, yaml.ScalarNode) or node.value not in paths[kind]:
+            continue
+        start, end = node.start_mark.index, node.end_mark.index
+        if text[start:end] in (node.value, f'"{node.value}"', f"'{node.value}'"):  # not an anchor, a block scalar
+            spans.add((start, end, paths[kind][node.value]))
+    for start, end, path in sorted(spans, reverse=True):
+        text = text[:start] + path + text[end:]
+    return text if spans else None
+
+
+def _child(node, key: str):
+    """The value node of ``key`` in a YAML mapping node (the last one, as loading keeps), else ``None``."""
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    found = [value for name, value in node.value if isinstance(name, yaml.ScalarNode) and name.value == key]
+    return found[-1] if found else None
 
 
 def unknown_component(argv: list[str], plugins) -> str | None:
@@ -205,8 +287,12 @@ def unknown_component(argv: list[str], plugins) -> str | None:
                     given.append((dotted, entry, value))
     for key, name, where in given:
         registry = _known(_REGISTERED[key], plugins)
-        if name and "." not in name and name not in registry and name.lower() not in ("null", "none") and not (
-            name.startswith(("{", "["))
+        if (
+            name
+            and "." not in name
+            and name not in registry
+            and name.lower() not in ("null", "none")
+            and not (name.startswith(("{", "[")))
         ):
             known = ", ".join(sorted(registry))
             return (f"{key}: no {key.split('.')[1].replace('evaluator', 'annotator')} named {name!r} ({where}); "

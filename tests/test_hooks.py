@@ -1,8 +1,15 @@
 """One test per hookspec (tests/test_meta.py checks that each has a test named test_hook_<name>)."""
 
+from pathlib import Path
+
+import pytest
+
 from bpo_lightning import Annotator, PreferenceLoss, Sampler, hookimpl
+from bpo_lightning.cli import main
 from bpo_lightning.plugins import load_plugins
 from bpo_lightning.types import PhaseStats, PreferenceRecord
+
+QUICKSTART = str(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
 
 
 class ConstantLoss(PreferenceLoss):
@@ -46,9 +53,14 @@ def test_hook_register_annotators():
     assert plugins.get("annotators", "EchoAnnotator") is EchoAnnotator
 
 
-def test_hook_register_samplers():
-    plugins = load_plugins(autoload=False, extra=(Registrar(),))
+def test_hook_register_samplers(use_plugins, monkeypatch, capsys):
+    plugins = use_plugins(Registrar())
     assert plugins.get("samplers", "Null") is NullSampler  # an explicit name overrides the class name
+    monkeypatch.setattr("sys.argv", ["bpo"])
+    with pytest.raises(SystemExit) as exit_info:  # and is the config shorthand (it used to be read as YAML's null)
+        main(["fit", "--config", QUICKSTART, "--data.sampler=Null", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert f"  sampler:\n    class_path: {__name__}.NullSampler\n" in capsys.readouterr().out
 
 
 class Recorder:
