@@ -78,9 +78,26 @@ def weights_digest(folder: Path) -> str:
 
 
 def differences(saved: dict, current: dict) -> list[str]:
-    """``key: saved …, now …`` for every key whose value differs."""
+    """``key: saved …, now …`` for every key whose value differs. Class paths are compared by the class they name,
+    so a run folder written before a class moved (or that names it by another import path) still matches."""
     keys = sorted(set(saved) | set(current))
-    return [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    return [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in keys
+            if saved.get(k) != current.get(k) and not _same_class(k, saved.get(k), current.get(k))]  # fmt: skip
+
+
+def _same_class(key: str, saved, current) -> bool:
+    if not key.endswith("class_path") or not isinstance(saved, str) or not isinstance(current, str):
+        return False
+    import importlib
+
+    def resolve(path: str):
+        module, _, name = path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+    try:
+        return resolve(saved) is resolve(current)
+    except (ImportError, AttributeError, ValueError):  # a class that no longer imports is another setting
+        return False
 
 
 def check_run_dir(run_dir: str | Path, current: dict) -> None:

@@ -249,20 +249,6 @@ class PromptSource:
         return _row_name(index, line, self.path)
 
 
-class ReviewPrompts(PromptSource):
-    """The embedded review task's prompts (docs/task.md).
-
-    Args:
-        split: ``prompts`` (the online pool), ``eval`` (held out) or ``sft``.
-        limit: read at most this many rows.
-    """
-
-    def __init__(self, split: str = "prompts", limit: int | None = None) -> None:
-        from bpo_lightning.tasks.reviews import data_path
-
-        super().__init__(str(data_path(split)), limit=limit)
-
-
 # -- what is wrong with a file that ``datasets`` could not read ------------------------------------------------------
 def _short(value, limit: int = 40) -> str:
     text = repr(value)
@@ -475,3 +461,13 @@ def _line_of(path: Path, builder: str, index: int) -> int | None:
     except (OSError, ValueError, csv.Error):
         return None
     return None
+
+
+def __getattr__(name: str):
+    """``ReviewPrompts`` lives with its task (``bpo_lightning.tasks.reviews``); configs and run folders written
+    before name it here."""
+    if name == "ReviewPrompts":
+        from bpo_lightning.tasks.reviews import ReviewPrompts
+
+        return ReviewPrompts
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from bpo_lightning import Annotator, PreferenceLoss, hookimpl
 from bpo_lightning.cli import main
 
 ROOT = Path(__file__).parents[1]
@@ -224,3 +226,105 @@ def test_an_unknown_component_name_is_one_line_listing_the_registered_names(tmp_
     with pytest.raises(SystemExit) as exit_info:  # registered names and full import paths pass through
         main(["fit", "--config", QUICKSTART, "--model.loss", "IPOLoss", "--data.evaluator=null", "--print_config"])
     assert exit_info.value.code in (0, None)
+
+
+class CountedLoss(PreferenceLoss):
+    """DPO's loss (arXiv 2305.18290, Eq. 7), counting its calls; registered as "Renamed"."""
+
+    calls = 0
+
+    def forward(self, *logps):
+        type(self).calls += 1
+        return super().forward(*logps)
+
+    def pair_losses(self, h):
+        return -F.logsigmoid(self.beta * h)
+
+
+class LengthAnnotator(Annotator):
+    def score(self, prompts, responses):
+        return [float(len(r)) for r in responses]
+
+
+class RenamingPlugin:
+    @hookimpl
+    def register_losses(self, register):
+        register(CountedLoss, name="Renamed")
+
+    @hookimpl
+    def register_annotators(self, register):
+        register(LengthAnnotator, name="Lengths")
+
+
+def test_a_name_given_at_registration_is_a_config_shorthand(tmp_path, use_plugins, capsys):
+    """`register(cls, name=...)` names the class in configs: jsonargparse resolves short names by class name only,
+    so the name used to be refused by it (and the class name by bpo's own check)."""
+    use_plugins(RenamingPlugin())
+    loss, annotator = f"{__name__}.CountedLoss", f"{__name__}.LengthAnnotator"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, "--model.loss=Renamed", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert f"  loss:\n    class_path: {loss}\n    init_args:\n      beta: 0.1\n" in capsys.readouterr().out
+    config = tmp_path / "renamed.yaml"
+    config.write_text("model:\n  loss:\n    class_path: Renamed  # a comment\n    init_args: {beta: 0.3}\n"
+                      "data:\n  evaluator: 'Lengths'\n")  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert f"  loss:\n    class_path: {loss}\n    init_args:\n      beta: 0.3\n" in out
+    assert f"  evaluator:\n    class_path: {annotator}\n" in out
+    assert "  annotator:\n    class_path: bpo_lightning.RuleAnnotator\n" in out  # the quickstart's, untouched
+    config.write_text("model:\n  loss: Renamed\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", QUICKSTART, "-c", str(config), "--data.annotator", "Lengths", "--print_config"])
+    out = capsys.readouterr().out
+    assert f"  loss:\n    class_path: {loss}\n" in out and f"  annotator:\n    class_path: {annotator}\n" in out
+    assert config.read_text() == "model:\n  loss: Renamed\n"  # the user's file is read, never rewritten
+    with pytest.raises(SystemExit) as exit_info:  # the registered name is the shorthand, not the class name
+        main(["fit", "--config", QUICKSTART, "--model.loss=CountedLoss", "--print_config"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no loss named 'CountedLoss'" in err and "IPOLoss, Renamed, SLiCLoss" in err
+
+
+def test_a_loss_registered_under_another_name_trains(tmp_path, use_plugins, monkeypatch, capsys):
+    use_plugins(RenamingPlugin())
+    monkeypatch.setattr(CountedLoss, "calls", 0)
+    run = tmp_path / "run"
+    main(_tiny(run, tmp_path / "cache", "--data.budget=8", "--data.num_phases=1", "--data.batch_size=4",
+               "--data.sampler.init_args.max_new_tokens=8", "--model.loss=Renamed"))  # fmt: skip
+    assert "phase 1/1 | pairs" in capsys.readouterr().out
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert CountedLoss.calls > 0
+    assert f"class_path: {__name__}.CountedLoss" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_folder_written_before_classes_moved_still_resumes(tmp_path, capsys):
+    """A run folder's run.json and config.yaml name classes by the import paths of the version that wrote them.
+    Rewritten to paths that still import but differ from today's (``ReviewPrompts`` from ``bpo_lightning.prompts``,
+    where the task's prompts used to live; the evaluation settings' own module), the run resumes: it reuses the
+    saved phase and trains only the second."""
+    run = tmp_path / "run"
+    main(_tiny(run, tmp_path / "cache"))
+    for leftover in (run / "data").glob("phase_0001.*"):  # as if killed after phase 1
+        leftover.unlink()
+    (run / "checkpoints" / "phase-2.ckpt").unlink()
+    (run / "checkpoints" / "last.ckpt").unlink()
+    (run / "checkpoints" / "last.ckpt").symlink_to("phase-1.ckpt")
+    old = {"bpo_lightning.ReviewPrompts": "bpo_lightning.prompts.ReviewPrompts",
+           "bpo_lightning.Evaluation": "bpo_lightning.evaluation.Evaluation"}  # fmt: skip
+    for name in ("run.json", "config.yaml"):
+        text = (run / name).read_text()
+        for new, before in old.items():
+            text = text.replace(new, before)
+        (run / name).write_text(text)
+    fingerprint = json.loads((run / "run.json").read_text())["fingerprint"]
+    assert fingerprint["data.prompts.class_path"] == "bpo_lightning.prompts.ReviewPrompts"
+    pairs = (run / "data" / "phase_0000.pairs.jsonl").read_bytes()
+    capsys.readouterr()
+    main(_tiny(run, tmp_path / "cache", "--ckpt_path=last"))
+    assert "phase 2/2 | pairs" in capsys.readouterr().out
+    assert (run / "data" / "phase_0000.pairs.jsonl").read_bytes() == pairs  # the saved phase was reused
+    assert (run / "data" / "phase_0001.pairs.jsonl").exists()

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
 from bpo_lightning.files import shareable
+from bpo_lightning.prompts import PromptSource
 
 from .reviews_data import (
     ADJECTIVES,
@@ -176,6 +177,18 @@ def data_path(split: str) -> Path:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     return DATA_DIR / f"reviews_{split}.jsonl"
+
+
+class ReviewPrompts(PromptSource):
+    """The embedded review task's prompts (docs/task.md).
+
+    Args:
+        split: ``prompts`` (the online pool), ``eval`` (held out) or ``sft``.
+        limit: read at most this many rows.
+    """
+
+    def __init__(self, split: str = "prompts", limit: int | None = None) -> None:
+        super().__init__(str(data_path(split)), limit=limit)
 
 
 def load_split(split: str) -> list[dict[str, str]]:
