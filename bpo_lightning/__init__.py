@@ -2,6 +2,21 @@
 
 The names below are imported on first use (``from bpo_lightning import DPOLoss`` works as usual), so that importing
 the package, and the ``bpo`` command's help, do not wait for torch.
+
+Layers, lowest first. A module imports from its own layer or lower ones, never from a higher one (type-only imports
+aside); ``tests/test_meta.py`` checks every import against this map, and a new module must be placed in it:
+
+    0 base        errors arguments hookspecs types console logs
+    1 records     files identity cache store checkpoints distributed logprobs metrics merge plots batches
+    2 components  plugins behavior lora weights losses prompts tasks tasks.reviews tasks.reviews_data tasks.smollm2
+                  policy presets sampling annotation judge
+    3 phase       collection evaluation
+    4 lightning   module data reporting
+    5 commands    lightning_cli export cli testing __main__
+
+One phase reads top to bottom in ``data.OnlineDataModule.train_dataloader`` and ``collection.collect_phase`` (layer
+3 is given π_β, the sampler, the annotator and the phase's files, and returns a ``PhaseResult``); training reads in
+``module.BPOModule.training_step``.
 """
 
 from __future__ import annotations

@@ -47,3 +47,57 @@ def test_every_config_parses(config, capsys, monkeypatch):
     assert exit_info.value.code in (0, None)
     out = capsys.readouterr().out
     assert "model:" in out and "data:" in out and "class_path:" in out
+
+
+def _layers() -> dict[str, int]:
+    """The layer map of ``bpo_lightning/__init__.py``'s docstring: module -> layer (0 lowest)."""
+    layers, current = {}, None
+    for line in bpo_lightning.__doc__.splitlines():
+        row = re.match(r"^    (\d) \w+\s+(.*)$", line)
+        if row:
+            current = int(row.group(1))
+            names = row.group(2)
+        elif current is not None and re.match(r"^ {18}\S", line):  # a continued row
+            names = line
+        else:
+            current = None
+            continue
+        layers.update(dict.fromkeys(names.split(), current))
+    return layers
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """The bpo_lightning modules ``path`` imports (at module level or inside functions), type-only imports aside."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(
+        node.test) for n in ast.walk(node)}  # fmt: skip
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.level:  # relative: within the module's package
+            found.add(".".join(filter(None, [package, node.module])))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bpo_lightning"):
+            found.add(node.module.removeprefix("bpo_lightning").lstrip("."))
+        elif isinstance(node, ast.Import):
+            found.update(a.name.removeprefix("bpo_lightning").lstrip(".") for a in node.names
+                         if a.name.startswith("bpo_lightning"))  # fmt: skip
+    return found - {""}  # the package root re-exports lazily: importable from anywhere
+
+
+def test_no_module_imports_from_a_higher_layer():
+    layers = _layers()
+    root = Path(bpo_lightning.__file__).parent
+    modules = {".".join(p.relative_to(root).with_suffix("").parts): p for p in root.rglob("*.py")}
+    modules = {name.removesuffix(".__init__"): p for name, p in modules.items() if name != "__init__"}
+    assert sorted(set(modules) - set(layers)) == []  # every module is placed in the map
+    assert sorted(set(layers) - set(modules)) == []  # and the map names no module that is gone
+    upward = []
+    for name, path in modules.items():
+        package = name.rpartition(".")[0] if path.name != "__init__.py" else name
+        for dep in _imports(path, package):
+            if layers[dep] > layers[name]:
+                upward.append(f"{name} (layer {layers[name]}) imports {dep} (layer {layers[dep]})")
+    assert upward == []
