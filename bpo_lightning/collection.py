@@ -85,6 +85,32 @@ def collect_phase(
     provenance = {"phase": phase, "behavior_version": version, "sampler": sampler.settings(),
                   "annotator": annotator.identity, "seed": prompts.seed, **behavior.provenance}  # fmt: skip
     run_dir = store.root.parent
+    saved = saved_rows(store, provenance, ranks)
+    if isinstance(saved, tuple):  # the phase is complete: its pairs and stats
+        return PhaseResult(phase, tuple(saved[0]), saved[1], run_dir)
+    if ranks.rank == 0:
+        get_plugins().hook.on_phase_start(phase=phase, behavior_version=version)
+    counters = getattr(annotator, "take_counts", None)
+    if counters is not None:
+        counters()  # what the annotator counted before (as the evaluator, say) is not this phase's
+    rows = Collector(prompts, behavior, sampler, annotator, store, ranks, cache, pipeline, stop).run(done=saved)
+    stats = PhaseStats(phase)
+    for part in ranks.gather(counters()) if counters is not None else []:  # a judge's requests, retries, … summed
+        for name, n in part.items():
+            stats.annotator[name] = stats.annotator.get(name, 0) + n
+    records = tally(rows, prompts.positions, behavior, stats)
+    if ranks.rank == 0:
+        warn_truncated(stats, sampler, behavior)
+    score_shared(behavior.score, records, ranks)
+    if ranks.rank == 0:
+        store.write_pairs(records, stats, provenance)
+    ranks.barrier()  # the phase is on disk before any process moves on
+    return PhaseResult(phase, tuple(records), stats, run_dir)
+
+
+def saved_rows(store: PhaseStore, provenance: dict, ranks: Ranks):
+    """What a run already saved of the phase, on every process: its ``(pairs, stats)`` when it is complete, else
+    its rows by pool index. Data another setup saved stops every process (``PhaseStore.check``)."""
     problem = None
     if ranks.rank == 0:
         try:
@@ -96,39 +122,34 @@ def collect_phase(
         raise RunError(problem)
     # process 0 reads the run directory for everyone (other nodes need not share its filesystem)
     saved = (store.load_pairs() if store.complete() else store.load_samples()) if ranks.rank == 0 else None
-    saved = ranks.broadcast(saved)
-    if isinstance(saved, tuple):  # the phase is complete: its pairs and stats
-        return PhaseResult(phase, tuple(saved[0]), saved[1], run_dir)
-    if ranks.rank == 0:
-        get_plugins().hook.on_phase_start(phase=phase, behavior_version=version)
-    counters = getattr(annotator, "take_counts", None)
-    if counters is not None:
-        counters()  # what the annotator counted before (as the evaluator, say) is not this phase's
-    collector = Collector(prompts, behavior, sampler, annotator, store, ranks, cache, pipeline, stop)
-    rows = collector.run(done=saved)
-    stats, records = PhaseStats(phase), []
-    if counters is not None:  # a judge's requests, retries, timeouts, failures, … summed over processes
-        for part in ranks.gather(counters()):
-            for name, n in part.items():
-                stats.annotator[name] = stats.annotator.get(name, 0) + n
-    for index in prompts.positions:
+    return ranks.broadcast(saved)
+
+
+def tally(
+    rows: dict[int, SampleRow], positions: range, behavior: BehaviorLLM, stats: PhaseStats
+) -> list[PreferenceRecord]:
+    """Count every prompt of the phase into ``stats`` and return the pairs of those kept, in pool order."""
+    records = []
+    for index in positions:
         row = rows[index]
         stats.count(row.status, row.annotated, row.cached)
         stats.responses += len(row.responses)
         stats.truncated += sum(not f for f in row.finished)
         if row.status == "kept":
-            records.append(record_from_row(row, phase, version, behavior.sampler_logps, behavior.truncated_eos))
-    if stats.responses and stats.truncated / stats.responses > 0.5 and ranks.rank == 0:
-        scored = ("scored as if they ended there (model.truncated_eos: true, the paper's convention)"
-                  if behavior.truncated_eos else "scored without an EOS term")  # fmt: skip
-        warnings.warn(f"phase {phase + 1}: {stats.truncated} of {stats.responses} responses reached "
-                      f"data.sampler.init_args.max_new_tokens ({sampler.max_new_tokens}) without EOS and are "
-                      f"{scored}; raise max_new_tokens, or set model.truncated_eos: false", stacklevel=2)  # fmt: skip
-    score_shared(behavior.score, records, ranks)
-    if ranks.rank == 0:
-        store.write_pairs(records, stats, provenance)
-    ranks.barrier()  # the phase is on disk before any process moves on
-    return PhaseResult(phase, tuple(records), stats, run_dir)
+            records.append(record_from_row(row, stats.phase, behavior.version, behavior.sampler_logps,
+                                           behavior.truncated_eos))  # fmt: skip
+    return records
+
+
+def warn_truncated(stats: PhaseStats, sampler: Sampler, behavior: BehaviorLLM) -> None:
+    """Warn when more than half of the phase's responses were cut at the length limit."""
+    if not stats.responses or stats.truncated / stats.responses <= 0.5:
+        return
+    scored = ("scored as if they ended there (model.truncated_eos: true, the paper's convention)"
+              if behavior.truncated_eos else "scored without an EOS term")  # fmt: skip
+    warnings.warn(f"phase {stats.phase + 1}: {stats.truncated} of {stats.responses} responses reached "
+                  f"data.sampler.init_args.max_new_tokens ({sampler.max_new_tokens}) without EOS and are {scored}; "
+                  "raise max_new_tokens, or set model.truncated_eos: false", stacklevel=3)  # fmt: skip
 
 
 @dataclass
@@ -153,7 +174,7 @@ class Collector:
         most waits in memory."""
         positions, ranks, size = list(self.prompts.positions), self.ranks, max(1, int(self.sampler.batch_size))
         blocks = [positions[start : start + size] for start in range(0, len(positions), size)]
-        phase_seed, pool = self.prompts.phase_seed, self.prompts.pool
+        phase_seed = self.prompts.phase_seed
         show = self.sampler.progress and ranks.rank == 0
         bar = tqdm(total=len(positions), initial=len(done), desc=f"phase {self.prompts.phase + 1}: sampling + "
                    "annotating", unit="prompt", leave=False, disable=not show)  # fmt: skip
@@ -183,14 +204,7 @@ class Collector:
                         flush()
                         raise self._stopped(len(done), len(positions))
                     b = first + ranks.rank
-                    block = blocks[b] if b < len(blocks) else []
-                    job = None
-                    if any(index not in done for index in block):
-                        samples = self.sample([model_input(pool[index]) for index in block], phase_seed + b * size)
-                        todo = [k for k, index in enumerate(block) if index not in done]
-                        job = (self.annotator, [block[k] for k in todo], pool, _subset(samples, todo), self.cache)
-                    elif self.behavior.lockstep:  # ZeRO-3: this process's share of every collective generate
-                        self.sample([model_input(pool[positions[0]])], phase_seed)
+                    job = self.sample_block(blocks[b] if b < len(blocks) else [], phase_seed + b * size, done)
                     if worker is None:
                         finish(annotate(*job, origin=origin) if job else [])
                         continue
@@ -206,6 +220,18 @@ class Collector:
             if worker is not None:
                 worker.shutdown(wait=True, cancel_futures=True)
         return done
+
+    def sample_block(self, block: list[int], seed: int, done: dict[int, SampleRow]) -> tuple | None:
+        """Sample ``block`` (pool positions) if any of it is not saved yet; the annotation job for its unsaved
+        prompts, or ``None``. Under ZeRO-3 a process without such a block samples a stand-in, discarded."""
+        pool = self.prompts.pool
+        if any(index not in done for index in block):
+            samples = self.sample([model_input(pool[index]) for index in block], seed)
+            todo = [k for k, index in enumerate(block) if index not in done]
+            return self.annotator, [block[k] for k in todo], pool, _subset(samples, todo), self.cache
+        if self.behavior.lockstep:  # this process's share of every collective generate
+            self.sample([model_input(pool[self.prompts.positions[0]])], self.prompts.phase_seed)
+        return None
 
     def sample(self, prompts: list, seed: int) -> Samples:
         """One block sampled as a whole (its seed and composition fix its responses)."""

@@ -202,7 +202,7 @@ class _PaperPreset(PromptSource):
         tokenizer.model_max_length = sys.maxsize  # only counting: no "longer than the maximum length" advice
         return tokenizer
 
-    def load(self, key: str, require_reference: bool = False) -> list[dict]:
+    def load(self, key: str, require_reference: bool = False) -> list[dict]:  # noqa: C901 (one pass, one message per case)
         """Rows ``{"prompt", "reference"}`` of the paper split; every row has a reference.
 
         Args:

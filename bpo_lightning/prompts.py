@@ -114,7 +114,7 @@ class PromptSource:
             problem = _file_problem(path, self.path, builder, self.prompt_field)
             raise InputError(f"{key}: {problem or f'{self.path} cannot be read ({_root_cause(err)})'}") from err
 
-    def load(self, key: str, require_reference: bool = False) -> list[dict]:
+    def load(self, key: str, require_reference: bool = False) -> list[dict]:  # noqa: C901 (one pass, one message per case)
         """Rows ``{"prompt", "reference"}`` (plus ``"messages"`` when the prompt column holds a chat conversation);
         empty prompts (an empty text, an empty CSV cell) are skipped and counted in a warning; a prompt that is not
         text (e.g. a number), or a JSON row without one, is an ``InputError`` naming the row.
@@ -352,7 +352,7 @@ def _json_lines(text: str) -> list[tuple[int, str]]:
     return [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
-def _check_json(text: str, prompt_field: str) -> None:
+def _check_json(text: str, prompt_field: str) -> None:  # noqa: C901 (one message per kind of bad line)
     if not text.strip():
         raise _Problem("is empty (no rows)")
     try:

@@ -108,7 +108,7 @@ def sampler_problems(sampler: Sampler, model, tokenizer, prompts: list, seed: in
                 for field, value in _fields(out) if len(value) != n]  # fmt: skip
     if problems:
         return problems
-    eos, limit = tokenizer.eos_token_id, sampler.max_new_tokens
+    limit = sampler.max_new_tokens
     most = sampler.max_prompt_tokens or 1 << 30
     for p, prompt in enumerate(prompts):
         expected = encode_prompt(tokenizer, prompt, most, sampler.add_bos)
@@ -119,17 +119,8 @@ def sampler_problems(sampler: Sampler, model, tokenizer, prompts: list, seed: in
             if field != "prompt_ids" and len(value[p]) != k:
                 problems.append(f"{name}: Samples.{field}[{p}] has {len(value[p])} entries, num_samples is {k}")
         for j, (ids, done) in enumerate(zip(out.response_ids[p], out.finished[p], strict=False)):
-            where = f"prompt {p} response {j}"
-            if eos in ids:
-                problems.append(f"{name}: {where}: response_ids hold EOS (token {eos}); leave it out, the training "
-                                "batches append it (else it is scored twice)")  # fmt: skip
-            if not isinstance(done, bool):
-                problems.append(f"{name}: {where}: finished must be a bool, got {done!r}")
-            elif limit is not None and (len(ids) > limit or (not done and len(ids) != limit)):
-                problems.append(f"{name}: {where}: {len(ids)} tokens, finished={done}, max_new_tokens={limit} (a "
-                                "response without EOS is cut exactly at max_new_tokens)")  # fmt: skip
-            if j < len(out.responses[p]) and out.responses[p][j] != tokenizer.decode(ids, skip_special_tokens=True):
-                problems.append(f"{name}: {where}: responses are not response_ids decoded (skip_special_tokens)")
+            text = out.responses[p][j] if j < len(out.responses[p]) else None
+            problems += _response_problems(f"{name}: prompt {p} response {j}", ids, done, text, tokenizer, limit)
     if problems:
         return problems
     if out.logps is not None and out.eos_logps is not None:
@@ -137,6 +128,22 @@ def sampler_problems(sampler: Sampler, model, tokenizer, prompts: list, seed: in
     again = sampler.sample(model, tokenizer, prompts, seed=seed)
     if again.response_ids != out.response_ids:
         problems.append(f"{name}: the same seed and prompts gave other samples")
+    return problems
+
+
+def _response_problems(where: str, ids: list[int], done, text: str | None, tokenizer, limit: int | None) -> list[str]:
+    """What is wrong with one response's ids, ``finished`` flag and text."""
+    problems, eos = [], tokenizer.eos_token_id
+    if eos in ids:
+        problems.append(f"{where}: response_ids hold EOS (token {eos}); leave it out, the training batches append it "
+                        "(else it is scored twice)")  # fmt: skip
+    if not isinstance(done, bool):
+        problems.append(f"{where}: finished must be a bool, got {done!r}")
+    elif limit is not None and (len(ids) > limit or (not done and len(ids) != limit)):
+        problems.append(f"{where}: {len(ids)} tokens, finished={done}, max_new_tokens={limit} (a response without "
+                        "EOS is cut exactly at max_new_tokens)")  # fmt: skip
+    if text is not None and text != tokenizer.decode(ids, skip_special_tokens=True):
+        problems.append(f"{where}: responses are not response_ids decoded (skip_special_tokens)")
     return problems
 
 

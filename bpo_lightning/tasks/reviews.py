@@ -100,7 +100,7 @@ class GoldDetails:
     penalties: dict[str, float] = field(default_factory=dict)  # total per kind, all >= 0
 
 
-def gold_details(prompt: str, response: str) -> GoldDetails:
+def gold_details(prompt: str, response: str) -> GoldDetails:  # noqa: C901 (the reward's terms, in order)
     """Score ``response`` for ``prompt`` and return the breakdown (see :func:`gold_reward`)."""
     category = parse_category(prompt)
     tokens = response.split()
