@@ -29,7 +29,6 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from bpo_lightning.batches import pair_batch, response_batch
 from bpo_lightning.behavior import BehaviorUpdate, Frozen, HardSync, Snapshot
 from bpo_lightning.distributed import (
     Ranks,
@@ -48,12 +47,12 @@ from bpo_lightning.evaluation import (
     evaluation_step,
     save_records,
 )
-from bpo_lightning.logprobs import chunk_positions, sequence_logps
 from bpo_lightning.lora import LoRA
 from bpo_lightning.losses import DPOLoss, PreferenceLoss
 from bpo_lightning.metrics import importance_kl_terms
 from bpo_lightning.plugins import get_plugins
 from bpo_lightning.policy import PolicySource
+from bpo_lightning.scoring import Scorer
 from bpo_lightning.types import PhaseStats, PhaseSteps, PreferenceRecord
 from bpo_lightning.weights import TrainableWeights, localize, policy_weights, whole
 
@@ -303,30 +302,23 @@ class BPOModule(L.LightningModule):
         missing = [r for r in records if math.isnan(r.behavior_chosen_logps) or math.isnan(r.behavior_rejected_logps)]
         if missing or self.lockstep:  # ZeRO-3: every process takes part in every forward
             with self.behavior_weights(), self.precision_context():
-                for r, (bc, br) in zip(missing, self._sequence_logps(missing), strict=True):
+                for r, (bc, br) in zip(missing, self.scorer.pairs(missing), strict=True):
                     r.behavior_chosen_logps, r.behavior_rejected_logps = bc, br
         if self.reference == "behavior":
             reference = [(r.behavior_chosen_logps, r.behavior_rejected_logps) for r in records]
         else:
             with self.reference_weights(), self.precision_context():
-                reference = self._sequence_logps(records)
+                reference = self.scorer.pairs(records)
         for r, (rc, rr) in zip(records, reference, strict=True):
             r.reference_chosen_logps, r.reference_rejected_logps = rc, rr
 
-    def _sequence_logps(self, records: list[PreferenceRecord]) -> list[tuple[float, float]]:
-        size, pad, eos = self.hparams.scoring_batch_size, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        chunks = [records[start : start + size] for start in range(0, len(records), size)]
-        real = len(chunks)
-        if self.lockstep:  # ZeRO-3: as many forwards as the busiest process, the extra ones discarded
-            stand_in = records[:1] or [PreferenceRecord(0, -1, "", "", "", 0.0, 0.0, [eos], [eos], [eos], 0)]
-            chunks += [stand_in] * (Ranks.of(self.trainer).most(real) - real)
-        out = []
-        truncated_eos = self.hparams.truncated_eos
-        batches = (pair_batch(c, pad, eos, truncated_eos) for c in chunks)
-        for chunk, sums in zip(chunks[:real], self._logp_sums(batches), strict=False):
-            sums = sums.tolist()  # (2b,): chosen then rejected
-            out.extend(zip(sums[: len(chunk)], sums[len(chunk) :], strict=True))
-        return out
+    @property
+    def scorer(self) -> Scorer:
+        """Sequence log-probs under the weights in effect, with this module's settings (``scoring``)."""
+        hp = self.hparams
+        ranks = Ranks.of(self._trainer) if self._trainer is not None else Ranks()
+        return Scorer(self.policy, self.tokenizer, ranks, self.lockstep, hp.logprob_chunk_size, hp.logprob_keep_mib,
+                      hp.share_prompts, hp.scoring_batch_size, hp.get("truncated_eos", True))  # fmt: skip
 
     @property
     def lockstep(self) -> bool:
@@ -339,31 +331,7 @@ class BPOModule(L.LightningModule):
     def response_logps(self, samples) -> torch.Tensor:
         """log π(y|x) of sampled answers under the weights in effect, (N,) float64 (an EOS is scored where the
         model emitted it)."""
-        batch = response_batch(samples, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
-        size, n = self.hparams.scoring_batch_size, len(batch["input_ids"])
-        chunks = [{k: v[start : start + size] for k, v in batch.items()} for start in range(0, n, size)]
-        real = len(chunks)
-        if self.lockstep:  # ZeRO-3: as many forwards as the busiest process, the extra ones discarded
-            chunks += [{k: v[:1] for k, v in batch.items()}] * (Ranks.of(self.trainer).most(real) - real)
-        return torch.cat([sums.double() for sums in self._logp_sums(chunks)[:real]]).cpu()
-
-    def _logp_sums(self, batches) -> list[torch.Tensor]:
-        """Summed response log-probs of each batch, in eval mode (no dropout); the training mode is restored."""
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            return [self._policy_logps(batch).sums for batch in batches]
-        finally:
-            self.policy.train(was_training)
-
-    def _policy_logps(self, batch: dict[str, torch.Tensor]):
-        device = next(self.policy.parameters()).device
-        ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
-        size, least, keep = self.hparams.logprob_chunk_size, 0, self.hparams.logprob_keep_mib * 2**20
-        if self.lockstep:  # ZeRO-3: the output head is called as often on every process
-            per_chunk = chunk_positions(self.policy, size)
-            least = Ranks.of(self.trainer).most(math.ceil(int(mask[:, 1:].sum()) / per_chunk))
-        return sequence_logps(self.policy, ids, attn, mask, size, least, keep, self.hparams.share_prompts)
+        return self.scorer.answers(samples)
 
     # --- training ---------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -376,7 +344,7 @@ class BPOModule(L.LightningModule):
         return torch.stack(losses).sum()
 
     def _member_step(self, batch: dict[str, torch.Tensor], log: bool) -> torch.Tensor:
-        logps = self._policy_logps(batch)  # sums and counts, (2B,)
+        logps = self.scorer.logps(batch)  # sums and counts, (2B,)
         n = logps.sums.shape[0] // 2  # rows [:n] are chosen, [n:] rejected
         policy, reference = logps.sums, batch["reference_logps"]
         if self.loss.average_log_prob:  # IPO: per-token means

@@ -277,11 +277,11 @@ def test_behavior_log_probs_from_the_sampler_or_a_forward_pass(tmp_path, sft_dir
     pass in the training batch's shape: h is exactly 0 there when every sequence runs whole (each row's arithmetic
     does not depend on the others), to float rounding when pairs share their prompt's forward (a prompt's left
     padding depends on the others in its batch). All store the same values to 1e-4."""
-    from bpo_lightning.module import BPOModule
+    from bpo_lightning.scoring import Scorer
 
     scored = []
-    original = BPOModule._sequence_logps
-    monkeypatch.setattr(BPOModule, "_sequence_logps", lambda self, records: scored.append(len(records)) or
+    original = Scorer.pairs
+    monkeypatch.setattr(Scorer, "pairs", lambda self, records: scored.append(len(records)) or
                         original(self, records))  # fmt: skip
     no_kl = Evaluation(kl_samples=0)
     module, data, recorder = run(tmp_path, sft_dir, budget=32, num_phases=2, evaluation=no_kl, behavior_logps=mode,
