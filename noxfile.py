@@ -44,9 +44,10 @@ def env(session: nox.Session) -> dict[str, str]:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Ruff over the package, tests, plugins, benchmarks and this file."""
+    """Ruff over the package, tests, plugins, benchmarks and this file: lint rules, complexity and formatting."""
     session.install("ruff>=0.6")
     session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
 
 
 @nox.session
@@ -57,7 +58,7 @@ def tests(session: nox.Session, deps: str) -> None:
     the default matrix (and CI) near 25 minutes on 2 cores; the latest set runs everything."""
     install(session, deps, "-e", ".[test]")
     default = ["-m", "not slow"] if deps == "lowest" else []
-    session.run("pytest", *(session.posargs or default), env=env(session))
+    session.run("pytest", "--durations=20", *(session.posargs or default), env=env(session))
 
 
 @nox.session
