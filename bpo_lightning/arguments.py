@@ -16,9 +16,15 @@ NOT_PROVENANCE = frozenset({"progress", "verbose"})
 
 
 class RecordsArguments:
-    """Mixin: ``self.arguments`` holds the arguments the object was built with (by name, JSON-safe)."""
+    """Mixin: ``self.arguments`` holds the arguments the object was built with (by name, JSON-safe).
+
+    ``not_provenance`` names a class's arguments that change how it computes, not what it produces (a block's
+    batching, an endpoint's URL or timeout): they are left out of ``self.arguments``, and so of the default
+    ``settings()`` / ``identity``, and out of the run identity (``identity.fingerprint``). This one declaration is
+    what both the phase files and ``run.json`` read."""
 
     arguments: dict = {}  # noqa: RUF012 (never mutated: each object gets its own)
+    not_provenance: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -29,7 +35,8 @@ class RecordsArguments:
         @functools.wraps(init)
         def recording_init(self, *args, **kw):
             if "arguments" not in self.__dict__:  # the class being built, not a parent's __init__ it calls
-                self.arguments = _bound(init, self, args, kw)
+                bound = _bound(init, self, args, kw)
+                self.arguments = {k: v for k, v in bound.items() if k not in type(self).not_provenance}
             init(self, *args, **kw)
 
         recording_init._records_arguments = True
@@ -50,6 +57,11 @@ def _bound(init, self, args: tuple, kwargs: dict) -> dict:
         elif parameter.kind is not inspect.Parameter.VAR_POSITIONAL:
             values[name] = value
     return {k: json.loads(json.dumps(v, default=repr)) for k, v in values.items() if k not in NOT_PROVENANCE}
+
+
+def not_provenance(cls: type) -> frozenset[str]:
+    """The arguments of ``cls`` that are not provenance: its declared ones and ``NOT_PROVENANCE``."""
+    return NOT_PROVENANCE | frozenset(getattr(cls, "not_provenance", ()))
 
 
 def describe(obj, arguments: dict) -> str:

@@ -35,9 +35,9 @@ IGNORED = (
     "data.run_dir",
     "data.annotation_cache",
     "data.pipeline",
-    "data.sampler.init_args.progress",
-    "data.sampler.init_args.share_prompts",
 )
+# components whose own arguments may not be provenance (``RecordsArguments.not_provenance``, read from their class)
+COMPONENTS = ("data.sampler", "data.annotator")
 TRAINER_KEYS = ("precision", "gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")
 FILE = "run.json"
 
@@ -56,6 +56,9 @@ def fingerprint(config) -> dict:
     plain = config.as_dict() if hasattr(config, "as_dict") else dict(config)
     flat = _flatten({"model": plain.get("model", {}), "data": plain.get("data", {})}, "", {})
     flat = {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in IGNORED)}
+    for key in COMPONENTS:
+        skip = {f"{key}.init_args.{name}" for name in _not_provenance(flat.get(f"{key}.class_path"))}
+        flat = {k: v for k, v in flat.items() if k not in skip}
     trainer = plain.get("trainer") or {}
     flat.update({f"trainer.{k}": trainer.get(k) for k in TRAINER_KEYS})
     flat["seed_everything"] = plain.get("seed_everything")
@@ -85,17 +88,37 @@ def differences(saved: dict, current: dict) -> list[str]:
             if saved.get(k) != current.get(k) and not _same_class(k, saved.get(k), current.get(k))]  # fmt: skip
 
 
+def not_provenance_key(key: str, current: dict) -> bool:
+    """Whether ``key`` (of a run.json written by an earlier version) is an argument the current fingerprint leaves
+    out as not provenance: such a run folder is not refused for it."""
+    for component in COMPONENTS:
+        prefix = f"{component}.init_args."
+        if key.startswith(prefix):
+            return key.removeprefix(prefix).split(".")[0] in _not_provenance(current.get(f"{component}.class_path"))
+    return False
+
+
+def _not_provenance(class_path) -> frozenset[str]:
+    from bpo_lightning.arguments import NOT_PROVENANCE, not_provenance
+
+    try:
+        return not_provenance(_resolve(class_path)) if isinstance(class_path, str) else NOT_PROVENANCE
+    except (ImportError, AttributeError, ValueError):
+        return NOT_PROVENANCE
+
+
+def _resolve(path: str):
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def _same_class(key: str, saved, current) -> bool:
     if not key.endswith("class_path") or not isinstance(saved, str) or not isinstance(current, str):
         return False
-    import importlib
-
-    def resolve(path: str):
-        module, _, name = path.rpartition(".")
-        return getattr(importlib.import_module(module), name)
-
     try:
-        return resolve(saved) is resolve(current)
+        return _resolve(saved) is _resolve(current)
     except (ImportError, AttributeError, ValueError):  # a class that no longer imports is another setting
         return False
 
@@ -113,6 +136,7 @@ def check_run_dir(run_dir: str | Path, current: dict) -> None:
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise RunMismatch(f"{path} is damaged ({err}); move it away or choose another "
                               "--trainer.default_root_dir") from None  # fmt: skip
+        saved = {k: v for k, v in saved.items() if k in current or not not_provenance_key(k, current)}
         diff = differences(saved, current)
         if diff:
             raise RunMismatch(

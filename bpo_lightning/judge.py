@@ -260,6 +260,11 @@ class HTTPJudge(LLMJudge):
         concurrency: Maximum number of requests in flight.
     """
 
+    # where and how patiently the judge is asked: another endpoint serving the same model, a longer timeout or more
+    # requests in flight give the same verdicts (a run stopped by an outage continues with them)
+    not_provenance = ("base_url", "api_key_env", "timeout", "max_retries", "backoff", "max_backoff", "concurrency",
+                      "retry_timeouts")  # fmt: skip
+
     def __init__(
         self,
         base_url: str,

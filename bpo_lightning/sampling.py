@@ -328,13 +328,14 @@ class GenerateSampler(Sampler):
                                batch_size=batch_size, add_bos=self.add_bos, progress=False, draw=self.draw,
                                share_prompts=self.share_prompts)  # fmt: skip
 
+    not_provenance = ("share_prompts",)  # how the samples are computed, not what they are
+
     def settings(self) -> dict:
         # the block size seeds the blocks (another size draws other samples); sharing a prompt's prefill is how the
         # samples are computed, not what they are
         keys = ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "batch_size", "max_prompt_tokens",
                 "add_bos", "draw")  # fmt: skip
-        how = ("share_prompts",)
-        extra = {k: v for k, v in self.arguments.items() if k not in keys and k not in how}  # a subclass's own
+        extra = {k: v for k, v in self.arguments.items() if k not in keys}  # a subclass's own
         return {"class": type(self).__name__, **{k: getattr(self, k) for k in keys}, **extra}
 
     def generation_config(self, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
@@ -511,13 +512,9 @@ class StaticCacheSampler(GenerateSampler):
         self._steps = {}  # id(model) -> compiled forward
         self._recorder: LogpRecorder | None = None
 
-    def settings(self) -> dict:
-        # compiling the decode step changes how the samples are computed, not what they are (it draws
-        # GenerateSampler's tokens, tested); the class name stays, as run.json's data.sampler.class_path names it
-        base = super().settings()
-        for key in ("compile", "compile_mode", "prompt_bucket"):
-            base.pop(key, None)
-        return base
+    # compiling the decode step changes how the samples are computed, not what they are (it draws GenerateSampler's
+    # tokens, tested); the class name stays in settings(), as run.json's data.sampler.class_path names it
+    not_provenance = ("share_prompts", "compile", "compile_mode", "prompt_bucket")
 
     def __getstate__(self) -> dict:  # caches and compiled graphs are not pickled with the sampler
         return {**self.__dict__, "_cache": None, "_steps": {}, "_recorder": None}

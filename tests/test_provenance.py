@@ -1,6 +1,8 @@
 """A plugin's settings reach the provenance without the plugin doing anything: a sampler or annotator that defines
 no ``settings()`` / ``identity`` is described by the arguments it was built with."""
 
+import json
+
 import pytest
 
 from bpo_lightning.annotation import Annotator
@@ -107,3 +109,48 @@ def test_a_phase_file_written_before_the_loss_and_block_size_were_recorded_is_re
     store.check(now)  # accepted
     with pytest.raises(RunError, match="sampler"):  # a setting the old file does record still counts
         store.check({**now, "sampler": {**sampler.settings(), "max_new_tokens": 7}})
+
+
+@pytest.mark.parametrize("cls", ["GenerateSampler", "StaticCacheSampler"])
+def test_run_identity_and_phase_files_read_one_declaration_of_the_sampler(cls):
+    """run.json's sampler keys are exactly what the phase files record (``settings()``): both leave out the
+    arguments the class declares ``not_provenance`` (how it computes) and keep the block size (it seeds blocks)."""
+    import inspect
+
+    import bpo_lightning
+    from bpo_lightning.identity import fingerprint
+
+    sampler_cls = getattr(bpo_lightning, cls)
+    args = {name: p.default for name, p in inspect.signature(sampler_cls.__init__).parameters.items()
+            if name != "self"}  # fmt: skip
+    config = {"model": {}, "data": {"sampler": {"class_path": f"bpo_lightning.{cls}", "init_args": args}}}
+    recorded = {k.removeprefix("data.sampler.init_args.") for k in fingerprint(config) if ".init_args." in k}
+    settings = set(sampler_cls().settings()) - {"class"}
+    assert recorded == settings
+    assert "batch_size" in recorded and "share_prompts" not in recorded and "progress" not in recorded
+
+
+def test_a_judge_run_continues_against_another_endpoint_or_with_a_longer_timeout(tmp_path, monkeypatch):
+    """Where and how patiently a judge is asked does not change its verdicts: a run folder whose run.json was
+    written with one endpoint, timeout and concurrency (or, by an earlier version, with them recorded) accepts
+    another; another judge model is refused, naming the key."""
+    from bpo_lightning.identity import RunMismatch, check_run_dir, fingerprint
+
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+
+    def judge(**changes):
+        args = {"base_url": "http://127.0.0.1:8000/v1", "model": "m", "timeout": 30.0, "concurrency": 8, **changes}
+        return fingerprint({"model": {}, "data": {"annotator": {"class_path": "bpo_lightning.judge.HTTPJudge",
+                                                                "init_args": args}}})  # fmt: skip
+
+    first = judge()
+    assert "data.annotator.init_args.model" in first and "data.annotator.init_args.base_url" not in first
+    check_run_dir(tmp_path, first)
+    check_run_dir(tmp_path, judge(base_url="http://10.0.0.2:9000/v1", timeout=300.0, concurrency=2))
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "run.json").write_text(json.dumps({"fingerprint": {**first, "data.annotator.init_args.base_url": "x",
+                                                                "data.annotator.init_args.timeout": 5.0}}))  # fmt: skip
+    check_run_dir(older, judge(timeout=60.0))
+    with pytest.raises(RunMismatch, match="data.annotator.init_args.model: saved 'm', now 'other'"):
+        check_run_dir(tmp_path, judge(model="other"))
