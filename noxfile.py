@@ -25,8 +25,9 @@ def install(session: nox.Session, deps: str, *args: str) -> None:
     """Install ``args`` against one dependency set (see the module docstring)."""
     if deps == "lowest":
         constraints = Path(session.create_tmp()) / "constraints-lowest.txt"
-        session.run(sys.executable, "tools/lowest_constraints.py", "--extra", "test", "-o", str(constraints),
-                    external=True)
+        session.run(
+            sys.executable, "tools/lowest_constraints.py", "--extra", "test", "-o", str(constraints), external=True
+        )
         session.install("-c", str(constraints), *args)
     elif deps == "latest":
         session.install(*CPU_TORCH, *args)

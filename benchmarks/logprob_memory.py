@@ -52,8 +52,14 @@ def cell(variant: str, vocab: int, chunk: int, keep_mib: int) -> dict:
             from trl.experimental.online_dpo import OnlineDPOTrainer
 
             prompt = int((loss_mask[0] == 0).sum()) or 1
-            per_token = OnlineDPOTrainer._forward(SimpleNamespace(max_length=T), model, ids[:, :prompt],
-                                                  attention[:, :prompt], ids[:, prompt:], attention[:, prompt:])
+            per_token = OnlineDPOTrainer._forward(
+                SimpleNamespace(max_length=T),
+                model,
+                ids[:, :prompt],
+                attention[:, :prompt],
+                ids[:, prompt:],
+                attention[:, prompt:],
+            )
             sums = per_token.sum(-1)
         elif variant == "bpo":  # the module's default model.logprob_keep_mib
             sums = sequence_logps(model, ids, attention, loss_mask, chunk, keep_bytes=keep_mib * 2**20).sums

@@ -82,8 +82,11 @@ def main() -> None:
             size = (run / "checkpoints" / "phase-2.ckpt").stat().st_size
             again = Path(tmp) / f"{run.name}-resume"
             shutil.copytree(run, again, symlinks=True)
-            resume = measure(command(again, tokenizer, lora, f"--ckpt_path={again / 'checkpoints' / 'phase-1.ckpt'}",
-                                     policy=args.policy))
+            resume = measure(
+                command(
+                    again, tokenizer, lora, f"--ckpt_path={again / 'checkpoints' / 'phase-1.ckpt'}", policy=args.policy
+                )
+            )
             rows.append((name, fit, resume, size))
     gib, mib = 2**30, 2**20
     what = args.policy or "a SmolLM2-135M-shaped Llama (~106M parameters)"

@@ -96,8 +96,9 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{args.model} on {name}, {dtype}, {args.new_tokens} new tokens, {args.blocks} blocks per call, "
           f"{args.rounds} rounds, StaticCacheSampler compile={args.compile}")  # fmt: skip
-    print("| sequences per block | generate tok/s | static-cache tok/s | static / generate (min–max) "
-          "| static warm-up |")
+    print(
+        "| sequences per block | generate tok/s | static-cache tok/s | static / generate (min–max) | static warm-up |"
+    )
     print("|---:|---:|---:|---:|---:|")
     for r in table:
         print(f"| {r['rows']} | {r['generate tok/s']:,.0f} | {r['static tok/s']:,.0f} | {r['static / generate']:.2f} "

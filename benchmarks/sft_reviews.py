@@ -26,19 +26,28 @@ from bpo_lightning.tasks.reviews import ensure_sft, gold_details, gold_reward, l
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], *, do_sample: bool, max_new_tokens: int = 48,
-             batch_size: int = 64) -> list[str]:
+def generate(
+    model, tokenizer, prompts: Sequence[str], *, do_sample: bool, max_new_tokens: int = 48, batch_size: int = 64
+) -> list[str]:
     """Continue each prompt from ``[bos] + prompt ids`` (left padded) and decode the new tokens only."""
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        ids = [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False).input_ids]
-               for p in prompts[start:start + batch_size]]
+        ids = [
+            [tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False).input_ids]
+            for p in prompts[start : start + batch_size]
+        ]
         width = max(map(len, ids))
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids])
         attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
         kwargs = {"do_sample": True, "temperature": 1.0, "top_k": 50} if do_sample else {"do_sample": False}
-        new = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
+        new = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **kwargs,
+        )
         out += tokenizer.batch_decode(new[:, width:], skip_special_tokens=True)
     return out
 

@@ -118,8 +118,13 @@ def bpo_worker(spec: dict) -> dict:
         sampler |= {"batch_size": TRL_PROMPTS_PER_STEP, "add_bos": False, "draw": "vocabulary", "share_prompts": False}
     config = {
         "seed_everything": spec["seed"],
-        "trainer": {"accelerator": "cpu", "devices": 1, "default_root_dir": spec["out"], "log_every_n_steps": 10,
-                    "enable_progress_bar": False},  # fmt: skip
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "default_root_dir": spec["out"],
+            "log_every_n_steps": 10,
+            "enable_progress_bar": False,
+        },  # fmt: skip
         "model": {
             "policy": {"class_path": "bpo_lightning.policy.Pretrained", "init_args": {"name_or_path": spec["model"]}},
             "loss": {"class_path": "DPOLoss", "init_args": {"beta": BETA}},

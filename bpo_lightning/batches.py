@@ -72,7 +72,12 @@ def pair_batch(
 
 
 def weighted_pair_batch(
-    records: list[PreferenceRecord], mine: list[int], total: int, world: int, pad_id: int, eos_id: int,
+    records: list[PreferenceRecord],
+    mine: list[int],
+    total: int,
+    world: int,
+    pad_id: int,
+    eos_id: int,
     truncated_eos: bool = True,
 ) -> dict[str, torch.Tensor]:
     """One process's share of a global step of ``total`` pairs over ``world`` processes.

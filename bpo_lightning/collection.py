@@ -75,8 +75,15 @@ class BehaviorLLM:
 
 
 def collect_phase(
-    prompts: PhasePrompts, behavior: BehaviorLLM, sampler: Sampler, annotator: Annotator, store: PhaseStore,
-    ranks: Ranks, *, cache: AnnotationCache | None = None, pipeline: bool = True,
+    prompts: PhasePrompts,
+    behavior: BehaviorLLM,
+    sampler: Sampler,
+    annotator: Annotator,
+    store: PhaseStore,
+    ranks: Ranks,
+    *,
+    cache: AnnotationCache | None = None,
+    pipeline: bool = True,
     stop: Callable[[], bool] = lambda: False,
 ) -> PhaseResult:
     """Build (or reload) one phase's preference pairs; every process returns the same result. ``stop`` says whether
@@ -245,8 +252,10 @@ class Collector:
         return self.ranks.most(int(stop)) > 0 if self.ranks.world > 1 else stop
 
     def _stopped(self, saved: int, total: int) -> Stopped:
-        return Stopped(f"stopped by a signal during phase {self.prompts.phase + 1}'s collection, with {saved} of "
-                       f"{total} prompts saved; the same command with --ckpt_path last continues from them")
+        return Stopped(
+            f"stopped by a signal during phase {self.prompts.phase + 1}'s collection, with {saved} of "
+            f"{total} prompts saved; the same command with --ckpt_path last continues from them"
+        )
 
 
 @contextmanager
@@ -289,7 +298,11 @@ def score_shared(
 
 
 def annotate(
-    annotator: Annotator, indices: list[int], pool: list[dict], samples: Samples, cache: AnnotationCache | None = None,
+    annotator: Annotator,
+    indices: list[int],
+    pool: list[dict],
+    samples: Samples,
+    cache: AnnotationCache | None = None,
     origin: str | None = None,
 ) -> list[SampleRow]:
     """Score each prompt's distinct responses in one annotator call; identical responses are not annotated, and

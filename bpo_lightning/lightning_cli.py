@@ -37,8 +37,10 @@ def parser_message(message: str) -> str:
     if key is None:
         return one_line(" ".join(lines))[:400]
     names, rest = [key.group(1)], lines[1:]
-    while rest and (nested := re.match(r'(?:- )?Parser key "([^"]+)":\s*(.*)', rest[0])) or (
-        rest and rest[0].startswith("Problem with given class_path")
+    while (
+        rest
+        and (nested := re.match(r'(?:- )?Parser key "([^"]+)":\s*(.*)', rest[0]))
+        or (rest and rest[0].startswith("Problem with given class_path"))
     ):  # a class's own argument: data.prompts → data.prompts.init_args.split
         if nested:
             names.append(f"init_args.{nested.group(1)}" if len(names) == 1 else nested.group(1))

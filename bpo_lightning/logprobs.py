@@ -303,5 +303,3 @@ def _same_logits(model: torch.nn.Module, split: tuple) -> bool:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return want.shape == logits.shape and torch.allclose(want, logits, atol=1e-4, rtol=1e-4)
-
-

@@ -230,8 +230,11 @@ class BPOModule(L.LightningModule):
 
         loss = {k: v for k, v in vars(self.loss).items() if not k.startswith("_") and k != "training"
                 and isinstance(v, int | float | str | bool)}  # fmt: skip
-        provenance = {"reference": self.reference, "behavior_logps": hp.get("behavior_logps", "forward"),
-                      "loss": {"class": f"{type(self.loss).__module__}.{type(self.loss).__qualname__}", **loss}}
+        provenance = {
+            "reference": self.reference,
+            "behavior_logps": hp.get("behavior_logps", "forward"),
+            "loss": {"class": f"{type(self.loss).__module__}.{type(self.loss).__qualname__}", **loss},
+        }
         return BehaviorLLM(model=self.policy, tokenizer=self.tokenizer, version=version, computing=computing,
                            score=self.score_records, provenance=provenance, lockstep=self.lockstep,
                            sampler_logps=hp.get("behavior_logps") == "sampler",

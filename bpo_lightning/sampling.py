@@ -230,7 +230,13 @@ class Sampler(RecordsArguments):
         does nothing."""
 
     def evaluation_sampler(
-        self, *, num_samples: int, temperature: float, top_k: int, max_new_tokens: int, max_prompt_tokens: int,
+        self,
+        *,
+        num_samples: int,
+        temperature: float,
+        top_k: int,
+        max_new_tokens: int,
+        max_prompt_tokens: int,
         batch_size: int,
     ) -> Sampler:
         """The sampler that answers held-out prompts (and draws the KL samples) with these settings, drawing
@@ -320,7 +326,13 @@ class GenerateSampler(Sampler):
         return TokenDraw(self.temperature, self.top_k, self.top_p, self.draw)
 
     def evaluation_sampler(
-        self, *, num_samples: int, temperature: float, top_k: int, max_new_tokens: int, max_prompt_tokens: int,
+        self,
+        *,
+        num_samples: int,
+        temperature: float,
+        top_k: int,
+        max_new_tokens: int,
+        max_prompt_tokens: int,
         batch_size: int,
     ) -> GenerateSampler:
         return GenerateSampler(num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=1.0,
@@ -501,8 +513,18 @@ class StaticCacheSampler(GenerateSampler):
         compile_mode: str = "reduce-overhead",
         prompt_bucket: int = 32,
     ) -> None:
-        super().__init__(num_samples, max_new_tokens, temperature, top_k, top_p, batch_size, max_prompt_tokens,
-                         add_bos, progress, draw)
+        super().__init__(
+            num_samples,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            batch_size,
+            max_prompt_tokens,
+            add_bos,
+            progress,
+            draw,
+        )
         if prompt_bucket < 1:
             raise InputError(f"sampler: prompt_bucket must be >= 1, got {prompt_bucket}")
         self.compile = compile
@@ -589,8 +611,15 @@ class StaticCacheSampler(GenerateSampler):
         cache_key = cache_argument(model)
         draw = self.token_draw
         last_only = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}  # no (rows, width, V)
-        out = model(input_ids=ids, attention_mask=full_mask, position_ids=position, **{cache_key: cache},
-                    cache_position=torch.arange(width, device=device), use_cache=True, **last_only)
+        out = model(
+            input_ids=ids,
+            attention_mask=full_mask,
+            position_ids=position,
+            **{cache_key: cache},
+            cache_position=torch.arange(width, device=device),
+            use_cache=True,
+            **last_only,
+        )
         logits = out.logits[:, -1].float()
         del out
         position = position[:, -1:]
@@ -611,9 +640,18 @@ class StaticCacheSampler(GenerateSampler):
             position = position + 1
             if compiling:
                 torch.compiler.cudagraph_mark_step_begin()
-            logits = step(input_ids=new[:, None], attention_mask=full_mask, position_ids=position,
-                          **{cache_key: cache}, cache_position=torch.tensor([width + t], device=device),
-                          use_cache=True).logits[:, -1].float()
+            logits = (
+                step(
+                    input_ids=new[:, None],
+                    attention_mask=full_mask,
+                    position_ids=position,
+                    **{cache_key: cache},
+                    cache_position=torch.tensor([width + t], device=device),
+                    use_cache=True,
+                )
+                .logits[:, -1]
+                .float()
+            )
         return tokens[:rows]
 
 
@@ -649,7 +687,11 @@ def register_samplers(register):
 
 
 def check_context(
-    sampler: Sampler, model, tokenizer: PreTrainedTokenizerBase, prompts: list, key: str = "data.prompts",
+    sampler: Sampler,
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list,
+    key: str = "data.prompts",
     settings: str = "data.sampler.init_args",
 ) -> None:
     """Refuse, naming the keys, prompts whose tokens plus the longest response (and its EOS) do not fit the model's

@@ -40,8 +40,17 @@ class CountingAnnotator(Annotator):
 
 
 def make_run(
-    root, sft_dir, *, budget=32, num_phases=2, max_epochs=None, callbacks=(), annotator=None, eval_prompts=0,
-    trainer_args=None, **module_args,
+    root,
+    sft_dir,
+    *,
+    budget=32,
+    num_phases=2,
+    max_epochs=None,
+    callbacks=(),
+    annotator=None,
+    eval_prompts=0,
+    trainer_args=None,
+    **module_args,
 ):
     """A tiny BPO run on CPU: module, datamodule, trainer (no logger, no progress bars). ``eval_prompts`` > 0
     evaluates on that many held-out prompts after every phase (and, with a ``PhaseReport``, at the start)."""

@@ -102,8 +102,10 @@ CASES = {
     "unknown behavior": (lambda t: ["--model.behavior=Sticky"], 2, ["model.behavior", "Sticky"]),
     "max_epochs given": (lambda t: ["--trainer.max_epochs=3"], 2, ["trainer.max_epochs", "data.num_phases"]),
     "max_epochs in a config": (
-        lambda t: ["--config", str(write(t / "epochs.yaml", "trainer:\n  max_epochs: 3\n"))], 2,
-        ["trainer.max_epochs", "epochs.yaml", "data.num_phases"]),
+        lambda t: ["--config", str(write(t / "epochs.yaml", "trainer:\n  max_epochs: 3\n"))],
+        2,
+        ["trainer.max_epochs", "epochs.yaml", "data.num_phases"],
+    ),
     "negative beta": (lambda t: ["--model.loss.init_args.beta=-1"], 2, ["model.loss.init_args.beta", "> 0"]),
     "zero phases": (lambda t: ["--data.num_phases=0"], 2, ["data.num_phases", ">= 1"]),
     "zero batch size": (lambda t: ["--data.batch_size=0"], 2, ["data.batch_size", ">= 1"]),
@@ -114,44 +116,88 @@ CASES = {
     "misspelt key": (lambda t: ["--data.batchsize=3"], 2, ["data.batchsize"]),
     "missing config file": (lambda t: ["--config", str(t / "nope.yaml")], 2, ["nope.yaml"]),
     "YAML syntax error": (
-        lambda t: ["--config", str(write(t / "broken.yaml", "data:\n  budget: [8\n"))], 2, ["broken.yaml"]),
+        lambda t: ["--config", str(write(t / "broken.yaml", "data:\n  budget: [8\n"))],
+        2,
+        ["broken.yaml"],
+    ),
     "YAML python tag": (
         lambda t: ["--config", str(write(t / "tag.yaml", "data:\n  budget: !!python/object/apply:os.system [id]\n"))],
-        2, ["tag.yaml"]),
-    "class_path not a subclass": (
-        lambda t: ["--model.loss=collections.OrderedDict"], 2, ["model.loss", "OrderedDict"]),
+        2,
+        ["tag.yaml"],
+    ),
+    "class_path not a subclass": (lambda t: ["--model.loss=collections.OrderedDict"], 2, ["model.loss", "OrderedDict"]),
     "judge given a key instead of a variable name": (
-        lambda t: ["--data.annotator=HTTPJudge", "--data.annotator.init_args.base_url=http://127.0.0.1:9/v1",
-                   "--data.annotator.init_args.model=m", "--data.annotator.init_args.api_key_env=sk-abc123secret"],
-        2, ["data.annotator.init_args.api_key_env", "NAME"]),
+        lambda t: [
+            "--data.annotator=HTTPJudge",
+            "--data.annotator.init_args.base_url=http://127.0.0.1:9/v1",
+            "--data.annotator.init_args.model=m",
+            "--data.annotator.init_args.api_key_env=sk-abc123secret",
+        ],
+        2,
+        ["data.annotator.init_args.api_key_env", "NAME"],
+    ),
     "judge template without a field": (
-        lambda t: ["--data.annotator=HTTPJudge", "--data.annotator.init_args.base_url=http://127.0.0.1:9/v1",
-                   "--data.annotator.init_args.model=m", "--data.annotator.init_args.api_key_env=null",
-                   "--data.annotator.init_args.template=Which is better?"],
-        2, ["data.annotator.init_args.template", "{prompt}"]),
+        lambda t: [
+            "--data.annotator=HTTPJudge",
+            "--data.annotator.init_args.base_url=http://127.0.0.1:9/v1",
+            "--data.annotator.init_args.model=m",
+            "--data.annotator.init_args.api_key_env=null",
+            "--data.annotator.init_args.template=Which is better?",
+        ],
+        2,
+        ["data.annotator.init_args.template", "{prompt}"],
+    ),
     # --- models and checkpoints ------------------------------------------------------------------------------------
     "missing model folder": (
-        lambda t: ["--model.policy=Pretrained", f"--model.policy.init_args.name_or_path={t / 'no-such-model'}"], 2,
-        ["model.policy.init_args.name_or_path", "no-such-model"]),
+        lambda t: ["--model.policy=Pretrained", f"--model.policy.init_args.name_or_path={t / 'no-such-model'}"],
+        2,
+        ["model.policy.init_args.name_or_path", "no-such-model"],
+    ),
     "model folder without config.json": (
-        lambda t: ["--model.policy=Pretrained",
-                   f"--model.policy.init_args.name_or_path={write(t / 'm' / 'x.txt', '').parent}"],
-        2, ["model.policy.init_args.name_or_path", "config.json"]),
+        lambda t: [
+            "--model.policy=Pretrained",
+            f"--model.policy.init_args.name_or_path={write(t / 'm' / 'x.txt', '').parent}",
+        ],
+        2,
+        ["model.policy.init_args.name_or_path", "config.json"],
+    ),
     "missing reward model folder": (
-        lambda t: ["--data.annotator=RewardModelAnnotator",
-                   f"--data.annotator.init_args.name_or_path={t / 'no-such-rm'}"],
-        2, ["data.annotator.init_args.name_or_path", "no-such-rm"]),
+        lambda t: [
+            "--data.annotator=RewardModelAnnotator",
+            f"--data.annotator.init_args.name_or_path={t / 'no-such-rm'}",
+        ],
+        2,
+        ["data.annotator.init_args.name_or_path", "no-such-rm"],
+    ),
     "prompt too long for the context": (
-        lambda t: ["--data.sampler.init_args.max_prompt_tokens=200", "--data.sampler.init_args.max_new_tokens=100",
-                   *prompts_file(t, "long.jsonl", "".join(json.dumps({"prompt": f"hotel review {i} : " + "we stayed . "
-                                                                      * 60}) + "\n" for i in range(8)))],
-        2, ["data.prompts", "data.sampler.init_args.max_prompt_tokens", "context"]),
+        lambda t: [
+            "--data.sampler.init_args.max_prompt_tokens=200",
+            "--data.sampler.init_args.max_new_tokens=100",
+            *prompts_file(
+                t,
+                "long.jsonl",
+                "".join(json.dumps({"prompt": f"hotel review {i} : " + "we stayed . " * 60}) + "\n" for i in range(8)),
+            ),
+        ],
+        2,
+        ["data.prompts", "data.sampler.init_args.max_prompt_tokens", "context"],
+    ),
     "held-out prompt too long for the context": (
-        lambda t: ["--data.eval_prompts=bpo_lightning.prompts.PromptSource",
-                   "--data.eval_prompts.path=" + str(write(t / "eval.jsonl", json.dumps(
-                       {"prompt": "hotel review : " + "we stayed . " * 60, "reference": "it was fine ."}))),
-                   "--model.evaluation.max_prompt_tokens=200", "--model.evaluation.max_new_tokens=8"],
-        2, ["data.eval_prompts", "model.evaluation.max_prompt_tokens", "context"]),
+        lambda t: [
+            "--data.eval_prompts=bpo_lightning.prompts.PromptSource",
+            "--data.eval_prompts.path="
+            + str(
+                write(
+                    t / "eval.jsonl",
+                    json.dumps({"prompt": "hotel review : " + "we stayed . " * 60, "reference": "it was fine ."}),
+                )
+            ),
+            "--model.evaluation.max_prompt_tokens=200",
+            "--model.evaluation.max_new_tokens=8",
+        ],
+        2,
+        ["data.eval_prompts", "model.evaluation.max_prompt_tokens", "context"],
+    ),
     "missing checkpoint": (lambda t: [f"--ckpt_path={t / 'none.ckpt'}"], 2, ["ckpt_path", "none.ckpt"]),
     "garbage checkpoint": (lambda t: checkpoint(t, "garbage"), 2, ["ckpt_path", "garbage.ckpt", "not a complete"]),
     "truncated checkpoint": (lambda t: checkpoint(t, "truncated"), 2, ["ckpt_path", "truncated.ckpt"]),
@@ -159,33 +205,54 @@ CASES = {
     # --- prompt files ----------------------------------------------------------------------------------------------
     "missing prompt file": (
         lambda t: ["--data.prompts=bpo_lightning.prompts.PromptSource", f"--data.prompts.path={t / 'none.jsonl'}"],
-        2, ["data.prompts", "none.jsonl"]),
+        2,
+        ["data.prompts", "none.jsonl"],
+    ),
     "malformed JSONL line": (
-        lambda t: prompts_file(t, "bad.jsonl", f"{GOOD_ROW}\n{GOOD_ROW}\n{{\"prompt\": \"cut\n{GOOD_ROW}\n"), 2,
-        ["data.prompts", "bad.jsonl", "line 3"]),
+        lambda t: prompts_file(t, "bad.jsonl", f'{GOOD_ROW}\n{GOOD_ROW}\n{{"prompt": "cut\n{GOOD_ROW}\n'),
+        2,
+        ["data.prompts", "bad.jsonl", "line 3"],
+    ),
     "non-UTF-8 prompt file": (
         lambda t: prompts_file(t, "latin1.jsonl", f"{GOOD_ROW}\n".encode() + '{"prompt": "café"}\n'.encode("latin-1")),
-        2, ["data.prompts", "latin1.jsonl", "UTF-8"]),
+        2,
+        ["data.prompts", "latin1.jsonl", "UTF-8"],
+    ),
     "row without a prompt": (
-        lambda t: prompts_file(t, "noprompt.jsonl", f"{GOOD_ROW}\n" + json.dumps({"text": "x"}) + "\n"), 2,
-        ["data.prompts", "noprompt.jsonl", "2"]),
+        lambda t: prompts_file(t, "noprompt.jsonl", f"{GOOD_ROW}\n" + json.dumps({"text": "x"}) + "\n"),
+        2,
+        ["data.prompts", "noprompt.jsonl", "2"],
+    ),
     "prompt that is not text": (
-        lambda t: prompts_file(t, "number.jsonl", f"{GOOD_ROW}\n" + json.dumps({"prompt": 42}) + "\n"), 2,
-        ["data.prompts", "number.jsonl", "2"]),
+        lambda t: prompts_file(t, "number.jsonl", f"{GOOD_ROW}\n" + json.dumps({"prompt": 42}) + "\n"),
+        2,
+        ["data.prompts", "number.jsonl", "2"],
+    ),
     "CSV without a prompt column": (
-        lambda t: prompts_file(t, "cols.csv", "question,answer\nhow ?,fine\n"), 2, ["data.prompts", "cols.csv"]),
+        lambda t: prompts_file(t, "cols.csv", "question,answer\nhow ?,fine\n"),
+        2,
+        ["data.prompts", "cols.csv"],
+    ),
     "empty prompt file": (lambda t: prompts_file(t, "empty.jsonl", ""), 2, ["data.prompts", "empty.jsonl"]),
     "held-out prompts without references": (
-        lambda t: ["--data.eval_prompts=bpo_lightning.prompts.PromptSource",
-                   f"--data.eval_prompts.path={write(t / 'noref.jsonl', GOOD_ROW + chr(10))}"],
-        2, ["data.eval_prompts", "noref.jsonl", "reference"]),
+        lambda t: [
+            "--data.eval_prompts=bpo_lightning.prompts.PromptSource",
+            f"--data.eval_prompts.path={write(t / 'noref.jsonl', GOOD_ROW + chr(10))}",
+        ],
+        2,
+        ["data.eval_prompts", "noref.jsonl", "reference"],
+    ),
     # --- the run folder --------------------------------------------------------------------------------------------
     "damaged phase file": (
-        lambda t: write(t / "run" / "data" / "phase_0000.json", '{"provenance": {"phase": 0,') and [], 1,
-        ["phase_0000.json"]),
+        lambda t: write(t / "run" / "data" / "phase_0000.json", '{"provenance": {"phase": 0,') and [],
+        1,
+        ["phase_0000.json"],
+    ),
     "cache file that is not a cache": (
-        lambda t: ["--data.annotation_cache=" + str(write(t / "notes.sqlite", "just text " * 200))], 1,
-        ["data.annotation_cache", "notes.sqlite"]),
+        lambda t: ["--data.annotation_cache=" + str(write(t / "notes.sqlite", "just text " * 200))],
+        1,
+        ["data.annotation_cache", "notes.sqlite"],
+    ),
     # --- annotators ------------------------------------------------------------------------------------------------
     "annotator returning text": (lambda t: annotator("returns_text"), 1, ["returned 'great'", "the prompt"]),
     "annotator failing": (lambda t: annotator("raises_midway"), 1, ["data.annotator", "ConnectionError", "failed"]),

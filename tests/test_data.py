@@ -379,8 +379,11 @@ def test_truncated_responses_get_an_eos_term_only_when_asked():
 def test_mostly_truncated_responses_are_counted_and_warned_about(tmp_path, sft_dir):
     module, data, trainer = make_run(tmp_path, sft_dir, budget=16, num_phases=1, truncated_eos=False)
     data.sampler = GenerateSampler(max_new_tokens=2, batch_size=16, progress=False)  # far too short to finish
-    with pytest.warns(UserWarning, match=r"phase 1: \d+ of 32 responses reached data.sampler.init_args.max_new_tokens "
-                                         r"\(2\) without EOS and are scored without an EOS term"):
+    with pytest.warns(
+        UserWarning,
+        match=r"phase 1: \d+ of 32 responses reached data.sampler.init_args.max_new_tokens "
+        r"\(2\) without EOS and are scored without an EOS term",
+    ):
         trainer.fit(module, datamodule=data)
     stats = data.stats[0]
     assert stats.responses == 32 and stats.truncated > 16 and "% truncated" in stats.describe()

@@ -157,8 +157,14 @@ def test_kl_estimates_match_exact_kl_of_one_token_answers_and_follow_the_behavio
 
 
 def test_held_out_prompts_split_into_batches_and_across_processes():
-    data = OnlineDataModule(prompts=ReviewPrompts("prompts"), annotator=Length(), eval_prompts=ReviewPrompts("eval"),
-                            test_prompts=ReviewPrompts("eval", limit=5), max_eval_prompts=10, eval_batch_size=3)
+    data = OnlineDataModule(
+        prompts=ReviewPrompts("prompts"),
+        annotator=Length(),
+        eval_prompts=ReviewPrompts("eval"),
+        test_prompts=ReviewPrompts("eval", limit=5),
+        max_eval_prompts=10,
+        eval_batch_size=3,
+    )
     data.setup("test")
     assert len(data.eval_rows) == 10 and len(data.test_rows) == 5 and data.pool is None  # no training pool read
     assert [len(b) for b in data.eval_batches()] == [3, 3, 3, 1]

@@ -101,8 +101,11 @@ def test_scores_are_cached_as_they_are_paid_for(tmp_path):
 
     flaky = Flaky()
     prompts, responses = [f"p{i}" for i in range(6)], ["a" * i for i in range(6)]
-    with pytest.raises(RunError, match=r"data.annotator: CountingAnnotator:gold failed after 3 of 6 scores "
-                                       r"\(ConnectionError: endpoint went away\); the 3 paid before are saved in"):
+    with pytest.raises(
+        RunError,
+        match=r"data.annotator: CountingAnnotator:gold failed after 3 of 6 scores "
+        r"\(ConnectionError: endpoint went away\); the 3 paid before are saved in",
+    ):
         cached_score(flaky, cache, prompts, responses)
     assert cache.get(flaky.identity, prompts, responses) == [0.0, 1.0, 2.0, None, None, None]
     flaky.fail_at = None

@@ -450,4 +450,3 @@ def test_an_unwritable_run_folder_is_named(tmp_path):
         _raises(RunError, lambda: sub.check({"phase": 0}), f"cannot write {folder / 'sub'} (Permission denied)")
     finally:
         folder.chmod(0o700)
-

@@ -157,8 +157,13 @@ def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path, sft_di
     from bpo_lightning.checkpoints import PhaseCheckpoint
 
     def run(root, max_epochs, ckpt_path=None):
-        checkpoint = PhaseCheckpoint(dirpath=root / "ckpt", filename="phase-{phase}", save_top_k=-1, save_last="link",
-                                     auto_insert_metric_name=False)
+        checkpoint = PhaseCheckpoint(
+            dirpath=root / "ckpt",
+            filename="phase-{phase}",
+            save_top_k=-1,
+            save_last="link",
+            auto_insert_metric_name=False,
+        )
         lora = LoRA(r=4, alpha=8, members=members, seed=0) if members else LoRA(r=4, alpha=8)
         module, data, trainer = make_run(root, sft_dir, budget=32, num_phases=2, max_epochs=max_epochs, lora=lora,
                                          callbacks=[checkpoint])  # fmt: skip

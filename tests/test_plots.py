@@ -55,7 +55,9 @@ def test_compare_says_which_runs_have_no_phase_yet_and_keeps_runs_of_one_name_ap
     assert "new has not finished a phase yet: only its start is drawn" in captured.err
     assert "run has not finished" not in captured.err and (tmp_path / "c.png").stat().st_size > 5000
     captured_histories = {}
-    monkeypatch.setattr("bpo_lightning.plots.plot_histories",
-                        lambda histories, out: captured_histories.update(histories) or plot_histories(histories, out))
+    monkeypatch.setattr(
+        "bpo_lightning.plots.plot_histories",
+        lambda histories, out: captured_histories.update(histories) or plot_histories(histories, out),
+    )
     main(["compare", str(tmp_path / "x/run"), str(tmp_path / "y/run"), "--out", str(tmp_path / "d.png")])
     assert sorted(captured_histories) == [str(tmp_path / "x/run"), str(tmp_path / "y/run")]  # both kept, by path

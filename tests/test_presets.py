@@ -75,8 +75,12 @@ def harm_dir(tmp_path):
 
     train = [
         [msg("user", "How do I pick a lock?"), msg("assistant", "I can't help with that.")],
-        [msg("user", "Hi"), msg("assistant", "Hello! ☕"), msg("user", "日本語で話せますか？"),
-         msg("assistant", "はい。")],
+        [
+            msg("user", "Hi"),
+            msg("assistant", "Hello! ☕"),
+            msg("user", "日本語で話せますか？"),
+            msg("assistant", "はい。"),
+        ],
         [msg("user", "Is this unfinished?"), msg("assistant", "Yes."), msg("user", "Really?")],  # ends with user
         [msg("user", LONG), msg("assistant", "Too long a prompt.")],
         [msg("user", ""), msg("assistant", "An empty turn.")],
@@ -177,6 +181,7 @@ def test_helpfulness_format_and_filters(helpful_file, tokenizer_dir):
 
 def test_helpfulness_boundaries_and_limit(helpful_file, tokenizer_dir):
     bounds = {"sft": [0, 1], "sampling": [1, 2], "dev": [2, 3], "test": [3, 4]}
+
     def source(split):
         return HelpfulnessPrompts(helpful_file, split=split, tokenizer=tokenizer_dir, boundaries=bounds)
 
@@ -207,7 +212,11 @@ def test_helpfulness_boundaries_and_limit(helpful_file, tokenizer_dir):
         "京都駅の近くにカフェがあります。",
     ]
     assert limited_counts(HelpfulnessPrompts(helpful_file, split="sft", limit=1)) == {
-        "read": 1, "skipped": 0, "too_long": 0, "filtered": 1, "kept": 1,
+        "read": 1,
+        "skipped": 0,
+        "too_long": 0,
+        "filtered": 1,
+        "kept": 1,
     }
 
 
@@ -422,9 +431,15 @@ def test_presets_are_cli_prompt_sources(preset, helpful_file, monkeypatch, capsy
 
     monkeypatch.setattr("sys.argv", ["bpo"])
     args = [
-        "fit", "--config", QUICKSTART, f"--data.prompts=bpo_lightning.presets.{preset}",
-        f"--data.prompts.path={helpful_file}", "--data.prompts.split=dev", "--data.prompts.limit=5",
-        '--data.prompts.boundaries={"dev": [0, 2], "sampling": [2, null]}', "--print_config",
+        "fit",
+        "--config",
+        QUICKSTART,
+        f"--data.prompts=bpo_lightning.presets.{preset}",
+        f"--data.prompts.path={helpful_file}",
+        "--data.prompts.split=dev",
+        "--data.prompts.limit=5",
+        '--data.prompts.boundaries={"dev": [0, 2], "sampling": [2, null]}',
+        "--print_config",
     ]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
@@ -440,8 +455,13 @@ def test_cli_rejects_an_unknown_paper_split(helpful_file, monkeypatch, capsys):
 
     monkeypatch.setattr("sys.argv", ["bpo"])
     args = [
-        "fit", "--config", QUICKSTART, "--data.prompts=bpo_lightning.presets.HelpfulnessPrompts",
-        f"--data.prompts.path={helpful_file}", "--data.prompts.split=train", "--print_config",
+        "fit",
+        "--config",
+        QUICKSTART,
+        "--data.prompts=bpo_lightning.presets.HelpfulnessPrompts",
+        f"--data.prompts.path={helpful_file}",
+        "--data.prompts.split=train",
+        "--print_config",
     ]
     with pytest.raises(SystemExit) as exit_info:
         main(args)

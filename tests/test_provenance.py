@@ -39,6 +39,7 @@ def test_a_plugin_sampler_is_described_by_its_arguments():
 def test_a_resume_with_other_plugin_sampler_arguments_is_refused(tmp_path):
     """The reproduction: killed after 16 of 32 prompts, rerun with max_new_tokens 32 → 4, the run used to go on and
     train on a phase mixing 32- and 4-token responses."""
+
     def provenance(sampler):
         return {"phase": 0, "behavior_version": 0, "sampler": sampler.settings(), "annotator": "a", "seed": 0}
 

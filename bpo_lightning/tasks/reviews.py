@@ -218,8 +218,14 @@ BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<|bos|>", "<|eos|>", "<|pad|>"
 VOCAB_SIZE = 768  # nearly every task word is one token: sequences ~30 % shorter than with 512
 N_POSITIONS = 128
 MODEL_CONFIG: dict[str, int | float] = {
-    "n_positions": N_POSITIONS, "n_embd": 128, "n_layer": 2, "n_head": 4,
-    "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "summary_first_dropout": 0.0,
+    "n_positions": N_POSITIONS,
+    "n_embd": 128,
+    "n_layer": 2,
+    "n_head": 4,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+    "summary_first_dropout": 0.0,
 }
 
 
@@ -246,7 +252,10 @@ def build_tokenizer(texts: Iterable[str] | None = None) -> PreTrainedTokenizerFa
     )
     backend.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
         model_max_length=N_POSITIONS,
     )
 
@@ -254,8 +263,11 @@ def build_tokenizer(texts: Iterable[str] | None = None) -> PreTrainedTokenizerFa
 def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> GPT2LMHeadModel:
     """A freshly initialised tiny GPT-2 (:data:`MODEL_CONFIG`) sized to ``tokenizer`` (initialised from ``seed``)."""
     config = GPT2Config(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **MODEL_CONFIG,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **MODEL_CONFIG,
     )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)

@@ -24,14 +24,42 @@ K = TypeVar("K")
 CATEGORIES: dict[str, dict[str, float]] = {
     "hotel": {"room": 1.0, "staff": 0.95, "bed": 0.9, "breakfast": 0.85, "location": 0.8, "pool": 0.75, "view": 0.7},
     "restaurant": {"food": 1.0, "waiter": 0.9, "dessert": 0.85, "soup": 0.8, "wine": 0.95, "menu": 0.75, "bread": 0.7},
-    "phone": {"battery": 1.0, "screen": 0.95, "camera": 0.9, "signal": 0.85, "speaker": 0.8, "charger": 0.75,
-              "case": 0.7},
-    "laptop": {"keyboard": 1.0, "processor": 0.95, "display": 0.9, "trackpad": 0.85, "fan": 0.8, "webcam": 0.75,
-               "hinge": 0.7},
-    "movie": {"plot": 1.0, "acting": 0.95, "ending": 0.9, "script": 0.85, "soundtrack": 0.8, "villain": 0.75,
-              "cast": 0.7},
-    "book": {"story": 1.0, "pacing": 0.95, "prose": 0.9, "hero": 0.85, "dialogue": 0.8, "translation": 0.75,
-             "cover": 0.7},
+    "phone": {
+        "battery": 1.0,
+        "screen": 0.95,
+        "camera": 0.9,
+        "signal": 0.85,
+        "speaker": 0.8,
+        "charger": 0.75,
+        "case": 0.7,
+    },
+    "laptop": {
+        "keyboard": 1.0,
+        "processor": 0.95,
+        "display": 0.9,
+        "trackpad": 0.85,
+        "fan": 0.8,
+        "webcam": 0.75,
+        "hinge": 0.7,
+    },
+    "movie": {
+        "plot": 1.0,
+        "acting": 0.95,
+        "ending": 0.9,
+        "script": 0.85,
+        "soundtrack": 0.8,
+        "villain": 0.75,
+        "cast": 0.7,
+    },
+    "book": {
+        "story": 1.0,
+        "pacing": 0.95,
+        "prose": 0.9,
+        "hero": 0.85,
+        "dialogue": 0.8,
+        "translation": 0.75,
+        "cover": 0.7,
+    },
 }
 
 #: Every aspect noun mapped to the category it belongs to (aspects are unique across categories).
@@ -39,16 +67,49 @@ ASPECT_CATEGORY: dict[str, str] = {a: c for c, aspects in CATEGORIES.items() for
 
 #: Graded sentiment of adjectives in [-1, 1]; values are spread out to keep scores continuous.
 ADJECTIVES: dict[str, float] = {
-    "excellent": 1.0, "perfect": 0.97, "amazing": 0.94, "wonderful": 0.92, "great": 0.9, "lovely": 0.83,
-    "impressive": 0.77, "comfortable": 0.7, "friendly": 0.66, "good": 0.6, "nice": 0.55, "pleasant": 0.5,
-    "clean": 0.45, "solid": 0.4, "decent": 0.3, "fine": 0.2, "okay": 0.1, "average": -0.05, "plain": -0.15,
-    "bland": -0.3, "dull": -0.4, "slow": -0.5, "noisy": -0.55, "disappointing": -0.63, "bad": -0.7, "poor": -0.75,
-    "broken": -0.85, "terrible": -0.93, "awful": -1.0,
+    "excellent": 1.0,
+    "perfect": 0.97,
+    "amazing": 0.94,
+    "wonderful": 0.92,
+    "great": 0.9,
+    "lovely": 0.83,
+    "impressive": 0.77,
+    "comfortable": 0.7,
+    "friendly": 0.66,
+    "good": 0.6,
+    "nice": 0.55,
+    "pleasant": 0.5,
+    "clean": 0.45,
+    "solid": 0.4,
+    "decent": 0.3,
+    "fine": 0.2,
+    "okay": 0.1,
+    "average": -0.05,
+    "plain": -0.15,
+    "bland": -0.3,
+    "dull": -0.4,
+    "slow": -0.5,
+    "noisy": -0.55,
+    "disappointing": -0.63,
+    "bad": -0.7,
+    "poor": -0.75,
+    "broken": -0.85,
+    "terrible": -0.93,
+    "awful": -1.0,
 }
 
 #: Relative frequency of adjectives in reference answers (1 when absent): people reach for a few common words.
-ADJECTIVE_FREQUENCY: dict[str, float] = {"great": 4.0, "good": 4.0, "nice": 3.0, "bad": 3.0, "excellent": 2.0,
-                                         "amazing": 2.0, "okay": 2.0, "terrible": 2.0, "awful": 2.0}
+ADJECTIVE_FREQUENCY: dict[str, float] = {
+    "great": 4.0,
+    "good": 4.0,
+    "nice": 3.0,
+    "bad": 3.0,
+    "excellent": 2.0,
+    "amazing": 2.0,
+    "okay": 2.0,
+    "terrible": 2.0,
+    "awful": 2.0,
+}
 
 #: Intensifiers as exponents on |sentiment|: ``s -> sign(s) * |s| ** gamma``. gamma < 1 pushes towards +-1, gamma > 1
 #: softens. This never leaves [-1, 1] and, unlike a multiplier with clipping, keeps "very great" below "excellent".
@@ -59,8 +120,14 @@ NEGATION = "not"
 NEGATION_FACTOR = -0.7
 
 #: Verbs of the clause "i VERB the ASPECT" with their sentiment.
-VERBS: dict[str, float] = {"loved": 0.95, "enjoyed": 0.8, "appreciated": 0.72, "liked": 0.62, "disliked": -0.6,
-                           "hated": -0.95}
+VERBS: dict[str, float] = {
+    "loved": 0.95,
+    "enjoyed": 0.8,
+    "appreciated": 0.72,
+    "liked": 0.62,
+    "disliked": -0.6,
+    "hated": -0.95,
+}
 
 #: Fixed clauses without an aspect (whole token sequences) with their sentiment.
 FIXED_CLAUSES: dict[tuple[str, ...], float] = {
@@ -124,7 +191,7 @@ def parse_clause(tokens: Sequence[str]) -> tuple[str | None, float] | None:
         return None if value is None else (t[1], value)
     for subject in GENERIC_SUBJECTS:
         if t[: len(subject)] == subject:
-            value = _phrase_sentiment(t[len(subject):])
+            value = _phrase_sentiment(t[len(subject) :])
             return None if value is None else (None, value)
     return None
 
@@ -153,23 +220,73 @@ def parse_sentence(tokens: Sequence[str]) -> list[tuple[str | None, float]] | No
 # --------------------------------------------------------------------------------------------------------------------
 
 PROMPT_LEADS: dict[str, tuple[str, ...]] = {
-    "hotel": ("we stayed here for a week", "we stayed here for two nights", "i booked a suite",
-              "we spent a weekend here", "i stayed here for one night", "we checked in late"),
-    "restaurant": ("we had dinner here", "i came here for lunch", "we booked a table for four", "we ate here",
-                   "we had a late brunch here", "i stopped by for a quick meal"),
-    "phone": ("i bought this phone", "i have used this phone for a month", "i switched to this phone",
-              "i got this phone as a gift", "i upgraded to this model", "i ordered this phone online"),
-    "laptop": ("i bought this laptop", "i have used this laptop for a month", "i use this laptop every day",
-               "i got this laptop as a gift", "i ordered this laptop online", "i switched to this model"),
-    "movie": ("i watched this film", "we saw this movie at the cinema", "i watched it at home", "we rented this movie",
-              "i saw the late show", "we streamed this film"),
-    "book": ("i read this book", "i finished this novel", "i borrowed this book", "i read it on the train",
-             "i bought this novel", "i listened to the audio version"),
+    "hotel": (
+        "we stayed here for a week",
+        "we stayed here for two nights",
+        "i booked a suite",
+        "we spent a weekend here",
+        "i stayed here for one night",
+        "we checked in late",
+    ),
+    "restaurant": (
+        "we had dinner here",
+        "i came here for lunch",
+        "we booked a table for four",
+        "we ate here",
+        "we had a late brunch here",
+        "i stopped by for a quick meal",
+    ),
+    "phone": (
+        "i bought this phone",
+        "i have used this phone for a month",
+        "i switched to this phone",
+        "i got this phone as a gift",
+        "i upgraded to this model",
+        "i ordered this phone online",
+    ),
+    "laptop": (
+        "i bought this laptop",
+        "i have used this laptop for a month",
+        "i use this laptop every day",
+        "i got this laptop as a gift",
+        "i ordered this laptop online",
+        "i switched to this model",
+    ),
+    "movie": (
+        "i watched this film",
+        "we saw this movie at the cinema",
+        "i watched it at home",
+        "we rented this movie",
+        "i saw the late show",
+        "we streamed this film",
+    ),
+    "book": (
+        "i read this book",
+        "i finished this novel",
+        "i borrowed this book",
+        "i read it on the train",
+        "i bought this novel",
+        "i listened to the audio version",
+    ),
 }
-PROMPT_TIMES: tuple[str, ...] = ("last week", "last month", "in the summer", "in the winter", "last year",
-                                 "on a rainy day", "for my birthday", "over the holidays")
-PROMPT_COMPANY: tuple[str, ...] = ("with my family", "with friends", "for work", "with my partner", "on my own",
-                                   "with my kids")
+PROMPT_TIMES: tuple[str, ...] = (
+    "last week",
+    "last month",
+    "in the summer",
+    "in the winter",
+    "last year",
+    "on a rainy day",
+    "for my birthday",
+    "over the holidays",
+)
+PROMPT_COMPANY: tuple[str, ...] = (
+    "with my family",
+    "with friends",
+    "for work",
+    "with my partner",
+    "on my own",
+    "with my kids",
+)
 
 # --------------------------------------------------------------------------------------------------------------------
 # Generator settings (imperfect, human-style reference answers)
@@ -195,8 +312,13 @@ P_REPEAT = 0.05  # per reference: one sentence written twice
 
 def all_prompts() -> list[str]:
     """Every distinct prompt string of the task, in a fixed order."""
-    return [f"{cat} review : {lead} {when} {company} ." for cat, leads in PROMPT_LEADS.items() for lead in leads
-            for when in PROMPT_TIMES for company in PROMPT_COMPANY]
+    return [
+        f"{cat} review : {lead} {when} {company} ."
+        for cat, leads in PROMPT_LEADS.items()
+        for lead in leads
+        for when in PROMPT_TIMES
+        for company in PROMPT_COMPANY
+    ]
 
 
 def _weighted(rng: random.Random, table: dict[K, float]) -> K:
@@ -241,9 +363,9 @@ def _typo(rng: random.Random, word: str) -> str:
         i = rng.randrange(len(word))
         edit = rng.choice(("drop", "double", "swap"))
         if edit == "drop" and len(word) > 2:
-            new = word[:i] + word[i + 1:]
+            new = word[:i] + word[i + 1 :]
         elif edit == "swap" and i + 1 < len(word):
-            new = word[:i] + word[i + 1] + word[i] + word[i + 2:]
+            new = word[:i] + word[i + 1] + word[i] + word[i + 2 :]
         else:
             new = word[:i] + word[i] + word[i:]
         if new not in VOCABULARY:
@@ -320,8 +442,11 @@ def make_splits(seed: int = DATA_SEED) -> dict[str, list[dict[str, str]]]:
         for i in range(n_rows):
             category = list(CATEGORIES)[i % len(CATEGORIES)]
             # distinct splits take the category's prompts in (shuffled) order, the others draw with replacement
-            prompt = by_category[category][i // len(CATEGORIES)] if split in DISTINCT_SPLITS else rng.choice(
-                by_category[category])
+            prompt = (
+                by_category[category][i // len(CATEGORIES)]
+                if split in DISTINCT_SPLITS
+                else rng.choice(by_category[category])
+            )
             rows.append({"prompt": prompt, "reference": make_reference(rng, category)})
         rng.shuffle(rows)
         out[split] = rows

@@ -143,6 +143,7 @@ def install_kill(point: str, n: int, module: BPOModule, trainer_callbacks: list)
 
         os.replace = replace_or_die
     elif point in ("step", "evaluate"):
+
         class Kill(L.Callback):
             def on_train_batch_start(self, *args):
                 if point == "step" and hit():
@@ -247,8 +248,14 @@ def main() -> None:
                        gather_for_sampling=args.gather_for_sampling)  # fmt: skip
     annotator = CountingAnnotator(out / f"calls.rank{os.environ.get('LOCAL_RANK', '0')}.json", args.kill_at,
                                   kill_item=int(n) if point == "annotate" else 0)  # fmt: skip
-    checkpoint = PhaseCheckpoint(dirpath=out / "run" / "ckpt", filename="phase-{phase}", save_last="link",
-                                 save_top_k=-1, enable_version_counter=False, auto_insert_metric_name=False)
+    checkpoint = PhaseCheckpoint(
+        dirpath=out / "run" / "ckpt",
+        filename="phase-{phase}",
+        save_last="link",
+        save_top_k=-1,
+        enable_version_counter=False,
+        auto_insert_metric_name=False,
+    )
     callbacks = [SaveInitial(out / "initial.pt"), *([PhaseReport(plots=False)] if args.eval_prompts else [])]
     callbacks.append(checkpoint)
     if point:
