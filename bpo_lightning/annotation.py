@@ -129,8 +129,29 @@ class RuleAnnotator(Annotator):
 
     @property
     def identity(self) -> str:
+        """The import path, the keyword arguments and a digest of the function's code and of its module's source
+        (what the function may call): an edited function is another annotator, whose scores are not reused."""
         extra = f"({self.kwargs})" if self.kwargs else ""
-        return f"RuleAnnotator:{self.function}{extra}"
+        return f"RuleAnnotator:{self.function}{extra}@{code_digest(self._fn)}"
+
+
+def code_digest(fn) -> str:
+    """A digest of ``fn``'s bytecode and constants and of its module's source file, when there is one."""
+    import hashlib
+    import inspect
+    import marshal
+
+    digest = hashlib.sha256()
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        digest.update(marshal.dumps(code))
+    try:
+        source = inspect.getsourcefile(fn)
+        if source:
+            digest.update(Path(source).read_bytes())
+    except (TypeError, OSError):  # a builtin, a class instance, a function defined in a REPL
+        digest.update(repr(fn).encode())
+    return digest.hexdigest()[:12]
 
 
 class RewardModelAnnotator(Annotator):

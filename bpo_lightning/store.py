@@ -178,7 +178,10 @@ def _cut_torn_line(f) -> None:
 
 def differs(saved: dict, current: dict, key: str) -> bool:
     """Whether provenance entry ``key`` differs, leaving out what a phase file written before it was recorded lacks
-    (``_LATER``)."""
+    (``_LATER``; a rule annotator's code digest, ``@…`` after its identity)."""
+    old, new = saved.get(key), current.get(key)
+    if key == "annotator" and isinstance(old, str) and isinstance(new, str) and "@" not in old and "@" in new:
+        return old != new.rpartition("@")[0]
     later = _LATER.get(key, ())
     if key in _LATER and later is None and key not in saved:
         return False

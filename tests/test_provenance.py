@@ -155,3 +155,41 @@ def test_a_judge_run_continues_against_another_endpoint_or_with_a_longer_timeout
     check_run_dir(older, judge(timeout=60.0))
     with pytest.raises(RunMismatch, match="data.annotator.init_args.model: saved 'm', now 'other'"):
         check_run_dir(tmp_path, judge(model="other"))
+
+
+def test_an_edited_rule_function_is_another_annotator(tmp_path, monkeypatch):
+    """The reproduction: a rule function edited between two runs sharing an annotation cache used to get its old
+    scores back through the cache (``direct call [-5.0], through the cache [1.0]``). Its identity now digests its
+    code and module, so the edited function is asked again; a phase file written before the digest was recorded is
+    still reused by the same import path."""
+    import importlib
+
+    from bpo_lightning.annotation import RuleAnnotator
+    from bpo_lightning.cache import AnnotationCache, cached_score
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rule = tmp_path / "my_rule.py"
+    rule.write_text("def score(prompt, response):\n    return 1.0\n")
+    import my_rule
+
+    cache = AnnotationCache(tmp_path / "cache.sqlite")
+    first = RuleAnnotator("my_rule:score")
+    assert cached_score(first, cache, ["p"], ["r"])[0] == [1.0]
+    rule.write_text("def score(prompt, response):\n    return -5.0\n")
+    importlib.reload(my_rule)
+    edited = RuleAnnotator("my_rule:score")
+    assert edited.identity != first.identity and edited.identity.startswith("RuleAnnotator:my_rule:score@")
+    assert cached_score(edited, cache, ["p"], ["r"])[0] == [-5.0]  # asked, not the old cached 1.0
+    assert RuleAnnotator("my_rule:score").identity == edited.identity  # stable while the code is
+
+    store = PhaseStore(tmp_path / "data", 0)
+    legacy = {"phase": 0, "behavior_version": 0, "sampler": {}, "annotator": "RuleAnnotator:my_rule:score",
+              "seed": 0, "reference": "behavior"}  # fmt: skip
+    store.check(legacy)
+    store.check({**legacy, "annotator": edited.identity})  # written before digests: the same import path passes
+    with pytest.raises(RunError, match="annotator"):
+        store.check({**legacy, "annotator": RuleAnnotator("test_provenance:_other_rule").identity})
+
+
+def _other_rule(prompt, response):
+    return 0.0
