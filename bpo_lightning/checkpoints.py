@@ -33,7 +33,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from bpo_lightning.errors import InputError, disk_error
-from bpo_lightning.files import atomic_file
+from bpo_lightning.files import atomic_file, lock_run_dir
 
 
 @contextlib.contextmanager
@@ -186,6 +186,8 @@ class PhaseCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero:
+            lock_run_dir(trainer.default_root_dir)  # one writer: another fit's temporary files are not ours to remove
         if stage == "fit" and trainer.is_global_zero and self.dirpath and os.path.isdir(self.dirpath):
             for leftover in Path(self.dirpath).glob("*.tmp"):  # a checkpoint or link a killed run did not finish
                 if leftover.is_file() or leftover.is_symlink():

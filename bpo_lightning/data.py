@@ -27,6 +27,7 @@ from bpo_lightning.collection import PhasePrompts, annotate, collect_phase, glob
 from bpo_lightning.distributed import Ranks
 from bpo_lightning.errors import InputError, RunError
 from bpo_lightning.evaluation import EvaluationInputs, HeldOut
+from bpo_lightning.files import lock_run_dir
 from bpo_lightning.prompts import PromptSource
 from bpo_lightning.sampling import GenerateSampler, Sampler
 from bpo_lightning.store import PhaseStore
@@ -120,6 +121,7 @@ class OnlineDataModule(L.LightningDataModule):
         if stage == "fit" and self.pool is None:
             self._load_pool()
             if self.trainer is None or self.trainer.is_global_zero:  # files a killed run was writing (never read)
+                lock_run_dir(self.run_dir, "data.run_dir" if self._run_dir else "trainer.default_root_dir")
                 for folder in (self.run_dir, self.run_dir / "data", self.run_dir / "evaluations"):
                     for leftover in folder.glob("*.tmp"):
                         leftover.unlink(missing_ok=True)

@@ -69,3 +69,52 @@ def strict_json(value):
     if isinstance(value, list):
         return [strict_json(v) for v in value]
     return value
+
+
+LOCK = ".bpo.lock"
+_held: dict[str, IO] = {}  # run folders this process holds, by resolved path
+
+
+def lock_run_dir(run_dir: str | os.PathLike, key: str = "trainer.default_root_dir") -> None:
+    """Make this process the one writer of ``run_dir`` until it exits: an exclusive ``flock`` on
+    ``<run_dir>/.bpo.lock``, which records the holder's pid and host. The operating system releases it when the
+    process ends in any way (a crash or a kill included), so a lock file left behind is taken over. Another holder is
+    an ``InputError`` naming it. Taking a folder this process holds already does nothing."""
+    import fcntl
+    import socket
+    import time
+
+    path = Path(run_dir)
+    name = str(path.resolve())
+    if name in _held:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / LOCK, "a+")  # noqa: SIM115 (held open for the life of the process)
+    except OSError as err:
+        raise disk_error(err, path / LOCK, key) from err
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = " ".join(handle.read().split()) or "another process"
+        handle.close()
+        from bpo_lightning.errors import InputError
+
+        raise InputError(f"{key}: {path} is being written by another bpo fit ({holder}); wait for it to end, or "
+                         "choose another folder") from None  # fmt: skip
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    if not _held:
+        import atexit
+
+        atexit.register(_release)
+    _held[name] = handle
+
+
+def _release() -> None:
+    for handle in _held.values():
+        handle.close()  # the lock goes with it
+    _held.clear()

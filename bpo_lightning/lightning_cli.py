@@ -5,6 +5,7 @@ only for these three).
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -118,11 +119,15 @@ class BPOCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Refuse a run directory that holds another run (``identity``), before anything in it is written."""
+        from bpo_lightning.files import lock_run_dir
         from bpo_lightning.identity import RunMismatch, check_run_dir, fingerprint
 
         config = self.config["fit"]
+        run_dir = config.data.run_dir or config.trainer.default_root_dir
+        if all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+            lock_run_dir(run_dir)  # one writer per run folder (processes of the same job are not launched yet)
         try:
-            check_run_dir(config.data.run_dir or config.trainer.default_root_dir, fingerprint(config))
+            check_run_dir(run_dir, fingerprint(config))
         except RunMismatch as err:
             print(f"bpo: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None

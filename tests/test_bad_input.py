@@ -344,3 +344,36 @@ def test_a_resume_with_another_block_size_reference_or_loss_is_refused(flag, key
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert "holds a run with other settings" in err and key in err, err  # the differing key listed below the line
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == files
+
+
+def test_a_second_bpo_fit_into_a_folder_being_written_is_refused(tmp_path, cache, capsys):
+    """The reproduction: two `bpo fit` into one run folder at once both exited 0, every row of samples.jsonl twice.
+    Now the second is refused in one line naming the first's pid (exit 2) and writes nothing; the first finishes
+    with every prompt once. A lock file left by a process that died is taken over."""
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    main(shrunk(tmp_path / "warm", cache))  # the SFT start built once, outside the timing of the race
+    args = [*shrunk(run, cache)]
+    args[args.index("--data.budget=8")] = "--data.budget=64"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "bpo_lightning", *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lock = run / ".bpo.lock"
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and f"pid {first.pid} " in lock.read_text()) and time.monotonic() < deadline:
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    code, line = bpo(capsys, args)
+    assert code == 2 and f"is being written by another bpo fit (pid {first.pid} on" in line, line
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    rows = [json.loads(x) for x in (run / "data" / "phase_0000.samples.jsonl").read_text().splitlines()]
+    assert sorted(row["index"] for row in rows) == list(range(64))  # every prompt once
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / ".bpo.lock").write_text("pid 999999 on elsewhere since 2026-01-01 00:00:00\n")  # its holder is gone
+    main(shrunk(stale, cache))
+    assert f"pid {os.getpid()} " in (stale / ".bpo.lock").read_text()
