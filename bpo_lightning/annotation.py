@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from bpo_lightning.arguments import RecordsArguments, describe
+from bpo_lightning.errors import InputError
 from bpo_lightning.hookspecs import hookimpl
 
 
@@ -101,9 +102,9 @@ def import_callable(path: str, key: str) -> Callable:
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"{key}: cannot import {path!r} ({type(err).__name__}: {err})") from err
+        raise InputError(f"{key}: cannot import {path!r} ({type(err).__name__}: {err})") from None
     if not callable(fn):
-        raise ValueError(f"{key}: {path!r} is not callable")
+        raise InputError(f"{key}: {path!r} is not callable")
     return fn
 
 
@@ -118,7 +119,7 @@ class RuleAnnotator(Annotator):
     def __init__(self, function: str, kwargs: dict | None = None) -> None:
         self.function = function
         self.kwargs = dict(kwargs or {})
-        self._fn = import_callable(function, "annotator.init_args.function")
+        self._fn = import_callable(function, "data.annotator.init_args.function")
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         scores = []

@@ -42,9 +42,21 @@ def atomic_file(
         if tmp is not None:
             with contextlib.suppress(OSError):
                 Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise disk_error(err, path, key) from err
+        cause = _os_error(err)
+        if cause is not None:  # torch's zip writer turns a failed write into a RuntimeError on the way out
+            raise disk_error(cause, path, key) from err
         raise
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The ``OSError`` that ``err`` is or that led to it (its cause or context chain), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def atomic_write(path: str | os.PathLike, text: str, key: str = "trainer.default_root_dir") -> None:

@@ -377,3 +377,41 @@ def test_a_second_bpo_fit_into_a_folder_being_written_is_refused(tmp_path, cache
     (stale / ".bpo.lock").write_text("pid 999999 on elsewhere since 2026-01-01 00:00:00\n")  # its holder is gone
     main(shrunk(stale, cache))
     assert f"pid {os.getpid()} " in (stale / ".bpo.lock").read_text()
+
+
+def test_an_annotator_function_that_does_not_import_is_one_line(tmp_path, cache, capsys):
+    status, line = bpo(capsys, [*shrunk(tmp_path / "run", cache), "--data.annotator=RuleAnnotator",
+                                "--data.annotator.init_args.function=no_such_module:score"])  # fmt: skip
+    assert status == 2 and "annotator.init_args.function" in line and "no_such_module" in line, line
+
+
+def test_a_run_folder_that_cannot_be_created_is_one_line(tmp_path, cache, capsys):
+    """A file where the run folder would be (a read-only folder fails the same way, for a user who is not root)."""
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    status, line = bpo(capsys, shrunk(blocker / "run", cache))
+    assert status == 1 and f"cannot write {blocker / 'run'}" in line and "trainer.default_root_dir" in line, line
+
+
+def test_a_disk_that_fills_during_a_checkpoint_is_one_line(tmp_path, cache, capsys, monkeypatch):
+    """torch's zip writer reports a failed write as a RuntimeError raised while it handles the OSError: the line
+    names the checkpoint and the disk, no temporary file is left, and the phase's data is kept."""
+    import torch
+
+    save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if not (isinstance(obj, dict) and "bpo" in obj):  # only the checkpoint's write fails
+            return save(obj, f, *args, **kwargs)
+        f.write(b"PK\x03\x04 partial")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from None
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    run = tmp_path / "run"
+    status, line = bpo(capsys, shrunk(run, cache))
+    assert status == 1 and "checkpoint.dirpath" in line and "No space left on device" in line, line
+    assert not list((run / "checkpoints").glob("*.tmp")) and not list((run / "checkpoints").glob("*.ckpt"))
+    assert (run / "data" / "phase_0000.pairs.jsonl").exists()  # the phase collected before the checkpoint is kept
