@@ -16,16 +16,23 @@ import argparse
 import contextlib
 import copy
 import io
+import os
 import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
+from bpo_lightning.files import UMASK, shareable
+
 
 def export_policy(module, out_dir: str | Path) -> Path:
-    """Save ``module``'s current policy into ``out_dir``. LoRA layers are merged in and removed, which changes
-    ``module.policy``: export from a module that is done training (as ``bpo export`` does)."""
+    """Save ``module``'s current policy into ``out_dir``, complete or not at all: it is written into a temporary
+    folder beside ``out_dir`` and renamed into place (a folder already there is replaced). LoRA layers are merged in
+    and removed, which changes ``module.policy``: export from a module that is done training (as ``bpo export``
+    does)."""
+    import shutil
+
     from bpo_lightning.lora import MERGED
     from bpo_lightning.weights import EnsembleWeights
 
@@ -37,16 +44,25 @@ def export_policy(module, out_dir: str | Path) -> Path:
             model = model.merge_and_unload(adapter_names=[MERGED])
         else:
             model = model.merge_and_unload()
-    model.save_pretrained(out)
-    tokenizer = with_bos(module.tokenizer)
-    generating_side, tokenizer.padding_side = tokenizer.padding_side, getattr(tokenizer, "source_padding_side", "right")
-    try:  # saved with the source's padding side (right for most), not the left padding batched sampling uses
-        tokenizer.save_pretrained(out)
-    finally:
-        tokenizer.padding_side = generating_side
-    from bpo_lightning.files import shareable
-
-    shareable(out)  # not the 0600 safetensors gives its files
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer = with_bos(module.tokenizer)
+        generating_side = tokenizer.padding_side
+        tokenizer.padding_side = getattr(tokenizer, "source_padding_side", "right")
+        try:  # saved with the source's padding side (right for most), not the left padding batched sampling uses
+            tokenizer.save_pretrained(tmp)
+        finally:
+            tokenizer.padding_side = generating_side
+        shareable(tmp)  # not the 0600 safetensors gives its files
+        tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes it private
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

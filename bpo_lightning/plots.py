@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from bpo_lightning.files import atomic_file
+
 PANELS = (
     ("win_rate", "win rate vs reference"),
     ("reward", "evaluator (gold) reward"),
@@ -68,8 +70,11 @@ def plot_histories(histories: dict[str, list[dict]], out: str | Path) -> Path:
     fig.tight_layout(rect=(0, 0.6 / (3.4 * rows + 0.6), 1, 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_file(out, "wb") as f:  # a kill while drawing leaves the previous figure, never a torn one
+            fig.savefig(f, dpi=100, format=out.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -328,3 +328,28 @@ def test_a_run_folder_written_before_classes_moved_still_resumes(tmp_path, capsy
     assert "phase 2/2 | pairs" in capsys.readouterr().out
     assert (run / "data" / "phase_0000.pairs.jsonl").read_bytes() == pairs  # the saved phase was reused
     assert (run / "data" / "phase_0001.pairs.jsonl").exists()
+
+
+def test_an_export_that_fails_half_way_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    """A killed `bpo export` used to leave a folder that loaded as if complete. The export is written into a
+    temporary folder and renamed: failing after the weights, before the tokenizer, leaves neither the output folder
+    nor the temporary one; a second export replaces a complete folder already there."""
+    from transformers import PreTrainedTokenizerBase
+
+    run = tmp_path / "run"
+    main(_tiny(run, tmp_path / "cache", "--data.num_phases=1", "--data.budget=8"))
+    save = PreTrainedTokenizerBase.save_pretrained
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt  # what a Ctrl-C between the two saves raises
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(["export", "--run", str(run), "--out", str(tmp_path / "out")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]  # no output, no temporary folder
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", save)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.txt").write_text("from an earlier export")
+    main(["export", "--run", str(run), "--out", str(tmp_path / "out")])
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "model.safetensors" in names and "tokenizer.json" in names and "stale.txt" not in names
