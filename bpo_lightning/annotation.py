@@ -122,11 +122,18 @@ class RuleAnnotator(Annotator):
         self._fn = import_callable(function, "data.annotator.init_args.function")
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        scores = []
-        for prompt, response in zip(prompts, responses, strict=True):
-            value = self._fn(prompt, response, **self.kwargs)
-            scores.append(math.nan if value is None else value)  # checked (a number?) where it is used
+        scores = [math.nan] * len(prompts)
+        for group in self.score_iter(prompts, responses):
+            for k, value in group:
+                scores[k] = value
         return scores
+
+    def score_iter(self, prompts: list[str], responses: list[str]) -> Iterator[list[tuple[int, float]]]:
+        """One answer at a time: the function is called per response, so each score is stored as soon as it exists
+        (a kill inside a block loses at most the answer being computed)."""
+        for k, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+            value = self._fn(prompt, response, **self.kwargs)
+            yield [(k, math.nan if value is None else value)]  # checked (a number?) where it is used
 
     @property
     def identity(self) -> str:

@@ -136,13 +136,12 @@ def cached_score(
         return scores, sorted(paid_before)
     asked, answers = [prompts[i] for i in missing], [responses[i] for i in missing]
     given = [False] * len(missing)
-    paid = 0
+    paid = stored = 0
     try:
         for group in annotator.score_iter(asked, answers):
             group = [(k, _checked(annotator, value, asked[k])) for k, value in group]
-            if cache is not None:
-                _store(cache, annotator, [asked[k] for k, _ in group], [answers[k] for k, _ in group],
-                       [value for _, value in group], origin)  # fmt: skip
+            stored += _store(cache, annotator, [asked[k] for k, _ in group], [answers[k] for k, _ in group],
+                             [value for _, value in group], origin)  # fmt: skip
             for k, value in group:
                 if given[k]:
                     raise RunError(f"data.annotator: {annotator.identity} gave two scores for one response")
@@ -151,8 +150,8 @@ def cached_score(
     except BPOError:
         raise
     except Exception as err:
-        kept = f"the {paid} paid before are saved in {cache.path}, " if cache is not None and paid else ""
-        raise RunError(f"data.annotator: {annotator.identity} failed after {paid} of {len(missing)} scores "
+        kept = f"the {stored} scores given before are saved in {cache.path}, " if cache is not None and stored else ""
+        raise RunError(f"data.annotator: {annotator.identity} failed after {paid} of {len(missing)} answers "
                        f"({type(err).__name__}: {err}); {kept}a resume asks only for the rest "
                        "(--debug shows the traceback)") from err  # fmt: skip
     if paid != len(missing):
@@ -163,12 +162,18 @@ def cached_score(
     return scores, sorted(missing + paid_before)
 
 
-def _store(cache, annotator, prompts: list[str], responses: list[str], scores: list[float], origin) -> None:
+def _store(cache, annotator, prompts: list[str], responses: list[str], scores: list[float], origin) -> int:
+    """Store scores in the cache (there is one); how many it now holds of them (NaN is not stored; a cache that
+    cannot take them gets a warning)."""
+    if cache is None:
+        return 0
     try:
         cache.put(annotator.identity, prompts, responses, scores, origin)
     except sqlite3.OperationalError as err:  # the scores are paid for: use them, they are saved with the phase
         warnings.warn(f"data.annotation_cache: could not store {len(scores)} scores in {cache.path} ({err}); "
                       "they are used and saved with the phase data", stacklevel=3)  # fmt: skip
+        return 0
+    return sum(not math.isnan(s) for s in scores)
 
 
 def _checked(annotator, value, prompt: str) -> float:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import KILL_TABLE, CountingAnnotator, make_run
 
+from bpo_lightning.annotation import Annotator
 from bpo_lightning.cache import AnnotationCache, cached_score
 from bpo_lightning.data import OnlineDataModule
 from bpo_lightning.errors import RunError
@@ -103,8 +104,8 @@ def test_scores_are_cached_as_they_are_paid_for(tmp_path):
     prompts, responses = [f"p{i}" for i in range(6)], ["a" * i for i in range(6)]
     with pytest.raises(
         RunError,
-        match=r"data.annotator: CountingAnnotator:gold failed after 3 of 6 scores "
-        r"\(ConnectionError: endpoint went away\); the 3 paid before are saved in",
+        match=r"data.annotator: CountingAnnotator:gold failed after 3 of 6 answers "
+        r"\(ConnectionError: endpoint went away\); the 3 scores given before are saved in",
     ):
         cached_score(flaky, cache, prompts, responses)
     assert cache.get(flaky.identity, prompts, responses) == [0.0, 1.0, 2.0, None, None, None]
@@ -438,3 +439,51 @@ def test_pipelined_collection_writes_the_sequential_files(tmp_path, sft_dir):
         else:
             assert order == ["sample", "annotate"] * 4
     assert files[True] == files[False] and len(files[True]) == 3  # samples, pairs, phase file
+
+
+_RULE_CALLS: list[str] = []
+
+
+def _rule_failing_at_20(prompt, response):
+    """A rule function that fails at its 20th call (a crash inside a 32-prompt block), else the response length."""
+    if len(_RULE_CALLS) == 19 and _RULE_CALLS.count("fail") == 0:
+        _RULE_CALLS.append("fail")
+        raise ConnectionError("scorer went away")
+    _RULE_CALLS.append(prompt)
+    return float(len(response))
+
+
+def test_the_default_rule_annotator_stores_each_answer_as_it_is_computed(tmp_path):
+    """The reproduction: RuleAnnotator handed its scores over as one group per block, so a crash at the 20th call
+    of a block lost the 19 before it. It now yields one answer at a time: those 19 are in the cache, the rerun asks
+    for the other 13 only, and the failure line counts what was stored."""
+    from bpo_lightning.annotation import RuleAnnotator
+
+    _RULE_CALLS.clear()
+    cache = AnnotationCache(tmp_path / "cache.sqlite")
+    rule = RuleAnnotator("test_faults:_rule_failing_at_20")
+    prompts, responses = [f"p{i}" for i in range(32)], ["a" * i for i in range(32)]
+    with pytest.raises(RunError, match=r"failed after 19 of 32 answers .*the 19 scores given before are saved"):
+        cached_score(rule, cache, prompts, responses)
+    assert sum(s is not None for s in cache.get(rule.identity, prompts, responses)) == 19
+    scores, fresh = cached_score(rule, cache, prompts, responses)
+    assert scores == [float(i) for i in range(32)]
+    assert len([c for c in _RULE_CALLS if c != "fail"]) == 32  # 19 + 13: nothing computed twice
+
+
+def test_a_failure_with_no_score_given_claims_none_saved(tmp_path):
+    """The outage message used to say "the 8 paid before are saved" when every answer was NaN (nothing stored)."""
+
+    class Dead(Annotator):
+        identity = "Dead"
+
+        def score_iter(self, prompts, responses):
+            for k in range(4):
+                yield [(k, math.nan)]  # a request that got no answer
+            raise ConnectionError("endpoint went away")
+
+    cache = AnnotationCache(tmp_path / "cache.sqlite")
+    with pytest.raises(RunError) as info:
+        cached_score(Dead(), cache, [f"p{i}" for i in range(8)], ["r"] * 8)
+    assert "failed after 4 of 8 answers" in str(info.value) and "saved in" not in str(info.value)
+    assert len(cache) == 0
