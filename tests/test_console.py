@@ -31,7 +31,7 @@ def test_help_lists_the_six_commands(args):
     took = time.perf_counter() - started
     assert done.returncode == 0, done.stderr
     listed = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("  ")]
-    assert listed == list(COMMANDS)
+    assert listed == ["fit", "validate", "test", "plugins", "compare", "export"]  # written out: a lost one fails
     assert "predict" not in done.stdout and "Lightning Trainer command line tool" not in done.stdout
     assert "--debug" in done.stdout and "--verbose" in done.stdout and "docs" in done.stdout
     print(f"`bpo {' '.join(args)}` took {took:.2f}s")

@@ -63,7 +63,7 @@ def test_win_tie_loss_merge_equals_single_pass():
 
 
 def test_win_tie_loss_shape_mismatch():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="scores has 2 elements but reference_scores has 3"):
         WinTieLoss().update(torch.zeros(2), torch.zeros(3))
 
 
@@ -98,11 +98,11 @@ def test_response_stats_without_tokens_and_merge():
 
 
 def test_response_stats_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ngram must be >= 1, got 0"):
         ResponseStats(ngram=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 responses but 2 finished flags"):
         ResponseStats().update(["a"], [True, False])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 responses but 2 token counts"):
         ResponseStats().update(["a"], [True], token_counts=[1, 2])
 
 

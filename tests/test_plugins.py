@@ -34,7 +34,11 @@ def test_builtins_register_through_the_hooks():
 
 
 def test_entry_point_plugin_is_loaded_and_listed(site):
-    make_distribution(site, "bpo-lightning-hinge2", "hinge2_plugin", """
+    make_distribution(
+        site,
+        "bpo-lightning-hinge2",
+        "hinge2_plugin",
+        """
         from bpo_lightning import PreferenceLoss, hookimpl
 
         class SquaredHingeLoss(PreferenceLoss):
@@ -44,7 +48,8 @@ def test_entry_point_plugin_is_loaded_and_listed(site):
         @hookimpl
         def register_losses(register):
             register(SquaredHingeLoss)
-    """)
+    """,
+    )
     plugins = load_plugins()
     assert plugins.get("losses", "SquaredHingeLoss").__module__ == "hinge2_plugin"
     text = format_plugins(plugins)
@@ -54,13 +59,18 @@ def test_entry_point_plugin_is_loaded_and_listed(site):
 
 
 def test_autoload_can_be_disabled(site, monkeypatch):
-    make_distribution(site, "obs-plugin", "obs_plugin_mod", """
+    make_distribution(
+        site,
+        "obs-plugin",
+        "obs_plugin_mod",
+        """
         from bpo_lightning import hookimpl
 
         @hookimpl
         def on_phase_start(phase):
             pass
-    """)
+    """,
+    )
     assert any(i.distribution == "obs-plugin" for i in load_plugins().infos)
     monkeypatch.setenv(AUTOLOAD_ENV, "1")
     assert not any(i.distribution == "obs-plugin" for i in load_plugins().infos)
@@ -77,7 +87,11 @@ def test_import_failure_names_distribution_and_entry_point(site):
 
 
 def test_non_conforming_class_is_refused(site):
-    make_distribution(site, "bad-kind", "bad_kind_mod", """
+    make_distribution(
+        site,
+        "bad-kind",
+        "bad_kind_mod",
+        """
         from bpo_lightning import hookimpl
 
         class NotALoss:
@@ -86,13 +100,18 @@ def test_non_conforming_class_is_refused(site):
         @hookimpl
         def register_losses(register):
             register(NotALoss)
-    """)
+    """,
+    )
     with pytest.raises(PluginError, match=r"bad-kind 0\.3.*registered .*NotALoss.* not a subclass of .*PreferenceLoss"):
         load_plugins()
 
 
 def test_name_collision_names_both_owners(site):
-    make_distribution(site, "clash", "clash_mod", """
+    make_distribution(
+        site,
+        "clash",
+        "clash_mod",
+        """
         from bpo_lightning import PreferenceLoss, hookimpl
 
         class OtherDPO(PreferenceLoss):  # (a distinct class name keeps config shorthands unambiguous later)
@@ -102,19 +121,25 @@ def test_name_collision_names_both_owners(site):
         @hookimpl
         def register_losses(register):
             register(OtherDPO, name="DPOLoss")
-    """)
+    """,
+    )
     with pytest.raises(PluginError, match=r"clash 0\.3.*'DPOLoss', a name already taken by .*'bpo-lightning"):
         load_plugins()
 
 
 def test_unknown_hook_is_refused(site):
-    make_distribution(site, "typo-hook", "typo_hook_mod", """
+    make_distribution(
+        site,
+        "typo-hook",
+        "typo_hook_mod",
+        """
         from bpo_lightning import hookimpl
 
         @hookimpl
         def register_loses(register):
             pass
-    """)
+    """,
+    )
     with pytest.raises(PluginError, match=r"typo-hook 0\.3.*does not fit the hook contract.*register_loses"):
         load_plugins()
 
@@ -140,9 +165,33 @@ def test_bpo_plugins_lists_builtin_losses(capsys):
     assert "    losses: DPOLoss, IPOLoss, SLiCLoss" in out
 
 
-def test_hookimpl_marker_is_pluggy_marker():
-    @hookimpl
-    def register_losses(register):
-        pass
+def test_only_bpo_hookimpl_marked_functions_are_called():
+    """bpo calls what ``bpo_lightning.hookimpl`` marks; a function marked for another pluggy project is not a hook
+    implementation of bpo's, even under a hook's name."""
+    import pluggy
 
-    assert hasattr(register_losses, "bpo_lightning_impl")
+    from bpo_lightning import DPOLoss
+    from bpo_lightning.plugins import load_plugins
+
+    class MarkedLoss(DPOLoss):
+        """Marked (https://arxiv.org/abs/2305.18290)."""
+
+    class OtherLoss(DPOLoss):
+        """Another project's (https://arxiv.org/abs/2305.18290)."""
+
+    other = pluggy.HookimplMarker("another_project")
+
+    class Mine:
+        @hookimpl
+        def register_losses(self, register):
+            register(MarkedLoss)
+
+    class Theirs:
+        @other
+        def register_losses(self, register):
+            register(OtherLoss)
+
+    plugins = load_plugins(autoload=False, extra=(Mine(), Theirs()))
+    assert plugins.get("losses", "MarkedLoss") is MarkedLoss
+    with pytest.raises(KeyError, match="no loss named 'OtherLoss'"):
+        plugins.get("losses", "OtherLoss")
