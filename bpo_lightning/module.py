@@ -60,6 +60,17 @@ STEP_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards
                 "logps/rejected", "behavior/kl", "loss")  # fmt: skip
 
 
+def loss_settings(loss: nn.Module) -> dict:
+    """A loss's class and the constructor arguments it keeps as attributes (its provenance): what the object holds
+    besides them (a strategy's bookkeeping, e.g. DeepSpeed's ``ds_id``) does not count."""
+    import inspect
+
+    cls = type(loss)
+    names = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+    values = {n: getattr(loss, n) for n in names if isinstance(getattr(loss, n, None), int | float | str | bool)}
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", **values}
+
+
 class BPOModule(L.LightningModule):
     """Policy + behavior handling + a pluggable preference loss.
 
@@ -228,12 +239,11 @@ class BPOModule(L.LightningModule):
             with self.behavior_weights(), self.precision_context(), self.sampling_context():
                 yield
 
-        loss = {k: v for k, v in vars(self.loss).items() if not k.startswith("_") and k != "training"
-                and isinstance(v, int | float | str | bool)}  # fmt: skip
+        loss = loss_settings(self.loss)
         provenance = {
             "reference": self.reference,
             "behavior_logps": hp.get("behavior_logps", "forward"),
-            "loss": {"class": f"{type(self.loss).__module__}.{type(self.loss).__qualname__}", **loss},
+            "loss": loss,
         }
         return BehaviorLLM(model=self.policy, tokenizer=self.tokenizer, version=version, computing=computing,
                            score=self.score_records, provenance=provenance, lockstep=self.lockstep,

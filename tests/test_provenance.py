@@ -193,3 +193,16 @@ def test_an_edited_rule_function_is_another_annotator(tmp_path, monkeypatch):
 
 def _other_rule(prompt, response):
     return 0.0
+
+
+def test_a_loss_is_recorded_by_its_arguments_not_by_what_a_strategy_adds():
+    """DeepSpeed tags every module with bookkeeping attributes (``ds_id``, ``ds_grads_remaining``, the latter only
+    once it has run): a resumed ZeRO-3 run was refused for them. The loss's provenance is its constructor arguments."""
+    from bpo_lightning.losses import DPOLoss
+    from bpo_lightning.module import loss_settings
+
+    loss = DPOLoss(beta=0.2)
+    before = loss_settings(loss)
+    loss.ds_id, loss.ds_grads_remaining = 1, 0
+    assert loss_settings(loss) == before == {"class": "bpo_lightning.losses.DPOLoss", "beta": 0.2,
+                                             "label_smoothing": 0.0}  # fmt: skip
