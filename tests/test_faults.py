@@ -402,31 +402,35 @@ def test_a_sampler_failing_mid_phase_keeps_the_blocks_before_it(tmp_path, sft_di
 
 def test_pipelined_collection_writes_the_sequential_files(tmp_path, sft_dir):
     """Annotating block k while block k+1 is sampled: the same phase files, byte for byte, and the overlap happens.
-    The overlap is observed, not timed: with the pipeline, the first annotation waits until the second block has
-    started sampling, which can only happen while it is running (sequentially it would wait in vain)."""
+    The overlap is observed, not timed: with the pipeline, the first annotation and the second block's sampling wait
+    for each other to begin, so both are under way at once (sequentially neither could begin: each waits in vain)."""
     from bpo_lightning.sampling import GenerateSampler
 
     events, overlapped = [], []
-    second_block = threading.Event()
+    first_annotation, second_block = threading.Event(), threading.Event()
 
     class Slow(CountingAnnotator):
         def score(self, prompts, responses):
-            first = not any(kind == "annotate" for kind in events)
+            first = "annotate" not in events
             events.append("annotate")
-            if first and data.pipeline:
-                overlapped.append(second_block.wait(timeout=120))
+            if first and data.pipeline:  # block 1's annotation is not over before block 2 is being sampled
+                first_annotation.set()
+                overlapped.append(("annotation saw the sampling", second_block.wait(timeout=120)))
             return super().score(prompts, responses)
 
     class Timed(GenerateSampler):
         def sample(self, *args, **kwargs):
             events.append("sample")
-            if events.count("sample") == 2:
+            if events.count("sample") == 2 and data.pipeline:  # nor is block 2 sampled before that has begun
                 second_block.set()
+                overlapped.append(("sampling saw the annotation", first_annotation.wait(timeout=120)))
             return super().sample(*args, **kwargs)
 
     files = {}
     for pipeline in (False, True):
         events.clear()
+        overlapped.clear()
+        first_annotation.clear()
         second_block.clear()
         root = tmp_path / str(pipeline)
         module, data, trainer = make_run(root, sft_dir, budget=32, num_phases=1, annotator=Slow())
@@ -437,9 +441,10 @@ def test_pipelined_collection_writes_the_sequential_files(tmp_path, sft_dir):
         # sequential: sample, annotate, sample, annotate…; pipelined: block 2 is sampled while block 1 is annotated
         assert events.count("sample") == 4 and events.count("annotate") == 4
         if pipeline:
-            assert overlapped == [True]
+            assert sorted(overlapped) == [("annotation saw the sampling", True), ("sampling saw the annotation", True)]
+            assert events[:3] in (["sample", "annotate", "sample"], ["sample", "sample", "annotate"])
         else:
-            assert events == ["sample", "annotate"] * 4
+            assert events == ["sample", "annotate"] * 4 and overlapped == []
     assert files[True] == files[False] and len(files[True]) == 3  # samples, pairs, phase file
 
 

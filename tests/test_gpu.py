@@ -36,12 +36,18 @@ def test_compiled_static_cache_sampler_on_gpu(sft_dir):
     sampler = StaticCacheSampler(batch_size=16, max_new_tokens=24, progress=False)  # compile: null = on CUDA
     first = sampler.sample(model, tokenizer, prompts, seed=0)  # 3 blocks, the last one padded to 16 prompts
     again = sampler.sample(model, tokenizer, prompts, seed=0)
-    assert len(sampler._steps) == 1  # one compiled step for the whole run
+    from bpo_lightning.sampling import encode_prompt
     from bpo_lightning.testing import sampler_problems
 
-    # the sampler contract on the GPU: shapes, no EOS kept, finished flags, texts, recorded bf16 log-probs near the
-    # model's own (a sum over up to 24 tokens, each rounded in bfloat16)
-    assert sampler_problems(sampler, model, tokenizer, prompts[:16], atol=0.5) == []
+    # computed apart from the sampler: every prompt's ids (the padded last block's rows dropped) as the tokenizer
+    # encodes it, and num_samples responses for each
+    assert first.prompt_ids == [encode_prompt(tokenizer, p, sampler.max_prompt_tokens or 1 << 30, sampler.add_bos)
+                                for p in prompts]  # fmt: skip
+    assert [len(rs) for rs in first.response_ids] == [sampler.num_samples] * len(prompts)
+    # the sampler contract on the GPU, all 3 blocks: shapes, no EOS kept, finished flags, texts decoded, recorded
+    # bf16 log-probs near one uncompiled forward pass of the model (a sum over up to 24 tokens, each bf16-rounded)
+    assert sampler_problems(sampler, model, tokenizer, prompts, atol=0.5) == []
+    assert len(sampler._steps) == 1  # one compiled step for the whole run, the checks' samplings included
     assert again.response_ids == first.response_ids  # the same seed draws the same tokens
     assert all(0 < len(r) <= 24 or done for rs, ds in zip(first.response_ids, first.finished, strict=True)
                for r, done in zip(rs, ds, strict=True))  # fmt: skip

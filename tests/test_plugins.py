@@ -171,7 +171,6 @@ def test_only_bpo_hookimpl_marked_functions_are_called():
     import pluggy
 
     from bpo_lightning import DPOLoss
-    from bpo_lightning.plugins import load_plugins
 
     class MarkedLoss(DPOLoss):
         """Marked (https://arxiv.org/abs/2305.18290)."""
@@ -191,7 +190,13 @@ def test_only_bpo_hookimpl_marked_functions_are_called():
         def register_losses(self, register):
             register(OtherLoss)
 
-    plugins = load_plugins(autoload=False, extra=(Mine(), Theirs()))
+    mine, theirs = Mine(), Theirs()
+    plugins = load_plugins(autoload=False, extra=(mine, theirs))
     assert plugins.get("losses", "MarkedLoss") is MarkedLoss
     with pytest.raises(KeyError, match="no loss named 'OtherLoss'"):
         plugins.get("losses", "OtherLoss")
+    assert set(plugins.registries["losses"]) == {"DPOLoss", "IPOLoss", "SLiCLoss", "MarkedLoss"}
+    # what bpo records (and `bpo plugins` prints) for each: Mine registered its loss, Theirs registered nothing
+    in_process = {info.module: info.registered for info in plugins.infos if info.distribution == "(in-process)"}
+    assert in_process == {f"{__name__}@{id(mine):x}": {"losses": ["MarkedLoss"]}, f"{__name__}@{id(theirs):x}": {}}
+    assert [impl.plugin for impl in plugins.hook.register_losses.get_hookimpls()][-1] is mine
