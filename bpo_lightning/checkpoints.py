@@ -108,12 +108,15 @@ def load_error(f, key: str, err: Exception) -> InputError:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(f)
             names = [name for name in unsafe if name not in DEEPSPEED_GLOBALS]
     if names:
-        return InputError(f"{key}: {f} is refused: it holds Python objects ({', '.join(names[:4])}) that would run "
-                          "code when loaded, and bpo-lightning reads checkpoints as weights only; use a checkpoint "
-                          "written by `bpo fit`")  # fmt: skip
+        return InputError(
+            f"{key}: {f} is refused: it holds Python objects ({', '.join(names[:4])}) that would run "
+            "code when loaded, and bpo-lightning reads checkpoints as weights only; use a checkpoint "
+            "written by `bpo fit`"
+        )
     detail = " ".join(_ANSI.sub("", f"{type(err).__name__}: {err}").split())[:200]
-    return InputError(f"{key}: {f} is not a complete checkpoint — truncated, damaged or not written by torch.save "
-                      f"({detail})")  # fmt: skip
+    return InputError(
+        f"{key}: {f} is not a complete checkpoint — truncated, damaged or not written by torch.save ({detail})"
+    )
 
 
 def guard_loads(strategy) -> None:
@@ -170,8 +173,10 @@ def checked_load(path, map_location: Any = None, weights_only: bool | None = Non
         keys = type(checkpoint).__name__
         if isinstance(checkpoint, dict):
             keys = ", ".join(sorted(map(str, checkpoint))[:6])
-        raise InputError(f"ckpt_path: {path} is not a bpo-lightning checkpoint (it holds {keys or 'nothing'}; a "
-                         "bpo fit checkpoint has 'state_dict' and 'bpo')")  # fmt: skip
+        raise InputError(
+            f"ckpt_path: {path} is not a bpo-lightning checkpoint (it holds {keys or 'nothing'}; a "
+            "bpo fit checkpoint has 'state_dict' and 'bpo')"
+        )
     return checkpoint
 
 

@@ -43,8 +43,13 @@ def usage() -> str:
     docs = Path(__file__).resolve().parents[1] / "docs"
     where = f"{docs.parent / 'README.md'} and {docs}/" if docs.is_dir() else "README.md and docs/ of bpo-lightning"
     width = max(map(len, COMMANDS))
-    lines = ["usage: bpo <command> [options]", "",
-             "Online preference alignment of LLMs (BPO) on PyTorch Lightning.", "", "commands:"]  # fmt: skip
+    lines = [
+        "usage: bpo <command> [options]",
+        "",
+        "Online preference alignment of LLMs (BPO) on PyTorch Lightning.",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
     lines += [
         "",
@@ -88,16 +93,21 @@ def _command(argv: list[str], from_command_line: bool) -> None:
         print(usage())
         return
     if argv[0] not in COMMANDS and not argv[0].startswith("-"):
-        print(f"bpo: error: {argv[0]!r} is not a bpo command; the commands are {', '.join(COMMANDS)} (see `bpo "
-              "--help`)", file=sys.stderr)  # fmt: skip
+        print(
+            f"bpo: error: {argv[0]!r} is not a bpo command; the commands are {', '.join(COMMANDS)} (see `bpo --help`)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     try:
         _main(argv, None if from_command_line else argv)
     except SystemExit as err:  # Lightning ends a fit that received SIGTERM with SystemExit(None): status 0
         if type(err).__name__ != "SIGTERMException":
             raise
-        print("bpo: error: stopped by SIGTERM during training; the phases collected and the last phase checkpoint "
-              "are saved: the same command with --ckpt_path last continues", file=sys.stderr)  # fmt: skip
+        print(
+            "bpo: error: stopped by SIGTERM during training; the phases collected and the last phase checkpoint "
+            "are saved: the same command with --ckpt_path last continues",
+            file=sys.stderr,
+        )
         raise SystemExit(143) from None
     except Exception as err:
         problem = None if debug else _user_error(err)
@@ -163,8 +173,14 @@ def _main(argv: list[str], args: list[str] | None) -> None:
 
 
 # config keys whose value may be a registered short name, and the registry that names it
-_REGISTERED = {"model.loss": "losses", "data.annotator": "annotators", "data.evaluator": "annotators",
-               "data.sampler": "samplers", "model.behavior": "behaviors", "model.policy": "policies"}  # fmt: skip
+_REGISTERED = {
+    "model.loss": "losses",
+    "data.annotator": "annotators",
+    "data.evaluator": "annotators",
+    "data.sampler": "samplers",
+    "model.behavior": "behaviors",
+    "model.policy": "policies",
+}
 
 
 def _known(kind: str, plugins) -> set[str]:
@@ -186,8 +202,10 @@ def _known(kind: str, plugins) -> set[str]:
 def import_paths(plugins) -> dict[str, dict[str, str]]:
     """kind -> {registered name: its class's import path} for the names given with ``register(cls, name=...)``:
     jsonargparse looks a short name up among the class names of the subclasses, so it finds no other name."""
-    return {kind: {name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in registry.items()
-                   if name != cls.__name__} for kind, registry in plugins.registries.items()}  # fmt: skip
+    return {
+        kind: {name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in registry.items() if name != cls.__name__}
+        for kind, registry in plugins.registries.items()
+    }
 
 
 @contextmanager
@@ -295,8 +313,10 @@ def unknown_component(argv: list[str], plugins) -> str | None:
             and not (name.startswith(("{", "[")))
         ):
             known = ", ".join(sorted(registry))
-            return (f"{key}: no {key.split('.')[1].replace('evaluator', 'annotator')} named {name!r} ({where}); "
-                    f"registered: {known} (`bpo plugins` lists them with their plugins)")  # fmt: skip
+            return (
+                f"{key}: no {key.split('.')[1].replace('evaluator', 'annotator')} named {name!r} ({where}); "
+                f"registered: {known} (`bpo plugins` lists them with their plugins)"
+            )
     return None
 
 
@@ -320,8 +340,10 @@ def epochs_given(argv: list[str]) -> str | None:
             if isinstance(trainer, dict) and trainer.get("max_epochs") is not None:
                 where = f"in {path}"
         if where:
-            return (f"trainer.max_epochs is set {where}, but the number of epochs is the number of collection "
-                    "phases: set data.num_phases instead (e.g. --data.num_phases 4)")  # fmt: skip
+            return (
+                f"trainer.max_epochs is set {where}, but the number of epochs is the number of collection "
+                "phases: set data.num_phases instead (e.g. --data.num_phases 4)"
+            )
     return None
 
 

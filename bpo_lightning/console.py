@@ -20,11 +20,23 @@ from contextlib import contextmanager
 VERBOSE_ENV = "BPO_VERBOSE"
 
 # loggers whose records below ERROR are dropped
-LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric", "transformers",
-           "datasets", "DeepSpeed", "deepspeed", "torch.distributed")  # fmt: skip
+LOGGERS = (
+    "lightning.pytorch",
+    "lightning.fabric",
+    "pytorch_lightning",
+    "lightning_fabric",
+    "transformers",
+    "datasets",
+    "DeepSpeed",
+    "deepspeed",
+    "torch.distributed",
+)
 # set for libraries not imported yet, which read them at import (children of a multi-process run inherit them)
-ENVIRONMENT = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error",
-               "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}  # fmt: skip
+ENVIRONMENT = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DATASETS_VERBOSITY": "error",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+}
 # (message regex, warning category) of warnings about the libraries' own code
 WARNINGS = (
     (r".*isinstance\(treespec, LeafSpec\)", Warning),  # Lightning's use of torch's _pytree

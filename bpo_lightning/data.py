@@ -80,9 +80,18 @@ class OnlineDataModule(L.LightningDataModule):
         pipeline: bool = True,
     ) -> None:
         super().__init__()
-        problems = [f"data.{k} must be >= 1, got {v}" for k, v in [("num_phases", num_phases),
-                    ("batch_size", batch_size), ("budget", budget or 1), ("eval_batch_size", eval_batch_size),
-                    ("max_eval_prompts", max_eval_prompts or 1), ("min_pairs", min_pairs)] if v < 1]  # fmt: skip
+        problems = [
+            f"data.{k} must be >= 1, got {v}"
+            for k, v in [
+                ("num_phases", num_phases),
+                ("batch_size", batch_size),
+                ("budget", budget or 1),
+                ("eval_batch_size", eval_batch_size),
+                ("max_eval_prompts", max_eval_prompts or 1),
+                ("min_pairs", min_pairs),
+            ]
+            if v < 1
+        ]
         if budget is not None and budget >= 1 and num_phases > budget:
             problems.append(f"data.num_phases ({num_phases}) exceeds data.budget ({budget}): each phase needs a prompt")
         if problems:
@@ -115,8 +124,11 @@ class OnlineDataModule(L.LightningDataModule):
             self.eval_rows = self.eval_prompts.load("data.eval_prompts", require_reference=True)
             self.eval_rows = self.eval_rows[: self.max_eval_prompts]
         if stage == "test" and self.test_rows is None:
-            source, key = (self.test_prompts, "data.test_prompts") if self.test_prompts else (
-                self.eval_prompts, "data.eval_prompts")  # fmt: skip
+            source, key = (
+                (self.test_prompts, "data.test_prompts")
+                if self.test_prompts
+                else (self.eval_prompts, "data.eval_prompts")
+            )
             self.test_rows = [] if source is None else source.load(key, require_reference=True)[: self.max_eval_prompts]
         if stage == "fit" and self.pool is None:
             self._load_pool()
@@ -277,8 +289,10 @@ _CAUSES = {
 def too_few_pairs(stats: PhaseStats, minimum: int) -> str:
     """The error of a phase that kept fewer than ``minimum`` pairs, with the drop reasons and their likely cause."""
     reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.dropped.items(), key=lambda kv: -kv[1]))
-    text = (f"phase {stats.phase + 1} kept {stats.kept} pairs of {stats.prompts} prompts, fewer than data.min_pairs "
-            f"({minimum}); dropped: {reasons or 'none'}")  # fmt: skip
+    text = (
+        f"phase {stats.phase + 1} kept {stats.kept} pairs of {stats.prompts} prompts, fewer than data.min_pairs "
+        f"({minimum}); dropped: {reasons or 'none'}"
+    )
     if stats.dropped:
         main = max(stats.dropped, key=stats.dropped.get)
         text += f". Likely cause: {_CAUSES.get(main, main)}"

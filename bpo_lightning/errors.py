@@ -59,5 +59,7 @@ def one_line(text: str) -> str:
 def disk_error(err: OSError, path, key: str = "trainer.default_root_dir") -> RunError:
     """An ``OSError`` while writing ``path`` as a ``RunError`` naming the path (disk full, permissions)."""
     reason = err.strerror or type(err).__name__
-    return RunError(f"{key}: cannot write {path} ({reason}); free space or choose another folder — the files "
-                    "already written are complete and a resume continues from them")  # fmt: skip
+    return RunError(
+        f"{key}: cannot write {path} ({reason}); free space or choose another folder — the files "
+        "already written are complete and a resume continues from them"
+    )

@@ -84,12 +84,12 @@ class Evaluation:
             "max_prompt_tokens": self.max_prompt_tokens or data_sampler.max_prompt_tokens or 512,
             "batch_size": batch_size,
         }
-        answers = data_sampler.evaluation_sampler(num_samples=self.samples_per_prompt, temperature=self.temperature,
-                                                  top_k=self.top_k, **limits)  # fmt: skip
+        answers = data_sampler.evaluation_sampler(
+            num_samples=self.samples_per_prompt, temperature=self.temperature, top_k=self.top_k, **limits
+        )
         if not self.kl_samples:
             return answers, None
-        return answers, data_sampler.evaluation_sampler(num_samples=self.kl_samples, temperature=1.0, top_k=0,
-                                                        **limits)  # fmt: skip
+        return answers, data_sampler.evaluation_sampler(num_samples=self.kl_samples, temperature=1.0, top_k=0, **limits)
 
 
 class EvaluationMetrics(nn.Module):
@@ -127,8 +127,12 @@ class EvaluationMetrics(nn.Module):
     def compute(self) -> dict[str, float]:
         out = {k: v.item() for k, v in self.outcome.compute().items()}
         text = {k: v.item() for k, v in self.text.compute().items()}
-        out.update(length=text["mean_words"], tokens=text["mean_tokens"], eos_rate=text["eos_rate"],
-                   repetition=text["repeated_ngram_rate"])  # fmt: skip
+        out.update(
+            length=text["mean_words"],
+            tokens=text["mean_tokens"],
+            eos_rate=text["eos_rate"],
+            repetition=text["repeated_ngram_rate"],
+        )
         # every process decides alike: compute() reduces across processes, so none may skip it alone
         for name in ("reward", "proxy_reward"):
             metric = getattr(self, name)
@@ -205,8 +209,14 @@ def evaluation_step(
     answer_sampler, kl_sampler = settings.samplers(data.sampler, batch_size=len(rows))
     inputs = [model_input(r) for r in rows]
     own = settings.max_new_tokens is not None or settings.max_prompt_tokens is not None
-    check_context(answer_sampler, module.policy, module.tokenizer, inputs, key="data.eval_prompts",
-                  settings="model.evaluation" if own else "data.sampler.init_args")  # fmt: skip
+    check_context(
+        answer_sampler,
+        module.policy,
+        module.tokenizer,
+        inputs,
+        key="data.eval_prompts",
+        settings="model.evaluation" if own else "data.sampler.init_args",
+    )
     with module.policy_weights(), module.sampling_context():  # an ensemble is evaluated through its merged adapter
         answer_sampler.prepare(module.policy, module.weights_name())
         answers = answer_sampler.sample(module.policy, module.tokenizer, inputs, seed=settings.seed + indices[0])
@@ -235,11 +245,18 @@ def evaluation_step(
         proxy = _nan(cached_score(data.annotator, data.cache, prompts, responses)[0])  # what training optimises
         metrics.proxy_reward.update(proxy)
     return [
-        {"index": indices[k // n], "prompt": prompts[k], "reference": references[k], "response": responses[k],
-         "finished": finished[k], "score": _float(scores[k]), "reference_score": _float(reference_scores[k]),
-         **({"proxy_score": _float(proxy[k])} if proxy is not None else {})}
+        {
+            "index": indices[k // n],
+            "prompt": prompts[k],
+            "reference": references[k],
+            "response": responses[k],
+            "finished": finished[k],
+            "score": _float(scores[k]),
+            "reference_score": _float(reference_scores[k]),
+            **({"proxy_score": _float(proxy[k])} if proxy is not None else {}),
+        }
         for k in range(len(responses))
-    ]  # fmt: skip
+    ]
 
 
 def _float(x: torch.Tensor) -> float | None:

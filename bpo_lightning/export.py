@@ -77,8 +77,9 @@ def with_bos(tokenizer):
     from tokenizers.processors import TemplateProcessing
 
     out = copy.deepcopy(tokenizer)
-    out._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B:1",
-                                                       special_tokens=[(bos, tokenizer.bos_token_id)])  # fmt: skip
+    out._tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
     return out
 
 

@@ -113,8 +113,10 @@ def lock_run_dir(run_dir: str | os.PathLike, key: str = "trainer.default_root_di
         handle.close()
         from bpo_lightning.errors import InputError
 
-        raise InputError(f"{key}: {path} is being written by another bpo fit ({holder}); wait for it to end, or "
-                         "choose another folder") from None  # fmt: skip
+        raise InputError(
+            f"{key}: {path} is being written by another bpo fit ({holder}); wait for it to end, or "
+            "choose another folder"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

@@ -84,8 +84,11 @@ def differences(saved: dict, current: dict) -> list[str]:
     """``key: saved …, now …`` for every key whose value differs. Class paths are compared by the class they name,
     so a run folder written before a class moved (or that names it by another import path) still matches."""
     keys = sorted(set(saved) | set(current))
-    return [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in keys
-            if saved.get(k) != current.get(k) and not _same_class(k, saved.get(k), current.get(k))]  # fmt: skip
+    return [
+        f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
+        for k in keys
+        if saved.get(k) != current.get(k) and not _same_class(k, saved.get(k), current.get(k))
+    ]
 
 
 def not_provenance_key(key: str, current: dict) -> bool:
@@ -134,8 +137,9 @@ def check_run_dir(run_dir: str | Path, current: dict) -> None:
         try:
             saved = json.loads(path.read_text())["fingerprint"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise RunMismatch(f"{path} is damaged ({err}); move it away or choose another "
-                              "--trainer.default_root_dir") from None  # fmt: skip
+            raise RunMismatch(
+                f"{path} is damaged ({err}); move it away or choose another --trainer.default_root_dir"
+            ) from None
         saved = {k: v for k, v in saved.items() if k in current or not not_provenance_key(k, current)}
         diff = differences(saved, current)
         if diff:

@@ -143,9 +143,11 @@ class BPOCLI(LightningCLI):
     def _say_what_is_evaluated(self) -> None:
         """Without ``--ckpt_path`` the policy evaluated is the starting one: say so, it is easy to miss."""
         if not self.config_init[self.subcommand].get("ckpt_path") and self.trainer.is_global_zero:
-            print(f"bpo {self.subcommand}: no --ckpt_path, so this evaluates the starting policy (model.policy), not "
-                  "a trained one; pass --ckpt_path <run>/checkpoints/last.ckpt for the trained policy",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"bpo {self.subcommand}: no --ckpt_path, so this evaluates the starting policy (model.policy), not "
+                "a trained one; pass --ckpt_path <run>/checkpoints/last.ckpt for the trained policy",
+                file=sys.stderr,
+            )
 
     def _consolidate_deepspeed_checkpoint(self) -> None:
         """``--ckpt_path`` may be a DeepSpeed checkpoint folder from a multi-process fit: evaluated with any other

@@ -214,8 +214,11 @@ def prompt_sharing(model: torch.nn.Module, backbone: torch.nn.Module) -> bool:
         model.train(was_training)
     if not ok:
         name = type(getattr(model, "get_base_model", lambda: model)()).__name__
-        warnings.warn(f"{name}: a prompt shared by several responses cannot be run once through its KV cache "
-                      f"({problem}); every sequence runs its own prompt", stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"{name}: a prompt shared by several responses cannot be run once through its KV cache "
+            f"({problem}); every sequence runs its own prompt",
+            stacklevel=3,
+        )
     _SHARING[model] = ok
     return ok
 
@@ -279,8 +282,11 @@ def split_head(model: torch.nn.Module) -> tuple | None:
         split = (backbone, head, cap)
         if not _same_logits(model, split):
             name = type(inner).__name__
-            warnings.warn(f"{name}: its logits are not the output head applied to the last hidden states; log-probs "
-                          "are computed from the full logits (more memory)", stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"{name}: its logits are not the output head applied to the last hidden states; log-probs "
+                "are computed from the full logits (more memory)",
+                stacklevel=3,
+            )
             split = None
     _SPLITS[model] = split
     return split

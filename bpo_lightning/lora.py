@@ -78,8 +78,14 @@ class LoRA:
         transposed = any(isinstance(m, Conv1D) for m in model.modules())  # GPT-2 stores weights as (in, out)
 
         def config(rank: int, alpha: float, dropout: float) -> LoraConfig:
-            return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=self.target_modules,
-                              fan_in_fan_out=transposed, task_type="CAUSAL_LM")  # fmt: skip
+            return LoraConfig(
+                r=rank,
+                lora_alpha=alpha,
+                lora_dropout=dropout,
+                target_modules=self.target_modules,
+                fan_in_fan_out=transposed,
+                task_type="CAUSAL_LM",
+            )
 
         for k, name in enumerate(self.names):
             with torch.random.fork_rng():

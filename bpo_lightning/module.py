@@ -56,8 +56,16 @@ from bpo_lightning.scoring import Scorer
 from bpo_lightning.types import PhaseStats, PhaseSteps, PreferenceRecord
 from bpo_lightning.weights import TrainableWeights, localize, policy_weights, whole
 
-STEP_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
-                "logps/rejected", "behavior/kl", "loss")  # fmt: skip
+STEP_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margin",
+    "rewards/accuracy",
+    "logps/chosen",
+    "logps/rejected",
+    "behavior/kl",
+    "loss",
+)
 
 
 def loss_settings(loss: nn.Module) -> dict:
@@ -245,10 +253,17 @@ class BPOModule(L.LightningModule):
             "behavior_logps": hp.get("behavior_logps", "forward"),
             "loss": loss,
         }
-        return BehaviorLLM(model=self.policy, tokenizer=self.tokenizer, version=version, computing=computing,
-                           score=self.score_records, provenance=provenance, lockstep=self.lockstep,
-                           sampler_logps=hp.get("behavior_logps") == "sampler",
-                           truncated_eos=hp.get("truncated_eos", True))  # fmt: skip
+        return BehaviorLLM(
+            model=self.policy,
+            tokenizer=self.tokenizer,
+            version=version,
+            computing=computing,
+            score=self.score_records,
+            provenance=provenance,
+            lockstep=self.lockstep,
+            sampler_logps=hp.get("behavior_logps") == "sampler",
+            truncated_eos=hp.get("truncated_eos", True),
+        )
 
     def weights_name(self) -> str:
         """A name of the weights the policy computes with now (``Sampler.prepare``): it changes when they do."""
@@ -373,17 +388,19 @@ class BPOModule(L.LightningModule):
             return loss
         chosen, rejected = out.chosen_rewards[real], out.rejected_rewards[real]
         kl = importance_kl_terms(logps.sums.detach(), batch["behavior_logps"]).float()  # (2B,)
-        self._log_step({
-            "loss": out.losses[real].detach().mean(),
-            "rewards/chosen": chosen,
-            "rewards/rejected": rejected,
-            "rewards/margin": chosen - rejected,
-            "rewards/accuracy": (chosen > rejected).float(),
-            "logps/chosen": logps.sums[:n][real].detach(),
-            "logps/rejected": logps.sums[n:][real].detach(),
-            # KL(π‖π_β) from π_β's samples: E_β[r·log r − r + 1], r = π/π_β; each term ≥ 0, exactly 0 when π = π_β
-            "behavior/kl": torch.cat([kl[:n][real], kl[n:][real]]),
-        })  # fmt: skip
+        self._log_step(
+            {
+                "loss": out.losses[real].detach().mean(),
+                "rewards/chosen": chosen,
+                "rewards/rejected": rejected,
+                "rewards/margin": chosen - rejected,
+                "rewards/accuracy": (chosen > rejected).float(),
+                "logps/chosen": logps.sums[:n][real].detach(),
+                "logps/rejected": logps.sums[n:][real].detach(),
+                # KL(π‖π_β) from π_β's samples: E_β[r·log r − r + 1], r = π/π_β; each term ≥ 0, exactly 0 when π = π_β
+                "behavior/kl": torch.cat([kl[:n][real], kl[n:][real]]),
+            }
+        )
         return loss
 
     def _log_step(self, values: dict[str, torch.Tensor]) -> None:
@@ -412,8 +429,9 @@ class BPOModule(L.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches
         self.horizon = self.trainer.global_step + sum(math.ceil(n / accumulate) for n in (len(steps), *steps.later))
         if self.trainer.global_rank == 0:  # on_pairs_ready: the phase's pairs, right before the policy trains on them
-            get_plugins().hook.on_pairs_ready(phase=result.phase, pairs=result.records, stats=result.stats,
-                                              run_dir=result.run_dir)  # fmt: skip
+            get_plugins().hook.on_pairs_ready(
+                phase=result.phase, pairs=result.records, stats=result.stats, run_dir=result.run_dir
+            )
 
     def _phase_steps(self) -> PhaseSteps | None:
         """The batches and ``PhaseResult`` of the phase about to train, from the training loader Lightning holds."""
@@ -472,8 +490,10 @@ class BPOModule(L.LightningModule):
             inputs = getattr(loaders, "dataset", None)
             inputs = inputs.inputs if isinstance(inputs, HeldOut) else None
         if inputs is None:
-            raise RuntimeError("BPOModule evaluates held-out loaders of OnlineDataModule (items with their "
-                               "EvaluationInputs); pass inputs to evaluate() outside Lightning's loops")  # fmt: skip
+            raise RuntimeError(
+                "BPOModule evaluates held-out loaders of OnlineDataModule (items with their "
+                "EvaluationInputs); pass inputs to evaluate() outside Lightning's loops"
+            )
         self._eval_inputs = inputs
         self.eval_metrics.reset()
         self._eval_records = []
@@ -516,8 +536,9 @@ class BPOModule(L.LightningModule):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             adamw = partial(DeepSpeedCPUAdam, adamw_mode=True)
-        optimizer = adamw(self._param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
-                          weight_decay=hp.weight_decay)  # fmt: skip
+        optimizer = adamw(
+            self._param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay
+        )
 
         def factor(step: int) -> float:
             if step < hp.warmup_steps:
@@ -571,8 +592,10 @@ class BPOModule(L.LightningModule):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         missing = [k for k in result.missing_keys if k not in frozen]
         if missing or result.unexpected_keys:
-            raise RuntimeError(f"the checkpoint does not fit this model: missing {missing[:5]}, unexpected "
-                               f"{result.unexpected_keys[:5]}")  # fmt: skip
+            raise RuntimeError(
+                f"the checkpoint does not fit this model: missing {missing[:5]}, unexpected "
+                f"{result.unexpected_keys[:5]}"
+            )
         return result
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -59,8 +59,10 @@ def check_source(name_or_path: str, key: str, revision: str | None = None, kind:
         raise InputError(f"{key}: no {kind} folder {text}{where}, and it is not a hub id")
     if constants.HF_HUB_OFFLINE:
         if not any(isinstance(try_to_load_from_cache(text, f, revision=revision), str) for f in _HUB_FILES[kind]):
-            raise InputError(f"{key}: no {kind} folder {text}, and the hub id {text!r} is not in the local hub cache "
-                             f"{constants.HF_HUB_CACHE} (HF_HUB_OFFLINE=1 forbids downloading it)")  # fmt: skip
+            raise InputError(
+                f"{key}: no {kind} folder {text}, and the hub id {text!r} is not in the local hub cache "
+                f"{constants.HF_HUB_CACHE} (HF_HUB_OFFLINE=1 forbids downloading it)"
+            )
 
 
 def load_error(err: Exception, key: str, name_or_path: str) -> InputError:

@@ -251,8 +251,12 @@ class _PaperPreset(PromptSource):
         skipped = [i for i in skipped if i < end]
         too_long = [t for t in too_long if t[0] < end]
         self.counts = {
-            "read": end, "skipped": len(skipped), "too_long": len(too_long), "filtered": position, "kept": len(rows),
-        }  # fmt: skip
+            "read": end,
+            "skipped": len(skipped),
+            "too_long": len(too_long),
+            "filtered": position,
+            "kept": len(rows),
+        }
         if skipped or too_long:
             warnings.warn(self._dropped(key, end, skipped, too_long), stacklevel=2)
         shared = self._shared(len(rows))

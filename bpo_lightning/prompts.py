@@ -24,8 +24,14 @@ from bpo_lightning.errors import InputError, one_line
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 # role names of chat messages (lower case) -> the role the chat template gets
-CHAT_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
-              "system": "system"}  # fmt: skip
+CHAT_ROLES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "system": "system",
+}
 _KNOWN_ROLES = "user (or human), assistant (or gpt, bot) and system"
 
 
@@ -382,15 +388,20 @@ def _check_json(text: str, prompt_field: str) -> None:  # noqa: C901 (one messag
             raise _Problem(f"is not a JSON object (it is {_kind(value)})", (index, line))
         prompt = value.get(prompt_field)
         if prompt_field in value and not (isinstance(prompt, str) or is_chat(prompt) or prompt in (None, [])):
-            raise _Problem(f"has {prompt_field!r} = {_short(prompt)}, {_kind(prompt)}, not text or a list of chat "
-                           "messages", (index, line))  # fmt: skip
+            raise _Problem(
+                f"has {prompt_field!r} = {_short(prompt)}, {_kind(prompt)}, not text or a list of chat messages",
+                (index, line),
+            )
         for field, item in value.items():
             if item is None:
                 continue
             first = kinds.setdefault(field, (_kind(item), f"row {index}" if line is None else f"line {line}"))
             if first[0] != _kind(item):
-                raise _Problem(f"has {field!r} = {_short(item)}, {_kind(item)}, where {first[1]} has {first[0]}; "
-                               "every row needs the same kind of value", (index, line))  # fmt: skip
+                raise _Problem(
+                    f"has {field!r} = {_short(item)}, {_kind(item)}, where {first[1]} has {first[0]}; "
+                    "every row needs the same kind of value",
+                    (index, line),
+                )
 
 
 def _csv_records(text: str):

@@ -206,8 +206,12 @@ class PhaseReport(L.Callback):
         summary = module.phase_summary()
         stats = module.phase_stats
         line = f"phase {phase}/{trainer.datamodule.num_phases} | pairs {stats.describe() if stats else '?'}"
-        entry = {"phase": phase, "step": trainer.global_step, "kl": summary["behavior/kl"],
-                 "pairs": stats.kept if stats else None}  # fmt: skip
+        entry = {
+            "phase": phase,
+            "step": trainer.global_step,
+            "kl": summary["behavior/kl"],
+            "pairs": stats.kept if stats else None,
+        }
         if self._pending is not None:
             entry.update({k: v for k, v in self._pending.items() if k not in ("phase", "step")})
             line += f" | {_describe(self._pending)}"

@@ -41,8 +41,9 @@ class Scorer:
         if self.lockstep:  # the output head is called as often on every process
             per_chunk = chunk_positions(self.model, self.chunk_size)
             least = self.ranks.most(math.ceil(int(mask[:, 1:].sum()) / per_chunk))
-        return sequence_logps(self.model, ids, attn, mask, self.chunk_size, least, self.keep_mib * 2**20,
-                              self.share_prompts)  # fmt: skip
+        return sequence_logps(
+            self.model, ids, attn, mask, self.chunk_size, least, self.keep_mib * 2**20, self.share_prompts
+        )
 
     def sums(self, batches) -> list[torch.Tensor]:
         """Summed response log-probs of each batch, in eval mode (no dropout); the training mode is restored."""

@@ -103,8 +103,11 @@ class PhaseStore:
 
     def load_pairs(self) -> tuple[list[PreferenceRecord], PhaseStats]:
         if not self.pairs_path.exists():
-            raise self._damaged(self.pairs_path, None, FileNotFoundError(f"missing, though {self.meta_path.name} "
-                                                                         "marks the phase complete"))  # fmt: skip
+            raise self._damaged(
+                self.pairs_path,
+                None,
+                FileNotFoundError(f"missing, though {self.meta_path.name} marks the phase complete"),
+            )
         records = []
         for number, line in enumerate(_read(self.pairs_path).splitlines(), 1):
             try:

@@ -92,8 +92,10 @@ def _problems(loss: PreferenceLoss, dtype: torch.dtype) -> list[str]:
     zero = torch.zeros(1, dtype=dtype)
     loss(h, zero, zero, zero).losses.sum().backward()
     if not h.grad.item() < 0:
-        problems.append(f"at margin 0 the loss's gradient with respect to h is {h.grad.item():g}, not negative: "
-                        "training would not prefer the chosen response")  # fmt: skip
+        problems.append(
+            f"at margin 0 the loss's gradient with respect to h is {h.grad.item():g}, not negative: "
+            "training would not prefer the chosen response"
+        )
     return problems
 
 
@@ -104,8 +106,11 @@ def sampler_problems(sampler: Sampler, model, tokenizer, prompts: list, seed: in
         return [f"{name} is not a subclass of bpo_lightning.Sampler"]
     out = sampler.sample(model, tokenizer, prompts, seed=seed)
     n, k = len(prompts), sampler.num_samples
-    problems = [f"{name}: Samples.{field} has {len(value)} entries for {n} prompts"
-                for field, value in _fields(out) if len(value) != n]  # fmt: skip
+    problems = [
+        f"{name}: Samples.{field} has {len(value)} entries for {n} prompts"
+        for field, value in _fields(out)
+        if len(value) != n
+    ]
     if problems:
         return problems
     limit = sampler.max_new_tokens
@@ -113,8 +118,10 @@ def sampler_problems(sampler: Sampler, model, tokenizer, prompts: list, seed: in
     for p, prompt in enumerate(prompts):
         expected = encode_prompt(tokenizer, prompt, most, sampler.add_bos)
         if out.prompt_ids[p] != expected:
-            problems.append(f"{name}: prompt {p}'s prompt_ids are not encode_prompt(tokenizer, prompt, "
-                            f"max_prompt_tokens, add_bos): {out.prompt_ids[p][:8]}… vs {expected[:8]}…")  # fmt: skip
+            problems.append(
+                f"{name}: prompt {p}'s prompt_ids are not encode_prompt(tokenizer, prompt, "
+                f"max_prompt_tokens, add_bos): {out.prompt_ids[p][:8]}… vs {expected[:8]}…"
+            )
         for field, value in _fields(out):
             if field != "prompt_ids" and len(value[p]) != k:
                 problems.append(f"{name}: Samples.{field}[{p}] has {len(value[p])} entries, num_samples is {k}")
@@ -135,13 +142,17 @@ def _response_problems(where: str, ids: list[int], done, text: str | None, token
     """What is wrong with one response's ids, ``finished`` flag and text."""
     problems, eos = [], tokenizer.eos_token_id
     if eos in ids:
-        problems.append(f"{where}: response_ids hold EOS (token {eos}); leave it out, the training batches append it "
-                        "(else it is scored twice)")  # fmt: skip
+        problems.append(
+            f"{where}: response_ids hold EOS (token {eos}); leave it out, the training batches append it "
+            "(else it is scored twice)"
+        )
     if not isinstance(done, bool):
         problems.append(f"{where}: finished must be a bool, got {done!r}")
     elif limit is not None and (len(ids) > limit or (not done and len(ids) != limit)):
-        problems.append(f"{where}: {len(ids)} tokens, finished={done}, max_new_tokens={limit} (a response without "
-                        "EOS is cut exactly at max_new_tokens)")  # fmt: skip
+        problems.append(
+            f"{where}: {len(ids)} tokens, finished={done}, max_new_tokens={limit} (a response without "
+            "EOS is cut exactly at max_new_tokens)"
+        )
     if text is not None and text != tokenizer.decode(ids, skip_special_tokens=True):
         problems.append(f"{where}: responses are not response_ids decoded (skip_special_tokens)")
     return problems
@@ -183,7 +194,9 @@ def _compare_logps(name: str, out, model, tokenizer, atol: float, device) -> lis
             total = sum(float(logps[start - 1 + t, token]) for t, token in enumerate(ids))
             end = float(logps[start - 1 + len(ids), tokenizer.eos_token_id])
             if abs(total - out.logps[p][j]) > atol or abs(end - out.eos_logps[p][j]) > atol:
-                problems.append(f"{name}: prompt {p} response {j}: recorded log-probs {out.logps[p][j]:.4f} / EOS "
-                                f"{out.eos_logps[p][j]:.4f}, the model gives {total:.4f} / {end:.4f} (they must be "
-                                "the raw model's, before temperature, top-k or top-p)")  # fmt: skip
+                problems.append(
+                    f"{name}: prompt {p} response {j}: recorded log-probs {out.logps[p][j]:.4f} / EOS "
+                    f"{out.eos_logps[p][j]:.4f}, the model gives {total:.4f} / {end:.4f} (they must be "
+                    "the raw model's, before temperature, top-k or top-p)"
+                )
     return problems

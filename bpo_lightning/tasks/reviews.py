@@ -372,8 +372,11 @@ def ensure_sft(
     if _is_complete(target):
         return target
     if progress:
-        print(f"building the starting policy ({steps} SFT steps, once; cached for later runs) in {target}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"building the starting policy ({steps} SFT steps, once; cached for later runs) in {target}",
+            file=sys.stderr,
+            flush=True,
+        )
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
     try:
