@@ -100,8 +100,15 @@ KILL_TABLE: list[dict] = []  # rows of the kill-point suite (tests/test_faults.p
 def pytest_terminal_summary(terminalreporter):
     if not KILL_TABLE:
         return
-    columns = ["kill point", "killed in", "weights equal", "re-annotations", "paid-then-lost", "files ok",
-               "metrics complete"]  # fmt: skip
+    columns = [
+        "kill point",
+        "killed in",
+        "weights equal",
+        "re-annotations",
+        "paid-then-lost",
+        "files ok",
+        "metrics complete",
+    ]
     rows = [[str(row.get(c, "")) for c in columns] for row in KILL_TABLE]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     terminalreporter.section("kill points: killed with SIGKILL, resumed, compared with the uninterrupted run")

@@ -32,11 +32,22 @@ def cache(tmp_path_factory):
 
 
 def shrunk(run: Path, cache: Path) -> list[str]:
-    return ["fit", "--config", QUICKSTART, f"--trainer.default_root_dir={run}",
-            f"--model.policy.init_args.cache_dir={cache}", "--model.policy.init_args.steps=40", "--data.budget=8",
-            "--data.num_phases=1", "--data.batch_size=4", "--data.sampler.init_args.max_new_tokens=8",
-            "--data.sampler.init_args.batch_size=8", "--data.sampler.init_args.progress=false",
-            "--data.eval_prompts=null", "--trainer.enable_checkpointing=true"]  # fmt: skip
+    return [
+        "fit",
+        "--config",
+        QUICKSTART,
+        f"--trainer.default_root_dir={run}",
+        f"--model.policy.init_args.cache_dir={cache}",
+        "--model.policy.init_args.steps=40",
+        "--data.budget=8",
+        "--data.num_phases=1",
+        "--data.batch_size=4",
+        "--data.sampler.init_args.max_new_tokens=8",
+        "--data.sampler.init_args.batch_size=8",
+        "--data.sampler.init_args.progress=false",
+        "--data.eval_prompts=null",
+        "--trainer.enable_checkpointing=true",
+    ]
 
 
 def bpo(capsys, argv: list[str]) -> tuple[int, str]:
@@ -325,11 +336,13 @@ def test_a_locked_cache_is_waited_for_not_fatal(tmp_path):
 
 @pytest.mark.parametrize(
     ("flag", "key"),
-    [("--data.sampler.init_args.batch_size=4", "data.sampler.init_args.batch_size: saved 8, now 4"),
-     ("--model.reference=initial", "model.reference: saved 'behavior', now 'initial'"),
-     ("--model.loss=IPOLoss", "model.loss.class_path: saved 'bpo_lightning.DPOLoss', now 'bpo_lightning.IPOLoss'")],
+    [
+        ("--data.sampler.init_args.batch_size=4", "data.sampler.init_args.batch_size: saved 8, now 4"),
+        ("--model.reference=initial", "model.reference: saved 'behavior', now 'initial'"),
+        ("--model.loss=IPOLoss", "model.loss.class_path: saved 'bpo_lightning.DPOLoss', now 'bpo_lightning.IPOLoss'"),
+    ],
     ids=["block size", "reference", "loss"],
-)  # fmt: skip
+)
 def test_a_resume_with_another_block_size_reference_or_loss_is_refused(flag, key, tmp_path, cache, capsys):
     """The block size seeds the sampler's blocks (another size draws other samples); the reference and the loss
     decide what the saved pairs train. A second `bpo fit` into the run's folder with one of them changed is refused,
@@ -359,8 +372,13 @@ def test_a_second_bpo_fit_into_a_folder_being_written_is_refused(tmp_path, cache
     args = [*shrunk(run, cache)]
     args[args.index("--data.budget=8")] = "--data.budget=64"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "bpo_lightning", *args], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, "-m", "bpo_lightning", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lock = run / ".bpo.lock"
     deadline = time.monotonic() + 120
     while not (lock.exists() and f"pid {first.pid} " in lock.read_text()) and time.monotonic() < deadline:
@@ -380,8 +398,14 @@ def test_a_second_bpo_fit_into_a_folder_being_written_is_refused(tmp_path, cache
 
 
 def test_an_annotator_function_that_does_not_import_is_one_line(tmp_path, cache, capsys):
-    status, line = bpo(capsys, [*shrunk(tmp_path / "run", cache), "--data.annotator=RuleAnnotator",
-                                "--data.annotator.init_args.function=no_such_module:score"])  # fmt: skip
+    status, line = bpo(
+        capsys,
+        [
+            *shrunk(tmp_path / "run", cache),
+            "--data.annotator=RuleAnnotator",
+            "--data.annotator.init_args.function=no_such_module:score",
+        ],
+    )
     assert status == 2 and "annotator.init_args.function" in line and "no_such_module" in line, line
 
 

@@ -84,12 +84,24 @@ def trained_run(tmp_path_factory):
     run = root / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("sys.argv", ["bpo"])
-        main(["fit", "--config", QUICKSTART, f"--trainer.default_root_dir={run}",
-              f"--model.policy.init_args.cache_dir={root / 'cache'}", "--model.policy.init_args.steps=40",
-              "--data.budget=8", "--data.num_phases=1", "--data.batch_size=4",
-              "--data.sampler.init_args.max_new_tokens=8", "--data.sampler.init_args.batch_size=8",
-              "--data.sampler.init_args.progress=false", "--data.eval_prompts.init_args.limit=4",
-              "--report.evaluate_at_start=false"])  # fmt: skip
+        main(
+            [
+                "fit",
+                "--config",
+                QUICKSTART,
+                f"--trainer.default_root_dir={run}",
+                f"--model.policy.init_args.cache_dir={root / 'cache'}",
+                "--model.policy.init_args.steps=40",
+                "--data.budget=8",
+                "--data.num_phases=1",
+                "--data.batch_size=4",
+                "--data.sampler.init_args.max_new_tokens=8",
+                "--data.sampler.init_args.batch_size=8",
+                "--data.sampler.init_args.progress=false",
+                "--data.eval_prompts.init_args.limit=4",
+                "--report.evaluate_at_start=false",
+            ]
+        )
     return run
 
 
@@ -127,8 +139,7 @@ def test_export_refuses_a_crafted_checkpoint_without_running_it(kind, trained_ru
 
 @pytest.mark.parametrize("command", ["validate", "test"])
 @pytest.mark.parametrize("kind", ["folder", "file"])
-def test_validate_and_test_refuse_a_crafted_checkpoint_without_running_it(command, kind, trained_run, tmp_path,
-                                                                          capsys):  # fmt: skip
+def test_validate_and_test_refuse_a_crafted_checkpoint_without_running_it(command, kind, trained_run, tmp_path, capsys):
     marker = tmp_path / "ran"
     craft = crafted_folder if kind == "folder" else crafted_file
     ckpt = craft(tmp_path / "x.ckpt", marker)
@@ -143,8 +154,9 @@ def test_fit_refuses_to_resume_from_a_crafted_checkpoint_without_running_it(kind
     craft = crafted_folder if kind == "folder" else crafted_file
     ckpt = craft(tmp_path / "x.ckpt", marker)
     config = trained_run / "config.yaml"
-    code, line = bpo(capsys, ["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'r'}",
-                              f"--ckpt_path={ckpt}"])  # fmt: skip
+    code, line = bpo(
+        capsys, ["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'r'}", f"--ckpt_path={ckpt}"]
+    )
     assert code == 2 and str(ckpt) in line, line
     assert not marker.exists()
 
@@ -159,11 +171,24 @@ def test_a_deepspeed_resume_refuses_a_crafted_folder_without_running_it(trained_
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "distributed"), "OMP_NUM_THREADS": "1"}
     env.pop("BPO_DEBUG", None)
     done = subprocess.run(
-        [sys.executable, "-m", "bpo_lightning", "fit", "--config", str(trained_run / "config.yaml"),
-         f"--trainer.default_root_dir={tmp_path / 'r'}", "--trainer.strategy=cpu_deepspeed.CPUDeepSpeedStrategy",
-         "--trainer.strategy.process_group_backend=gloo", f"--ckpt_path={ckpt}"],
-        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bpo_lightning",
+            "fit",
+            "--config",
+            str(trained_run / "config.yaml"),
+            f"--trainer.default_root_dir={tmp_path / 'r'}",
+            "--trainer.strategy=cpu_deepspeed.CPUDeepSpeedStrategy",
+            "--trainer.strategy.process_group_backend=gloo",
+            f"--ckpt_path={ckpt}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
     lines = [line for line in done.stderr.splitlines() if line.startswith("bpo: error:")]
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(lines) == 1 and "is refused: it holds Python objects (posix.mkdir)" in lines[0], done.stderr[-3000:]

@@ -155,22 +155,42 @@ RECIPES = sorted(str(p) for p in (ROOT / "configs" / "quickstart").glob("*.yaml"
 @pytest.mark.parametrize("recipe", RECIPES, ids=[Path(r).stem for r in RECIPES])
 def test_every_quickstart_recipe_runs(recipe, tmp_path, capsys):
     """Each offline recipe, shrunk to 2 phases of 16 prompts, trains and reports both phases."""
-    main([
-        "fit", "--config", recipe, f"--trainer.default_root_dir={tmp_path / 'run'}",
-        f"--model.policy.init_args.cache_dir={tmp_path / 'cache'}", "--model.policy.init_args.steps=40",
-        "--data.budget=32", "--data.batch_size=8", "--data.sampler.init_args.max_new_tokens=16",
-        "--data.sampler.init_args.progress=false", "--data.eval_prompts.init_args.limit=8",
-    ])  # fmt: skip
+    main(
+        [
+            "fit",
+            "--config",
+            recipe,
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
+            f"--model.policy.init_args.cache_dir={tmp_path / 'cache'}",
+            "--model.policy.init_args.steps=40",
+            "--data.budget=32",
+            "--data.batch_size=8",
+            "--data.sampler.init_args.max_new_tokens=16",
+            "--data.sampler.init_args.progress=false",
+            "--data.eval_prompts.init_args.limit=8",
+        ]
+    )
     out = capsys.readouterr().out
     assert "phase 1/2 | pairs" in out and "phase 2/2 | pairs" in out
 
 
 def _tiny(run: Path, cache: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", QUICKSTART, f"--trainer.default_root_dir={run}",
-            f"--model.policy.init_args.cache_dir={cache}", "--model.policy.init_args.steps=40", "--data.budget=32",
-            "--data.num_phases=2", "--data.batch_size=8", "--data.sampler.init_args.max_new_tokens=12",
-            "--data.sampler.init_args.progress=false", "--trainer.limit_val_batches=0",
-            "--report.evaluate_at_start=false", *extra]  # fmt: skip
+    return [
+        "fit",
+        "--config",
+        QUICKSTART,
+        f"--trainer.default_root_dir={run}",
+        f"--model.policy.init_args.cache_dir={cache}",
+        "--model.policy.init_args.steps=40",
+        "--data.budget=32",
+        "--data.num_phases=2",
+        "--data.batch_size=8",
+        "--data.sampler.init_args.max_new_tokens=12",
+        "--data.sampler.init_args.progress=false",
+        "--trainer.limit_val_batches=0",
+        "--report.evaluate_at_start=false",
+        *extra,
+    ]
 
 
 def _files(run: Path) -> dict[str, bytes]:
@@ -266,8 +286,10 @@ def test_a_name_given_at_registration_is_a_config_shorthand(tmp_path, use_plugin
     assert exit_info.value.code in (0, None)
     assert f"  loss:\n    class_path: {loss}\n    init_args:\n      beta: 0.1\n" in capsys.readouterr().out
     config = tmp_path / "renamed.yaml"
-    config.write_text("model:\n  loss:\n    class_path: Renamed  # a comment\n    init_args: {beta: 0.3}\n"
-                      "data:\n  evaluator: 'Lengths'\n")  # fmt: skip
+    config.write_text(
+        "model:\n  loss:\n    class_path: Renamed  # a comment\n    init_args: {beta: 0.3}\n"
+        "data:\n  evaluator: 'Lengths'\n"
+    )
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", QUICKSTART, "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
@@ -313,8 +335,10 @@ def test_a_run_folder_written_before_classes_moved_still_resumes(tmp_path, capsy
     (run / "checkpoints" / "phase-2.ckpt").unlink()
     (run / "checkpoints" / "last.ckpt").unlink()
     (run / "checkpoints" / "last.ckpt").symlink_to("phase-1.ckpt")
-    old = {"bpo_lightning.ReviewPrompts": "bpo_lightning.prompts.ReviewPrompts",
-           "bpo_lightning.Evaluation": "bpo_lightning.evaluation.Evaluation"}  # fmt: skip
+    old = {
+        "bpo_lightning.ReviewPrompts": "bpo_lightning.prompts.ReviewPrompts",
+        "bpo_lightning.Evaluation": "bpo_lightning.evaluation.Evaluation",
+    }
     for name in ("run.json", "config.yaml"):
         text = (run / name).read_text()
         for new, before in old.items():

@@ -14,14 +14,34 @@ ROOT = Path(__file__).parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 COMMANDS = ("fit", "validate", "test", "plugins", "compare", "export")
 # what Lightning, DeepSpeed, transformers, datasets and torch print in a default run
-NOISE = ("GPU available", "TPU available", "litlogger", "Setting accelerator to CPU", "loss_type=None",
-         "Generating train split", "Loading weights", "Writing model shards", "_pytree", "LeafSpec",
-         "logging interval", "| Name", "┃ Name", "Trainable params", "Seed set to")  # fmt: skip
+NOISE = (
+    "GPU available",
+    "TPU available",
+    "litlogger",
+    "Setting accelerator to CPU",
+    "loss_type=None",
+    "Generating train split",
+    "Loading weights",
+    "Writing model shards",
+    "_pytree",
+    "LeafSpec",
+    "logging interval",
+    "| Name",
+    "┃ Name",
+    "Trainable params",
+    "Seed set to",
+)
 
 
 def _bpo(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bpo_lightning", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "bpo_lightning", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.parametrize("args", [(), ("--help",), ("-h",)])
@@ -38,26 +58,30 @@ def test_help_lists_the_six_commands(args):
 
 
 def test_help_and_the_cli_module_import_no_torch():
-    code = ("import sys, io, contextlib, bpo_lightning.cli as cli\n"
-            "with contextlib.redirect_stdout(io.StringIO()):\n    cli.main(['--help'])\n"
-            "heavy = [m for m in ('torch', 'lightning', 'transformers', 'datasets', 'deepspeed') if m in sys.modules]\n"
-            "assert not heavy, heavy\n"
-            "from bpo_lightning import DPOLoss, EMA, hookimpl\nimport bpo_lightning\n"
-            "assert all(getattr(bpo_lightning, name) is not None for name in bpo_lightning.__all__)\n"
-            "assert DPOLoss.__module__ == 'bpo_lightning.losses'\n"
-            "assert EMA.__module__ == 'bpo_lightning.behavior'\n")  # fmt: skip
+    code = (
+        "import sys, io, contextlib, bpo_lightning.cli as cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n    cli.main(['--help'])\n"
+        "heavy = [m for m in ('torch', 'lightning', 'transformers', 'datasets', 'deepspeed') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "from bpo_lightning import DPOLoss, EMA, hookimpl\nimport bpo_lightning\n"
+        "assert all(getattr(bpo_lightning, name) is not None for name in bpo_lightning.__all__)\n"
+        "assert DPOLoss.__module__ == 'bpo_lightning.losses'\n"
+        "assert EMA.__module__ == 'bpo_lightning.behavior'\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
 
 
 def test_listing_plugins_imports_torch_only():
     """``bpo plugins`` needs the plugin classes (losses are torch modules), not transformers, Lightning or DeepSpeed."""
-    code = ("import sys, io, contextlib, bpo_lightning.cli as cli\n"
-            "out = io.StringIO()\n"
-            "with contextlib.redirect_stdout(out):\n    cli.main(['plugins'])\n"
-            "assert 'StaticCacheSampler' in out.getvalue() and 'DPOLoss' in out.getvalue(), out.getvalue()\n"
-            "heavy = [m for m in ('lightning', 'transformers', 'datasets', 'deepspeed', 'peft') if m in sys.modules]\n"
-            "assert not heavy, heavy\n")  # fmt: skip
+    code = (
+        "import sys, io, contextlib, bpo_lightning.cli as cli\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n    cli.main(['plugins'])\n"
+        "assert 'StaticCacheSampler' in out.getvalue() and 'DPOLoss' in out.getvalue(), out.getvalue()\n"
+        "heavy = [m for m in ('lightning', 'transformers', 'datasets', 'deepspeed', 'peft') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
 
@@ -78,8 +102,10 @@ def _timed_run(args: list[str], env: dict, timeout: float = 600) -> tuple[str, l
     start = time.monotonic()
     chunks, times = [], [0.0]
     command = [sys.executable, "-m", "bpo_lightning", *args]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT) as proc, \
-            selectors.DefaultSelector() as selector:  # fmt: skip
+    with (
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT) as proc,
+        selectors.DefaultSelector() as selector,
+    ):
         selector.register(proc.stdout, selectors.EVENT_READ)
         while True:
             if time.monotonic() - start > timeout:
@@ -99,10 +125,19 @@ def _timed_run(args: list[str], env: dict, timeout: float = 600) -> tuple[str, l
 
 
 def _small_fit(tmp_path: Path, run: str, budget: int, phases: int) -> list[str]:
-    return ["fit", "--config", QUICKSTART, f"--trainer.default_root_dir={tmp_path / run}",
-            f"--model.policy.init_args.cache_dir={tmp_path / 'cache'}", "--model.policy.init_args.steps=40",
-            f"--data.budget={budget}", f"--data.num_phases={phases}", "--data.batch_size=8",
-            "--data.sampler.init_args.max_new_tokens=16", "--data.eval_prompts.init_args.limit=16"]  # fmt: skip
+    return [
+        "fit",
+        "--config",
+        QUICKSTART,
+        f"--trainer.default_root_dir={tmp_path / run}",
+        f"--model.policy.init_args.cache_dir={tmp_path / 'cache'}",
+        "--model.policy.init_args.steps=40",
+        f"--data.budget={budget}",
+        f"--data.num_phases={phases}",
+        "--data.batch_size=8",
+        "--data.sampler.init_args.max_new_tokens=16",
+        "--data.eval_prompts.init_args.limit=16",
+    ]
 
 
 @pytest.mark.slow
@@ -125,7 +160,10 @@ def test_a_fit_prints_our_lines_only_and_something_every_few_seconds(tmp_path):
     print(f"run {total:.1f}s, longest time without output {gap:.1f}s (importing the libraries: {imports:.1f}s)")
     assert gap <= max(10.0, 0.25 * total, 1.5 * imports)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.ckpt")) == [
-        "last.ckpt", "phase-1.ckpt", "phase-2.ckpt"]  # fmt: skip
+        "last.ckpt",
+        "phase-1.ckpt",
+        "phase-2.ckpt",
+    ]
 
     # --verbose brings the libraries' lines back (the starting policy is built by now)
     text, _, _ = _timed_run([*_small_fit(tmp_path, "verbose", 16, 1), "--verbose"], env={"BPO_VERBOSE": ""})
@@ -139,7 +177,8 @@ def test_checkpoint_files_count_phases_from_one(tmp_path):
 
     checkpoint = PhaseCheckpoint(dirpath=tmp_path, filename="phase-{phase}", auto_insert_metric_name=False)
     assert Path(checkpoint.format_checkpoint_name({"epoch": torch.tensor(0), "step": torch.tensor(4)})).name == (
-        "phase-1.ckpt")  # fmt: skip
+        "phase-1.ckpt"
+    )
     lightning_style = PhaseCheckpoint(dirpath=tmp_path, filename="phase-{epoch}", auto_insert_metric_name=False)
     assert Path(lightning_style.format_checkpoint_name({"epoch": torch.tensor(0)})).name == "phase-0.ckpt"
 
@@ -147,7 +186,15 @@ def test_checkpoint_files_count_phases_from_one(tmp_path):
 def test_the_phase_line_gives_kl_with_its_standard_error():
     from bpo_lightning.reporting import _describe
 
-    line = _describe({"win_rate": 0.5, "tie_rate": 0.0, "kl_initial": 1.927, "kl_initial_stderr": 0.596,
-                      "kl_behavior": 0.098, "kl_behavior_stderr": 0.039})  # fmt: skip
+    line = _describe(
+        {
+            "win_rate": 0.5,
+            "tie_rate": 0.0,
+            "kl_initial": 1.927,
+            "kl_initial_stderr": 0.596,
+            "kl_behavior": 0.098,
+            "kl_behavior_stderr": 0.039,
+        }
+    )
     assert "KL(policy‖initial) 1.927 ± 0.596" in line and "KL(policy‖behavior) 0.098 ± 0.039" in line
     assert _describe({"win_rate": 0.5, "tie_rate": 0.0, "kl_behavior": 0.1}).endswith("KL(policy‖behavior) 0.100")

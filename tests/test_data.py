@@ -303,8 +303,9 @@ def test_prompts_from_parquet_and_a_datasets_folder(tmp_path):
 
 def test_prompt_template_formats_row_fields(tmp_path):
     path = _write_jsonl(tmp_path / "p.jsonl", [{"instruction": "How do I boil an egg?", "demonstration": "Boil it."}])
-    source = PromptSource(path, prompt_field="instruction", reference_field="demonstration",
-                          template="{instruction} Assistant: ")  # fmt: skip
+    source = PromptSource(
+        path, prompt_field="instruction", reference_field="demonstration", template="{instruction} Assistant: "
+    )
     assert source.load("data.prompts") == [{"prompt": "How do I boil an egg? Assistant: ", "reference": "Boil it."}]
     with pytest.raises(ValueError, match=r"data.prompts.init_args.template: row 0 of .* has no field 'question'"):
         PromptSource(path, prompt_field="instruction", template="{question}").load("data.prompts")
@@ -348,13 +349,16 @@ def test_a_judge_annotates_and_evaluates_a_run(tmp_path, sft_dir):
     from bpo_lightning.reporting import PhaseReport
 
     judge, report = LongerIsBetter(), PhaseReport()
-    module, data, trainer = make_run(tmp_path, sft_dir, budget=16, num_phases=1, annotator=judge, callbacks=[report],
-                                     eval_prompts=16)  # fmt: skip
+    module, data, trainer = make_run(
+        tmp_path, sft_dir, budget=16, num_phases=1, annotator=judge, callbacks=[report], eval_prompts=16
+    )
     trainer.fit(module, datamodule=data)
     assert data.stats[0].kept > 0
     # the final evaluation: 16 held-out (policy answer, reference) verdicts, saved with the answers
-    saved = [json.loads(line) for line in (tmp_path / "evaluations" / f"fit_step{trainer.global_step:07d}.jsonl")
-             .read_text().splitlines()]  # fmt: skip
+    saved = [
+        json.loads(line)
+        for line in (tmp_path / "evaluations" / f"fit_step{trainer.global_step:07d}.jsonl").read_text().splitlines()
+    ]
     assert len(saved) == 16
     for r in saved:
         expected = None if "?" in r["response"] + r["reference"] else float(len(r["response"]) - len(r["reference"]))
@@ -365,8 +369,9 @@ def test_a_judge_annotates_and_evaluates_a_run(tmp_path, sft_dir):
 
 
 def test_truncated_responses_get_an_eos_term_only_when_asked():
-    record = PreferenceRecord(0, 0, "p", "c", "r", 1.0, 0.0, [5, 6], [7, 8], [9], 0, chosen_finished=True,
-                              rejected_finished=False)  # fmt: skip
+    record = PreferenceRecord(
+        0, 0, "p", "c", "r", 1.0, 0.0, [5, 6], [7, 8], [9], 0, chosen_finished=True, rejected_finished=False
+    )
     paper = pair_batch([record], pad_id=0, eos_id=2)  # the paper's convention: EOS after both
     assert paper["input_ids"].tolist() == [[5, 6, 7, 8, 2], [5, 6, 9, 2, 0]]
     assert paper["loss_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 1, 0]]

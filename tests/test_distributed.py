@@ -62,8 +62,9 @@ def fit(out: Path, sft_dir: Path, *args: str, killed: bool = False, env: dict | 
     guard."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent), **(env or {})}
     cmd = [sys.executable, str(SCRIPT), "--sft", str(sft_dir), "--out", str(out), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=HANG_GUARD_S)
     except subprocess.TimeoutExpired:
@@ -218,8 +219,9 @@ def test_global_batches_split_each_step_over_processes():
 
 def test_weighted_shares_average_to_the_global_mean():
     """Σ_processes loss_scale·Σ_own w·ℓ, averaged over processes as DDP averages gradients, is the step's mean."""
-    records = [PreferenceRecord(0, i, "p", "c", "r", 1.0, 0.0, [1], [2], [3], 0, -1.0, -2.0, -1.0, -2.0)
-               for i in range(3)]  # fmt: skip
+    records = [
+        PreferenceRecord(0, i, "p", "c", "r", 1.0, 0.0, [1], [2], [3], 0, -1.0, -2.0, -1.0, -2.0) for i in range(3)
+    ]
     losses = torch.tensor([0.3, 0.7, 1.1])  # per-pair losses of the step's 3 pairs
     world = 4
     total = 0.0
@@ -340,9 +342,14 @@ def test_bf16_mixed_sampler_log_probs_are_the_sampling_autocasts(tmp_path, sft_d
     from test_loop import FirstBatchOfPhase, RecordingDPOLoss, fresh_logps, load_pairs
 
     recorder = FirstBatchOfPhase()
-    module, data, trainer = make_run(tmp_path, sft_dir, callbacks=[recorder], loss=RecordingDPOLoss(),
-                                     evaluation=Evaluation(kl_samples=0),
-                                     trainer_args={"precision": "bf16-mixed"})  # fmt: skip
+    module, data, trainer = make_run(
+        tmp_path,
+        sft_dir,
+        callbacks=[recorder],
+        loss=RecordingDPOLoss(),
+        evaluation=Evaluation(kl_samples=0),
+        trainer_args={"precision": "bf16-mixed"},
+    )
     trainer.fit(module, datamodule=data)
     for phase in range(2):
         h = module.loss.margins[recorder.first_call[phase]]

@@ -36,8 +36,9 @@ def test_evaluation_settings_name_their_config_keys():
 
 
 def test_response_batch_scores_eos_only_where_the_model_emitted_it():
-    samples = Samples(prompt_ids=[[1, 2]], response_ids=[[[5, 6], [7]]], responses=[["a", "b"]],
-                      finished=[[True, False]])  # fmt: skip
+    samples = Samples(
+        prompt_ids=[[1, 2]], response_ids=[[[5, 6], [7]]], responses=[["a", "b"]], finished=[[True, False]]
+    )
     batch = response_batch(samples, pad_id=0, eos_id=9)
     assert batch["input_ids"].tolist() == [[1, 2, 5, 6, 9], [1, 2, 7, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
@@ -61,10 +62,14 @@ def _module(sft_dir, **evaluation):
 
 def _data(annotator, evaluator=None, limit=8):
     data = OnlineDataModule(
-        prompts=ReviewPrompts("prompts"), annotator=annotator, evaluator=evaluator,
-        eval_prompts=ReviewPrompts("eval", limit=limit), annotation_cache=None,
-        sampler=GenerateSampler(max_new_tokens=12, progress=False), eval_batch_size=4,
-    )  # fmt: skip
+        prompts=ReviewPrompts("prompts"),
+        annotator=annotator,
+        evaluator=evaluator,
+        eval_prompts=ReviewPrompts("eval", limit=limit),
+        annotation_cache=None,
+        sampler=GenerateSampler(max_new_tokens=12, progress=False),
+        eval_batch_size=4,
+    )
     data.setup("validate")
     return data
 
@@ -149,8 +154,7 @@ def test_kl_estimates_match_exact_kl_of_one_token_answers_and_follow_the_behavio
     synced = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
     perturb(1)
     result = evaluate()
-    exact = _exact_next_token_kl(module, prompt_ids, module.policy_weights,
-                                 lambda: module._computing_as(synced))  # fmt: skip
+    exact = _exact_next_token_kl(module, prompt_ids, module.policy_weights, lambda: module._computing_as(synced))
     assert exact > 0.05
     assert abs(result["kl_behavior"] - exact) < 4 * result["kl_behavior_stderr"] + 1e-3
     assert result["kl_initial"] > result["kl_behavior"]  # two perturbations away from the start, one from π_β
@@ -195,12 +199,15 @@ def test_evaluation_every_n_steps_records_mid_phase_points(tmp_path, sft_dir, ca
     trainer.fit(module, datamodule=data)
     # 24 prompts per phase, 8 pairs per step: 3 steps per phase, an evaluation every 2 steps
     points = [(h["phase"], h["step"], "win_rate" in h) for h in report.history]
-    assert points == [(0, 0, True), (round(2 / 3, 4), 2, True), (1, 3, False), (round(4 / 3, 4), 4, True),
-                      (2, 6, True)]  # fmt: skip
+    assert points == [(0, 0, True), (round(2 / 3, 4), 2, True), (1, 3, False), (round(4 / 3, 4), 4, True), (2, 6, True)]
     assert "step 2    | phase 1/2 at 67% | eval win rate" in capsys.readouterr().out
     saved = sorted(p.name for p in (tmp_path / "evaluations").iterdir())
-    assert saved == ["fit_step0000002.jsonl", "fit_step0000004.jsonl", "fit_step0000006.jsonl",
-                     "start_step0000000.jsonl"]  # fmt: skip
+    assert saved == [
+        "fit_step0000002.jsonl",
+        "fit_step0000004.jsonl",
+        "fit_step0000006.jsonl",
+        "start_step0000000.jsonl",
+    ]
 
 
 def _last_row(path: Path, key: str) -> dict:
@@ -213,15 +220,29 @@ def _last_row(path: Path, key: str) -> dict:
 def test_bpo_validate_and_test_reproduce_the_fits_final_evaluation(tmp_path, monkeypatch, members, capsys):
     monkeypatch.setattr("sys.argv", ["bpo"])  # arguments come from the list below
     run = tmp_path / "run"
-    lora = ["--model.lora=bpo_lightning.lora.LoRA", "--model.lora.r=4", f"--model.lora.members={members}",
-            "--model.lr=5e-3"]  # fmt: skip
-    main([
-        "fit", "--config", QUICKSTART, f"--trainer.default_root_dir={run}",
-        f"--model.policy.init_args.cache_dir={tmp_path / 'cache'}", "--model.policy.init_args.steps=40",
-        "--data.budget=32", "--data.num_phases=2", "--data.batch_size=8",
-        "--data.sampler.init_args.max_new_tokens=16", "--data.sampler.init_args.progress=false",
-        "--data.max_eval_prompts=8", *(lora if members else []),
-    ])  # fmt: skip
+    lora = [
+        "--model.lora=bpo_lightning.lora.LoRA",
+        "--model.lora.r=4",
+        f"--model.lora.members={members}",
+        "--model.lr=5e-3",
+    ]
+    main(
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            f"--trainer.default_root_dir={run}",
+            f"--model.policy.init_args.cache_dir={tmp_path / 'cache'}",
+            "--model.policy.init_args.steps=40",
+            "--data.budget=32",
+            "--data.num_phases=2",
+            "--data.batch_size=8",
+            "--data.sampler.init_args.max_new_tokens=16",
+            "--data.sampler.init_args.progress=false",
+            "--data.max_eval_prompts=8",
+            *(lora if members else []),
+        ]
+    )
     fit_metrics = (run / "metrics.csv").read_bytes()
     final = json.loads((run / "report.json").read_text())[-1]
     noise = 3 * (final["kl_behavior_stderr"] + final["kl_initial_stderr"])  # 8 prompts, one Monte-Carlo draw each
@@ -251,8 +272,9 @@ def test_a_reward_model_evaluates_and_references_are_scored_once(tmp_path, sft_d
     from bpo_lightning import RewardModelAnnotator
 
     tok = AutoTokenizer.from_pretrained(sft_dir)
-    config = GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=32, n_head=2, num_labels=1,
-                        pad_token_id=tok.pad_token_id)  # fmt: skip
+    config = GPT2Config(
+        vocab_size=len(tok), n_layer=1, n_embd=32, n_head=2, num_labels=1, pad_token_id=tok.pad_token_id
+    )
     torch.manual_seed(0)
     GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")
@@ -278,7 +300,8 @@ def test_a_reward_model_evaluates_and_references_are_scored_once(tmp_path, sft_d
     expected = direct.score(prompts, [r["response"] for r in records])
     assert [r["score"] for r in records] == pytest.approx(expected, abs=1e-5)
     assert [r["reference_score"] for r in records] == pytest.approx(
-        direct.score(prompts, [r["reference"] for r in records]), abs=1e-5)  # fmt: skip
+        direct.score(prompts, [r["reference"] for r in records]), abs=1e-5
+    )
     wins = sum(r["score"] > r["reference_score"] for r in records)
     assert metrics.compute()["win_rate"] == pytest.approx(wins / 6)
     calls = len(rm.scored)

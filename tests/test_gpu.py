@@ -41,13 +41,17 @@ def test_compiled_static_cache_sampler_on_gpu(sft_dir):
 
     # computed apart from the sampler: every prompt's ids (the padded last block's rows dropped) as the tokenizer
     # encodes it, and num_samples responses for each
-    assert first.prompt_ids == [encode_prompt(tokenizer, p, sampler.max_prompt_tokens or 1 << 30, sampler.add_bos)
-                                for p in prompts]  # fmt: skip
+    assert first.prompt_ids == [
+        encode_prompt(tokenizer, p, sampler.max_prompt_tokens or 1 << 30, sampler.add_bos) for p in prompts
+    ]
     assert [len(rs) for rs in first.response_ids] == [sampler.num_samples] * len(prompts)
     # the sampler contract on the GPU, all 3 blocks: shapes, no EOS kept, finished flags, texts decoded, recorded
     # bf16 log-probs near one uncompiled forward pass of the model (a sum over up to 24 tokens, each bf16-rounded)
     assert sampler_problems(sampler, model, tokenizer, prompts, atol=0.5) == []
     assert len(sampler._steps) == 1  # one compiled step for the whole run, the checks' samplings included
     assert again.response_ids == first.response_ids  # the same seed draws the same tokens
-    assert all(0 < len(r) <= 24 or done for rs, ds in zip(first.response_ids, first.finished, strict=True)
-               for r, done in zip(rs, ds, strict=True))  # fmt: skip
+    assert all(
+        0 < len(r) <= 24 or done
+        for rs, ds in zip(first.response_ids, first.finished, strict=True)
+        for r, done in zip(rs, ds, strict=True)
+    )

@@ -98,8 +98,11 @@ def test_a_jsonl_row_without_a_text_prompt_is_named(tmp_path, row, problem):
 def test_a_prompt_of_mixed_kinds_after_a_blank_line_is_named(tmp_path):
     """pyarrow stops at a column that changes kind; its own message names neither the file nor the line."""
     path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "reference": "x"}, "", {"prompt": "b", "reference": 3}])
-    _raises(InputError, _load(path), f"data.prompts: row 1 of {path} (line 3) has 'reference' = 3, a number, where "
-            "line 1 has text")  # fmt: skip
+    _raises(
+        InputError,
+        _load(path),
+        f"data.prompts: row 1 of {path} (line 3) has 'reference' = 3, a number, where line 1 has text",
+    )
 
 
 @pytest.mark.parametrize(
@@ -139,8 +142,12 @@ def test_a_missing_local_dataset_folder_is_named(tmp_path):
 
 def test_eval_prompts_without_a_reference_name_the_row(tmp_path):
     path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "reference": "x"}, {"prompt": "b"}])
-    _raises(InputError, _load(path, "data.eval_prompts"), f"data.eval_prompts: row 1 of {path} (line 2) has no "
-            "reference answer (its 'reference' is missing, null or empty)")  # fmt: skip
+    _raises(
+        InputError,
+        _load(path, "data.eval_prompts"),
+        f"data.eval_prompts: row 1 of {path} (line 2) has no "
+        "reference answer (its 'reference' is missing, null or empty)",
+    )
     csv = tmp_path / "p.csv"
     csv.write_text('prompt,reference\na,x\n"two\nlines",y\nc\n')
     _raises(InputError, _load(csv, "data.eval_prompts"), f"data.eval_prompts: row 2 of {csv} (line 5) has no")
@@ -149,8 +156,9 @@ def test_eval_prompts_without_a_reference_name_the_row(tmp_path):
 def test_a_good_prompt_file_still_loads(tmp_path):
     path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "reference": "x"}, {"prompt": "b", "reference": "y"}])
     assert [r["prompt"] for r in PromptSource(str(path)).load("data.eval_prompts", require_reference=True)] == [
-        "a", "b"
-    ]  # fmt: skip
+        "a",
+        "b",
+    ]
 
 
 # -- the same rows as JSON lines, CSV and parquet ---------------------------------------------------------------------
@@ -184,11 +192,17 @@ def test_an_empty_reference_is_a_prompt_and_an_error_only_where_one_is_required(
     second = {"prompt": "b"} if empty == "missing" else {"prompt": "b", "reference": empty}
     path, line = _file(tmp_path, fmt, [{"prompt": "a", "reference": "x"}, second, {"prompt": "c", "reference": "z"}])
     assert PromptSource(str(path)).load("data.prompts") == [
-        {"prompt": "a", "reference": "x"}, {"prompt": "b", "reference": None}, {"prompt": "c", "reference": "z"},
-    ]  # fmt: skip
-    message = _raises(InputError, _load(path, "data.eval_prompts"), f"data.eval_prompts: row 1 of {path}{line(1)} "
-                      "has no reference answer (its 'reference' is missing, null or empty); evaluation needs one for "
-                      "every prompt")  # fmt: skip
+        {"prompt": "a", "reference": "x"},
+        {"prompt": "b", "reference": None},
+        {"prompt": "c", "reference": "z"},
+    ]
+    message = _raises(
+        InputError,
+        _load(path, "data.eval_prompts"),
+        f"data.eval_prompts: row 1 of {path}{line(1)} "
+        "has no reference answer (its 'reference' is missing, null or empty); evaluation needs one for "
+        "every prompt",
+    )
     assert message.startswith("data.eval_prompts: row 1 of")
 
 
@@ -200,8 +214,11 @@ def test_a_csv_whose_first_ten_thousand_references_are_empty_loads(tmp_path):
     rows = PromptSource(str(path)).load("data.prompts")
     assert len(rows) == 10_001 and rows[0] == {"prompt": "p0", "reference": None}
     assert rows[-1] == {"prompt": "last", "reference": "x"}
-    _raises(InputError, _load(path, "data.eval_prompts"), f"data.eval_prompts: row 0 of {path} (line 2) has no "
-            "reference answer")  # fmt: skip
+    _raises(
+        InputError,
+        _load(path, "data.eval_prompts"),
+        f"data.eval_prompts: row 0 of {path} (line 2) has no reference answer",
+    )
 
 
 def test_csv_cells_are_text(tmp_path):
@@ -210,9 +227,10 @@ def test_csv_cells_are_text(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("prompt,reference\n42,7\nNA,null\n3.50,None\n")
     assert PromptSource(str(path)).load("data.eval_prompts", require_reference=True) == [
-        {"prompt": "42", "reference": "7"}, {"prompt": "NA", "reference": "null"},
+        {"prompt": "42", "reference": "7"},
+        {"prompt": "NA", "reference": "null"},
         {"prompt": "3.50", "reference": "None"},
-    ]  # fmt: skip
+    ]
     twice = tmp_path / "twice.csv"
     twice.write_text("prompt,prompt\na,b\n")
     _raises(InputError, _load(twice), f"data.prompts: {twice} has the column 'prompt' twice in its header")
@@ -223,16 +241,20 @@ def test_csv_cells_are_text(tmp_path):
 def test_a_prompt_that_is_not_text_is_named_in_json_lines_and_parquet(tmp_path, fmt, value, kind):
     path, line = _file(tmp_path, fmt, [{"prompt": value, "reference": "x"}])
     for key in ("data.prompts", "data.eval_prompts"):
-        _raises(InputError, _load(path, key), f"{key}: row 0 of {path}{line(0)} has 'prompt' = {value!r}, {kind}, "
-                "not text or a list of chat messages")  # fmt: skip
+        _raises(
+            InputError,
+            _load(path, key),
+            f"{key}: row 0 of {path}{line(0)} has 'prompt' = {value!r}, {kind}, not text or a list of chat messages",
+        )
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_a_reference_that_is_not_text_is_named(tmp_path, fmt):
     path, line = _file(tmp_path, fmt, [{"prompt": "a", "reference": 1}, {"prompt": "b", "reference": 2}])
     for key in ("data.prompts", "data.eval_prompts"):
-        _raises(InputError, _load(path, key), f"{key}: row 0 of {path}{line(0)} has 'reference' = 1, a number, "
-                "not text")  # fmt: skip
+        _raises(
+            InputError, _load(path, key), f"{key}: row 0 of {path}{line(0)} has 'reference' = 1, a number, not text"
+        )
 
 
 def _chat(*turns):
@@ -245,8 +267,9 @@ def test_chat_roles_are_normalised(tmp_path, fmt):
     other = _chat(("USER", "Hi"), ("bot", "Yo"), (" human ", "?"))
     path, _ = _file(tmp_path, fmt, [{"prompt": convo}, {"prompt": other}])
     rows = PromptSource(str(path)).load("data.prompts")
-    assert rows[0]["messages"] == _chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"),
-                                        ("user", "Bye?"))  # fmt: skip
+    assert rows[0]["messages"] == _chat(
+        ("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye?")
+    )
     assert rows[0]["prompt"] == "system: Be brief.\nuser: Hi\nassistant: Hello!\nuser: Bye?"
     assert [m["role"] for m in rows[1]["messages"]] == ["user", "assistant", "user"]
 
@@ -255,16 +278,24 @@ def test_chat_roles_are_normalised(tmp_path, fmt):
 @pytest.mark.parametrize(
     ("convo", "problem"),
     [
-        (_chat(("user", "Hi"), ("assistant", "Hello!")), "is a conversation that already ends with an assistant turn "
-         "(2 messages); a chat prompt ends with the turn the policy answers"),
-        (_chat(("system", "Be brief."),), "is a conversation without a user turn (roles: system)"),
-        (_chat(("assistant", "Hello!"), ("system", "Be brief.")), "is a conversation without a user turn "
-         "(roles: assistant, system)"),
-        (_chat(("user", "Hi"), ("narrator", "Meanwhile")), "has a message with the unknown role 'narrator' (message 2 "
-         "of its 'prompt'); known roles: user (or human), assistant (or gpt, bot) and system"),
+        (
+            _chat(("user", "Hi"), ("assistant", "Hello!")),
+            "is a conversation that already ends with an assistant turn "
+            "(2 messages); a chat prompt ends with the turn the policy answers",
+        ),
+        (_chat(("system", "Be brief.")), "is a conversation without a user turn (roles: system)"),
+        (
+            _chat(("assistant", "Hello!"), ("system", "Be brief.")),
+            "is a conversation without a user turn (roles: assistant, system)",
+        ),
+        (
+            _chat(("user", "Hi"), ("narrator", "Meanwhile")),
+            "has a message with the unknown role 'narrator' (message 2 "
+            "of its 'prompt'); known roles: user (or human), assistant (or gpt, bot) and system",
+        ),
         (_chat(("user", "Hi"), (None, "?")), "has a message without a 'role' (message 2 of its 'prompt')"),
     ],
-)  # fmt: skip
+)
 def test_a_chat_prompt_that_is_not_a_prompt_is_named(tmp_path, fmt, convo, problem):
     path, line = _file(tmp_path, fmt, [{"prompt": _chat(("user", "fine"))}, {"prompt": convo}])
     _raises(InputError, _load(path, reference_field=None), f"data.prompts: row 1 of {path}{line(1)} {problem}")
@@ -304,8 +335,13 @@ def test_a_hub_id_missing_from_the_offline_cache_is_named(monkeypatch):
     from bpo_lightning.policy import Pretrained
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    _raises(InputError, lambda: Pretrained("no-such-org/no-such-model"), "model.policy.init_args.name_or_path: "
-            "no model folder no-such-org/no-such-model", "not in the local hub cache", "HF_HUB_OFFLINE=1")  # fmt: skip
+    _raises(
+        InputError,
+        lambda: Pretrained("no-such-org/no-such-model"),
+        "model.policy.init_args.name_or_path: no model folder no-such-org/no-such-model",
+        "not in the local hub cache",
+        "HF_HUB_OFFLINE=1",
+    )
 
 
 def test_a_policy_folder_without_config_or_weights_is_named(tmp_path, tiny_model):
@@ -313,8 +349,11 @@ def test_a_policy_folder_without_config_or_weights_is_named(tmp_path, tiny_model
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    _raises(InputError, lambda: Pretrained(str(empty)), f"model.policy.init_args.name_or_path: the model folder "
-            f"{empty} has no config.json")  # fmt: skip
+    _raises(
+        InputError,
+        lambda: Pretrained(str(empty)),
+        f"model.policy.init_args.name_or_path: the model folder {empty} has no config.json",
+    )
     (empty / "config.json").write_text((tiny_model / "config.json").read_text())
     _raises(InputError, lambda: Pretrained(str(empty)), f"the model folder {empty} has no weights", "model.safetensors")
 
@@ -323,16 +362,22 @@ def test_a_policy_tokenizer_folder_that_does_not_exist_is_named(tmp_path, tiny_m
     from bpo_lightning.policy import Pretrained
 
     path = tmp_path / "tok"
-    _raises(InputError, lambda: Pretrained(str(tiny_model), tokenizer=str(path)), "model.policy.init_args.tokenizer: "
-            f"no tokenizer folder {path}")  # fmt: skip
+    _raises(
+        InputError,
+        lambda: Pretrained(str(tiny_model), tokenizer=str(path)),
+        f"model.policy.init_args.tokenizer: no tokenizer folder {path}",
+    )
 
 
 def test_an_inline_config_policy_names_a_missing_tokenizer_folder(tmp_path, tiny_model):
     from bpo_lightning.policy import FromConfig
 
     path = tmp_path / "tok"
-    _raises(InputError, lambda: FromConfig({"model_type": "gpt2"}, tokenizer=str(path)),
-            f"model.policy.init_args.tokenizer: no tokenizer folder {path}")  # fmt: skip
+    _raises(
+        InputError,
+        lambda: FromConfig({"model_type": "gpt2"}, tokenizer=str(path)),
+        f"model.policy.init_args.tokenizer: no tokenizer folder {path}",
+    )
     assert FromConfig({"model_type": "gpt2"}, tokenizer=str(tiny_model)).tokenizer().eos_token_id is not None
 
 
@@ -348,11 +393,17 @@ def test_a_reward_model_folder_that_does_not_exist_is_named(tmp_path, tiny_model
     from bpo_lightning import RewardModelAnnotator
 
     path = tmp_path / "rm"
-    _raises(InputError, lambda: RewardModelAnnotator(str(path), device="cpu"),
-            f"data.annotator.init_args.name_or_path: no model folder {path}")  # fmt: skip
+    _raises(
+        InputError,
+        lambda: RewardModelAnnotator(str(path), device="cpu"),
+        f"data.annotator.init_args.name_or_path: no model folder {path}",
+    )
     _raises(InputError, lambda: RewardModelAnnotator("./no/such/rm", device="cpu"), "no model folder ./no/such/rm")
-    _raises(InputError, lambda: RewardModelAnnotator(str(tiny_model), tokenizer=str(path), device="cpu"),
-            f"data.annotator.init_args.tokenizer: no tokenizer folder {path}")  # fmt: skip
+    _raises(
+        InputError,
+        lambda: RewardModelAnnotator(str(tiny_model), tokenizer=str(path), device="cpu"),
+        f"data.annotator.init_args.tokenizer: no tokenizer folder {path}",
+    )
 
 
 # -- the run folder --------------------------------------------------------------------------------------------------
@@ -366,8 +417,14 @@ def test_a_damaged_phase_json_is_named(tmp_path):
     store = _phase(tmp_path)
     store.meta_path.write_text('{"provenance": {"phase": 0},\n "complete": tru')
     for call in (lambda: store.check({"phase": 0}), store.complete):
-        _raises(RunError, call, f"trainer.default_root_dir: {store.meta_path} line 2 is damaged",
-                "delete", "phase_0000.*", "to collect phase 1 again")  # fmt: skip
+        _raises(
+            RunError,
+            call,
+            f"trainer.default_root_dir: {store.meta_path} line 2 is damaged",
+            "delete",
+            "phase_0000.*",
+            "to collect phase 1 again",
+        )
 
 
 def test_a_damaged_pairs_line_is_named(tmp_path):

@@ -40,8 +40,14 @@ def test_small_vocabularies_take_more_positions_per_chunk(monkeypatch):
 
 def tiny(kind: str):
     torch.manual_seed(0)
-    common = {"vocab_size": V, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "intermediate_size": 64, "max_position_embeddings": 64}  # fmt: skip
+    common = {
+        "vocab_size": V,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+    }
     if kind == "gpt2":
         config = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64)
         return transformers.GPT2LMHeadModel(config)
@@ -54,8 +60,9 @@ def tiny(kind: str):
         config = transformers.Gemma2Config(num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5, **common)
         return transformers.Gemma2ForCausalLM(config)
     if kind == "cohere-scaled":  # logits = head(h) * logit_scale: not separable
-        return transformers.CohereForCausalLM(transformers.CohereConfig(num_key_value_heads=2, logit_scale=0.3,
-                                                                        **common))  # fmt: skip
+        return transformers.CohereForCausalLM(
+            transformers.CohereConfig(num_key_value_heads=2, logit_scale=0.3, **common)
+        )
     raise ValueError(kind)
 
 
@@ -199,8 +206,9 @@ def test_a_shared_prompt_runs_once_with_the_same_values_and_gradients(kind):
     backbone = split_head(model)[0]
     assert logprobs.prompt_sharing(model, backbone)
     seen = []  # (rows, tokens) of every backbone call
-    handle = backbone.register_forward_pre_hook(lambda _, args, kw: seen.append(tuple(kw["input_ids"].shape)),
-                                                with_kwargs=True)  # fmt: skip
+    handle = backbone.register_forward_pre_hook(
+        lambda _, args, kw: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25])
     try:
         got = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], 4, share_prompts=True)
@@ -239,8 +247,9 @@ def test_a_batch_with_a_response_at_its_first_token_runs_whole():
     b = right_padded([[5, 6, 7, 8], [9, 10, 11]], [0, 1], pad_id=0)  # the first one has no prompt
     backbone = split_head(model)[0]
     seen = []
-    handle = backbone.register_forward_pre_hook(lambda _, args, kw: seen.append(tuple(kw["input_ids"].shape)),
-                                                with_kwargs=True)  # fmt: skip
+    handle = backbone.register_forward_pre_hook(
+        lambda _, args, kw: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
     try:
         got = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], 4, share_prompts=True)
     finally:

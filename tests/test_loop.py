@@ -61,8 +61,9 @@ def fresh_logps(model_dir_or_model, records, tokenizer, state=None, share_prompt
     model.eval()
     batch = pair_batch(records, tokenizer.pad_token_id, tokenizer.eos_token_id)
     with torch.no_grad():
-        sums = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                              share_prompts=share_prompts).sums  # fmt: skip
+        sums = sequence_logps(
+            model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], share_prompts=share_prompts
+        ).sums
     return sums[: len(records)], sums[len(records) :]
 
 
@@ -164,14 +165,21 @@ def test_resume_annotates_nothing_twice_and_matches_uninterrupted_run(tmp_path, 
 
     annotator = CountingAnnotator()
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "split" / "ckpt", save_last=True)
-    first, data, trainer = make_run(tmp_path / "split", sft_dir, budget=32, num_phases=2, annotator=annotator,
-                                    callbacks=[StopAfterFirstPhase(), ckpt])  # fmt: skip
+    first, data, trainer = make_run(
+        tmp_path / "split",
+        sft_dir,
+        budget=32,
+        num_phases=2,
+        annotator=annotator,
+        callbacks=[StopAfterFirstPhase(), ckpt],
+    )
     trainer.fit(first, datamodule=data)
     assert trainer.current_epoch == 1 and sorted(data.stats) == [0]
 
     ckpt2 = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "split" / "ckpt", save_last=True)
-    second, data2, trainer2 = make_run(tmp_path / "split", sft_dir, budget=32, num_phases=2, annotator=annotator,
-                                       callbacks=[ckpt2])  # fmt: skip
+    second, data2, trainer2 = make_run(
+        tmp_path / "split", sft_dir, budget=32, num_phases=2, annotator=annotator, callbacks=[ckpt2]
+    )
     trainer2.fit(second, datamodule=data2, ckpt_path=str(tmp_path / "split" / "ckpt" / "last.ckpt"))
     assert 1 in data2.stats  # (Lightning may reload phase 0's finished data from disk first; nothing is re-sampled)
     # the two runs together scored exactly what the two saved phases hold: nothing was annotated twice
@@ -281,8 +289,7 @@ def test_behavior_log_probs_from_the_sampler_or_a_forward_pass(tmp_path, sft_dir
 
     scored = []
     original = Scorer.pairs
-    monkeypatch.setattr(Scorer, "pairs", lambda self, records: scored.append(len(records)) or
-                        original(self, records))  # fmt: skip
+    monkeypatch.setattr(Scorer, "pairs", lambda self, records: scored.append(len(records)) or original(self, records))
     no_kl = Evaluation(kl_samples=0)
     module, data, recorder = run(tmp_path, sft_dir, budget=32, num_phases=2, evaluation=no_kl, behavior_logps=mode,
                                  scoring_batch_size=8, share_prompts=share)  # fmt: skip

@@ -31,8 +31,9 @@ def test_lora_arguments_are_validated():
 
 @pytest.mark.slow
 def test_single_lora_keeps_adapter_only_snapshots(tmp_path, sft_dir):
-    module, data, trainer = make_run(tmp_path, sft_dir, budget=32, num_phases=2, behavior=Frozen(),
-                                     lora=LoRA(r=4, alpha=8))  # fmt: skip
+    module, data, trainer = make_run(
+        tmp_path, sft_dir, budget=32, num_phases=2, behavior=Frozen(), lora=LoRA(r=4, alpha=8)
+    )
     trainer.fit(module, datamodule=data)
     assert module.initial and all("lora_" in name for name in module.initial)  # never the base weights
     base = sum(p.numel() for n, p in module.policy.named_parameters() if "lora_" not in n)
@@ -68,8 +69,9 @@ def test_ema_with_lora_averages_the_factors_not_the_updates(tmp_path, sft_dir):
 def _ensemble_run(tmp_path, sft_dir, **kwargs):
     ends = EndWeights()
     lora = LoRA(r=4, alpha=8, members=3, merge=kwargs.pop("merge", "peft_linear"), seed=0)
-    module, data, trainer = make_run(tmp_path, sft_dir, budget=32, num_phases=2, lora=lora, callbacks=[ends],
-                                     lr=5e-3, **kwargs)  # fmt: skip
+    module, data, trainer = make_run(
+        tmp_path, sft_dir, budget=32, num_phases=2, lora=lora, callbacks=[ends], lr=5e-3, **kwargs
+    )
     trainer.fit(module, datamodule=data)
     return module, data, ends
 
@@ -130,9 +132,10 @@ def test_members_can_start_from_adapter_directories(tmp_path, sft_dir):
     saved = []
     for k in range(2):
         torch.manual_seed(10 + k)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(sft_dir),
-                               LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
-                                          init_lora_weights=False))  # fmt: skip
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(sft_dir),
+            LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False),
+        )
         model.save_pretrained(tmp_path / f"sft_{k}")
         saved.append(
             {n.replace(".default.", "."): p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
@@ -165,8 +168,9 @@ def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path, sft_di
             auto_insert_metric_name=False,
         )
         lora = LoRA(r=4, alpha=8, members=members, seed=0) if members else LoRA(r=4, alpha=8)
-        module, data, trainer = make_run(root, sft_dir, budget=32, num_phases=2, max_epochs=max_epochs, lora=lora,
-                                         callbacks=[checkpoint])  # fmt: skip
+        module, data, trainer = make_run(
+            root, sft_dir, budget=32, num_phases=2, max_epochs=max_epochs, lora=lora, callbacks=[checkpoint]
+        )
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         return module
 

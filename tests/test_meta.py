@@ -71,8 +71,12 @@ def _imports(path: Path, package: str) -> set[str]:
     import ast
 
     tree = ast.parse(path.read_text())
-    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(
-        node.test) for n in ast.walk(node)}  # fmt: skip
+    type_only = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
     found = set()
     for node in ast.walk(tree):
         if id(node) in type_only:
@@ -82,8 +86,11 @@ def _imports(path: Path, package: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bpo_lightning"):
             found.add(node.module.removeprefix("bpo_lightning").lstrip("."))
         elif isinstance(node, ast.Import):
-            found.update(a.name.removeprefix("bpo_lightning").lstrip(".") for a in node.names
-                         if a.name.startswith("bpo_lightning"))  # fmt: skip
+            found.update(
+                a.name.removeprefix("bpo_lightning").lstrip(".")
+                for a in node.names
+                if a.name.startswith("bpo_lightning")
+            )
     return found - {""}  # the package root re-exports lazily: importable from anywhere
 
 

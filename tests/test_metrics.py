@@ -199,6 +199,13 @@ def test_metrics_csv_writes_float32_values_in_their_shortest_form(tmp_path):
     logger.save()
     header, row = (tmp_path / "metrics.csv").read_text().splitlines()
     values = dict(zip(header.split(","), row.split(","), strict=True))
-    assert values == {"f32": "0.9", "f64": "0.1", "third": repr(1 / 3), "big": "1e+300", "nan": "nan", "n": "7",
-                      "step": "3"}  # fmt: skip
+    assert values == {
+        "f32": "0.9",
+        "f64": "0.1",
+        "third": repr(1 / 3),
+        "big": "1e+300",
+        "nan": "nan",
+        "n": "7",
+        "step": "3",
+    }
     assert torch.tensor(float(values["f32"])) == torch.tensor(f32)  # the same float32 when read back

@@ -36,8 +36,10 @@ def test_chat_messages_use_the_chat_template(chat_tokenizer_dir, sft_dir):
 
 @pytest.mark.slow
 def test_llama_policy_on_chat_prompts(tmp_path, chat_tokenizer_dir):
-    rows = [{"messages": [{"role": "user", "content": f"hotel review : night {i} was fine ."}], "reference": " ok ."}
-            for i in range(16)]  # fmt: skip
+    rows = [
+        {"messages": [{"role": "user", "content": f"hotel review : night {i} was fine ."}], "reference": " ok ."}
+        for i in range(16)
+    ]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     source = PromptSource(str(tmp_path / "chat.jsonl"), prompt_field="messages")
     loaded = source.load("data.prompts")
@@ -45,12 +47,25 @@ def test_llama_policy_on_chat_prompts(tmp_path, chat_tokenizer_dir):
         loaded[0]["prompt"] == "user: hotel review : night 0 was fine ."
         and loaded[0]["messages"] == rows[0]["messages"]
     )
-    config = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 768}  # fmt: skip
+    config = {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": 768,
+    }
     module = BPOModule(policy=FromConfig(config, tokenizer=str(chat_tokenizer_dir)), lr=1e-3)
     annotator = CountingAnnotator()
-    data = OnlineDataModule(prompts=source, annotator=annotator, budget=16, num_phases=1, batch_size=4,
-                            sampler=GenerateSampler(max_new_tokens=8, batch_size=8, progress=False))  # fmt: skip
+    data = OnlineDataModule(
+        prompts=source,
+        annotator=annotator,
+        budget=16,
+        num_phases=1,
+        batch_size=4,
+        sampler=GenerateSampler(max_new_tokens=8, batch_size=8, progress=False),
+    )
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, reload_dataloaders_every_n_epochs=1, logger=False,
                         default_root_dir=str(tmp_path / "run"), enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False)  # fmt: skip

@@ -11,8 +11,10 @@ from bpo_lightning.reporting import PhaseReport
 
 
 def test_plot_histories_writes_a_png(tmp_path):
-    histories = {"bpo": [{"phase": 0, "win_rate": 0.4, "reward": 0.1}, {"phase": 1, "win_rate": 0.6, "kl": 0.2}],
-                 "dpo": [{"phase": 0, "win_rate": 0.4}, {"phase": 1, "win_rate": 0.5, "length": 12.0}]}  # fmt: skip
+    histories = {
+        "bpo": [{"phase": 0, "win_rate": 0.4, "reward": 0.1}, {"phase": 1, "win_rate": 0.6, "kl": 0.2}],
+        "dpo": [{"phase": 0, "win_rate": 0.4}, {"phase": 1, "win_rate": 0.5, "length": 12.0}],
+    }
     out = plot_histories(histories, tmp_path / "f" / "x.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
 
@@ -23,8 +25,9 @@ def test_run_writes_report_and_figure_and_compare_reads_them(tmp_path, sft_dir, 
 
     report = PhaseReport()
     proxy = RuleAnnotator("bpo_lightning.tasks.reviews:proxy_reward")
-    module, data, trainer = make_run(tmp_path / "a", sft_dir, budget=16, num_phases=2, callbacks=[report],
-                                     annotator=proxy, eval_prompts=16)  # fmt: skip
+    module, data, trainer = make_run(
+        tmp_path / "a", sft_dir, budget=16, num_phases=2, callbacks=[report], annotator=proxy, eval_prompts=16
+    )
     data.evaluator = RuleAnnotator("bpo_lightning.tasks.reviews:gold_reward")
     trainer.fit(module, datamodule=data)
     history = json.loads((tmp_path / "a" / "report.json").read_text())
@@ -43,8 +46,10 @@ def test_run_writes_report_and_figure_and_compare_reads_them(tmp_path, sft_dir, 
 def test_compare_says_which_runs_have_no_phase_yet_and_keeps_runs_of_one_name_apart(tmp_path, capsys, monkeypatch):
     from bpo_lightning.plots import plot_histories
 
-    finished = [{"phase": 0, "win_rate": 0.4, "kl_initial": 0.0, "kl_initial_stderr": 0.0},
-                {"phase": 1, "win_rate": 0.6, "kl_initial": 1.0, "kl_initial_stderr": 0.2}]  # fmt: skip
+    finished = [
+        {"phase": 0, "win_rate": 0.4, "kl_initial": 0.0, "kl_initial_stderr": 0.0},
+        {"phase": 1, "win_rate": 0.6, "kl_initial": 1.0, "kl_initial_stderr": 0.2},
+    ]
     for folder, history in [("x/run", finished), ("y/run", finished), ("new", finished[:1])]:
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "report.json").write_text(json.dumps(history))

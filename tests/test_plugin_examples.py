@@ -24,8 +24,12 @@ from bpo_lightning.testing import check_loss, check_sampler
 ROOT = Path(__file__).parents[1]
 DOC = ROOT / "docs" / "plugins.md"
 BLOCK = re.compile(r"^```python\n(# example: (\w+)\n.*?)^```$", re.M | re.S)
-NAMES = {"sampler": "TemperatureLadderSampler", "annotator": "KeywordAnnotator", "judge": "LongerIsBetterJudge",
-         "loss": "OffsetDPOLoss"}  # fmt: skip
+NAMES = {
+    "sampler": "TemperatureLadderSampler",
+    "annotator": "KeywordAnnotator",
+    "judge": "LongerIsBetterJudge",
+    "loss": "OffsetDPOLoss",
+}
 
 
 def blocks() -> dict[str, str]:
@@ -66,8 +70,12 @@ def test_plugins_md_has_the_four_examples():
 
 
 def test_the_examples_register_as_plugins(plugins, examples):
-    for name, kind in (("sampler", "samplers"), ("annotator", "annotators"), ("judge", "annotators"),
-                       ("loss", "losses")):  # fmt: skip
+    for name, kind in (
+        ("sampler", "samplers"),
+        ("annotator", "annotators"),
+        ("judge", "annotators"),
+        ("loss", "losses"),
+    ):
         assert plugins.get(kind, NAMES[name]) is getattr(examples[name], NAMES[name])
     listing = format_plugins(plugins)
     assert all(name in listing for name in NAMES.values())
@@ -75,16 +83,18 @@ def test_the_examples_register_as_plugins(plugins, examples):
 
 def test_the_sampler_samples_with_the_tiny_policy(examples, policy):
     model, tokenizer = policy
-    sampler = examples["sampler"].TemperatureLadderSampler(temperatures=(0.7, 1.3), max_new_tokens=16, batch_size=2,
-                                                           max_prompt_tokens=64)  # fmt: skip
+    sampler = examples["sampler"].TemperatureLadderSampler(
+        temperatures=(0.7, 1.3), max_new_tokens=16, batch_size=2, max_prompt_tokens=64
+    )
     assert sampler.num_samples == 2
     model.train()
     samples = sampler.sample(model, tokenizer, PROMPTS, seed=0)  # two blocks: prompts 0-1 and prompt 2
     assert model.training  # the sampler restores the mode it found
     assert isinstance(samples, Samples) and len(samples.prompt_ids) == len(PROMPTS)
     eos = tokenizer.eos_token_id
-    for prompt, prompt_ids, ids, texts, finished in zip(PROMPTS, samples.prompt_ids, samples.response_ids,
-                                                        samples.responses, samples.finished, strict=True):  # fmt: skip
+    for prompt, prompt_ids, ids, texts, finished in zip(
+        PROMPTS, samples.prompt_ids, samples.response_ids, samples.responses, samples.finished, strict=True
+    ):
         assert prompt_ids[0] == tokenizer.bos_token_id and tokenizer.decode(prompt_ids[1:]).strip() == prompt.strip()
         assert len(ids) == len(texts) == len(finished) == 2
         for response_ids, text, done in zip(ids, texts, finished, strict=True):
@@ -96,9 +106,13 @@ def test_the_sampler_samples_with_the_tiny_policy(examples, policy):
     assert again.response_ids == samples.response_ids  # seeded
     alone = sampler.sample(model, tokenizer, PROMPTS[2:], seed=2)  # the second block started at position 2
     assert alone.response_ids == samples.response_ids[2:]
-    assert sampler.settings() == {"class": "plugin_example_sampler.TemperatureLadderSampler",
-                                  "temperatures": [0.7, 1.3], "max_new_tokens": 16, "batch_size": 2,
-                                  "max_prompt_tokens": 64}  # fmt: skip
+    assert sampler.settings() == {
+        "class": "plugin_example_sampler.TemperatureLadderSampler",
+        "temperatures": [0.7, 1.3],
+        "max_new_tokens": 16,
+        "batch_size": 2,
+        "max_prompt_tokens": 64,
+    }
     with pytest.raises(InputError, match=r"data\.sampler\.init_args\.temperatures"):
         examples["sampler"].TemperatureLadderSampler(temperatures=(1.0,))
     check_sampler(sampler, model, tokenizer, PROMPTS)  # the conformance kit agrees
@@ -108,8 +122,9 @@ def test_the_annotator_scores(examples):
     annotator = examples["annotator"].KeywordAnnotator(words=("good",))
     scores = annotator.score(["p"] * 3, ["the food was good .", "the food was bad .", ""])
     assert scores[:2] == pytest.approx([1 - 0.05, -0.05]) and math.isnan(scores[2])
-    assert annotator.identity == ('plugin_example_annotator.KeywordAnnotator(length_penalty=0.01, weight=1.0, '
-                                  'words=["good"])')  # fmt: skip
+    assert annotator.identity == (
+        'plugin_example_annotator.KeywordAnnotator(length_penalty=0.01, weight=1.0, words=["good"])'
+    )
     assert examples["annotator"].KeywordAnnotator(words=("bad",)).identity != annotator.identity
 
 

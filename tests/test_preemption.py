@@ -45,12 +45,23 @@ def _fresh(monkeypatch):
 
 
 def command(run: Path, cache: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", QUICKSTART, f"--trainer.default_root_dir={run}",
-            f"--model.policy.init_args.cache_dir={cache}", "--model.policy.init_args.steps=40", "--data.budget=48",
-            "--data.num_phases=2", "--data.batch_size=4", "--data.sampler.init_args.max_new_tokens=8",
-            "--data.sampler.init_args.batch_size=8", "--data.sampler.init_args.progress=false",
-            "--data.eval_prompts=null", "--data.annotator.init_args.function=test_preemption:term_at_call",
-            *extra]  # fmt: skip
+    return [
+        "fit",
+        "--config",
+        QUICKSTART,
+        f"--trainer.default_root_dir={run}",
+        f"--model.policy.init_args.cache_dir={cache}",
+        "--model.policy.init_args.steps=40",
+        "--data.budget=48",
+        "--data.num_phases=2",
+        "--data.batch_size=4",
+        "--data.sampler.init_args.max_new_tokens=8",
+        "--data.sampler.init_args.batch_size=8",
+        "--data.sampler.init_args.progress=false",
+        "--data.eval_prompts=null",
+        "--data.annotator.init_args.function=test_preemption:term_at_call",
+        *extra,
+    ]
 
 
 def stopped(argv, capsys) -> str:

@@ -101,8 +101,10 @@ def harm_dir(tmp_path):
 
 def test_tldr_prompt_is_the_dataset_prompt_and_long_prompts_are_filtered(tldr_dir, tokenizer_dir):
     source = TLDRPrompts(tldr_dir, split="sft", tokenizer=tokenizer_dir, dev_split="validation")
-    dropped = (r"^data.prompts: 3 of 6 rows of .*tldr \(split 'train'\) dropped: 2 with an empty prompt or label "
-               r"\(first rows: \[2, 4\]\), 1 prompt longer than 512 tokens$")  # fmt: skip
+    dropped = (
+        r"^data.prompts: 3 of 6 rows of .*tldr \(split 'train'\) dropped: 2 with an empty prompt or label "
+        r"\(first rows: \[2, 4\]\), 1 prompt longer than 512 tokens$"
+    )
     with pytest.warns(UserWarning, match=dropped):
         rows = source.load("data.prompts")
     assert rows == [
@@ -166,9 +168,11 @@ def test_tldr_limit_and_default_hub_source(tldr_dir):
 
 def test_helpfulness_format_and_filters(helpful_file, tokenizer_dir):
     source = HelpfulnessPrompts(helpful_file, split="sft", tokenizer=tokenizer_dir)
-    dropped = (r"^data.prompts: 4 of 7 rows of .*helpful.jsonl dropped: 2 with an empty instruction or demonstration "
-               r"\(first rows: \[1, 5\]\), 1 instruction longer than 64 tokens, "
-               r"1 demonstration longer than 128 tokens$")  # fmt: skip
+    dropped = (
+        r"^data.prompts: 4 of 7 rows of .*helpful.jsonl dropped: 2 with an empty instruction or demonstration "
+        r"\(first rows: \[1, 5\]\), 1 instruction longer than 64 tokens, "
+        r"1 demonstration longer than 128 tokens$"
+    )
     with pytest.warns(UserWarning, match=dropped):
         rows = source.load("data.prompts")
     assert rows == [
@@ -257,8 +261,10 @@ def test_render_conversation():
 
 def test_harmlessness_renders_chosen_conversations_and_filters(harm_dir, tokenizer_dir):
     source = HarmlessnessPrompts(harm_dir, split="sft", tokenizer=tokenizer_dir)
-    dropped = (r"^data.prompts: 3 of 6 rows of .* \(split 'train'\) dropped: 2 with an empty or malformed "
-               r"conversation .*\(first rows: \[2, 4\]\), 1 prompt longer than 256 tokens$")  # fmt: skip
+    dropped = (
+        r"^data.prompts: 3 of 6 rows of .* \(split 'train'\) dropped: 2 with an empty or malformed "
+        r"conversation .*\(first rows: \[2, 4\]\), 1 prompt longer than 256 tokens$"
+    )
     with pytest.warns(UserWarning, match=dropped):
         rows = source.load("data.prompts")
     assert rows == [
@@ -333,12 +339,17 @@ def test_dropped_rows_are_counted_in_one_warning_in_every_format(helpful_file, t
     rows = [json.loads(line) for line in Path(helpful_file).read_text(encoding="utf-8").splitlines()]
     path = write_rows(tmp_path / f"helpful{suffix}", rows)
     source = HelpfulnessPrompts(path, split="sft", tokenizer=tokenizer_dir)
-    loaded = one_warning(lambda: source.load("data.prompts"), rf"^data.prompts: 4 of 7 rows of {path} dropped: 2 with "
-                         r"an empty instruction or demonstration \(first rows: \[1, 5\]\), 1 instruction longer than "
-                         r"64 tokens, 1 demonstration longer than 128 tokens$")  # fmt: skip
+    loaded = one_warning(
+        lambda: source.load("data.prompts"),
+        rf"^data.prompts: 4 of 7 rows of {path} dropped: 2 with "
+        r"an empty instruction or demonstration \(first rows: \[1, 5\]\), 1 instruction longer than "
+        r"64 tokens, 1 demonstration longer than 128 tokens$",
+    )
     assert [r["reference"] for r in loaded] == [
-        "Mix flour, water, salt and yeast.", "京都駅の近くにカフェがあります。", "Blue.",
-    ]  # fmt: skip
+        "Mix flour, water, salt and yeast.",
+        "京都駅の近くにカフェがあります。",
+        "Blue.",
+    ]
     assert source.counts == {"read": 7, "skipped": 2, "too_long": 2, "filtered": 3, "kept": 3}
 
 
@@ -348,12 +359,17 @@ def test_rows_over_the_length_limits_alone_are_counted_with_thousands_separators
         rows[i] = dict(instruction=LONG, demonstration="x") if i < 1_000 else dict(instruction="q", demonstration=LONG)
     path = write_rows(tmp_path / "helpful.parquet", rows)
     source = HelpfulnessPrompts(path, split="sft", tokenizer=tokenizer_dir, boundaries={"sft": [0, None]})
-    one_warning(lambda: source.load("data.prompts"), r"^data.prompts: 12 of 1,200 rows of .* dropped: 10 instructions "
-                "longer than 64 tokens, 2 demonstrations longer than 128 tokens$")  # fmt: skip
+    one_warning(
+        lambda: source.load("data.prompts"),
+        r"^data.prompts: 12 of 1,200 rows of .* dropped: 10 instructions "
+        "longer than 64 tokens, 2 demonstrations longer than 128 tokens$",
+    )
     assert source.counts == {"read": 1_200, "skipped": 0, "too_long": 12, "filtered": 1_188, "kept": 1_188}
     both = write_rows(tmp_path / "both.jsonl", [{"instruction": LONG, "demonstration": LONG}, rows[1]])
-    one_warning(lambda: HelpfulnessPrompts(both, split="sft", tokenizer=tokenizer_dir).load("data.prompts"),
-                r"1 of 2 rows .* dropped: 1 instruction longer than 64 tokens$")  # a row is counted once  # fmt: skip
+    one_warning(
+        lambda: HelpfulnessPrompts(both, split="sft", tokenizer=tokenizer_dir).load("data.prompts"),
+        r"1 of 2 rows .* dropped: 1 instruction longer than 64 tokens$",
+    )  # a row is counted once
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
@@ -370,15 +386,20 @@ def test_preset_csv_cells_are_text(tmp_path):
     path = tmp_path / "helpful.csv"
     path.write_text("instruction,demonstration\nWhat is 2+2?,4\nAnd 3+3?,6\n")
     rows = HelpfulnessPrompts(str(path), split="sft").load("data.prompts")
-    assert rows == [{"prompt": "What is 2+2? Assistant: ", "reference": "4"},
-                    {"prompt": "And 3+3? Assistant: ", "reference": "6"}]  # fmt: skip
+    assert rows == [
+        {"prompt": "What is 2+2? Assistant: ", "reference": "4"},
+        {"prompt": "And 3+3? Assistant: ", "reference": "6"},
+    ]
 
 
 def test_harmlessness_text_conversations_are_named(tmp_path):
     """Anthropic/hh-rlhf holds each conversation as one text, hh-rlhf-h4 as a list of messages."""
     path = write_rows(tmp_path / "hh.parquet", [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello"}])
-    with pytest.raises(ValueError, match=rf"^data.prompts: row 0 of {path} has 'chosen' = '.*', text, not a list of "
-                       "chat messages$"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"^data.prompts: row 0 of {path} has 'chosen' = '.*', text, not a list of "
+        "chat messages$",
+    ):
         HarmlessnessPrompts(path, split="sft").load("data.prompts")
 
 
@@ -411,9 +432,11 @@ def test_tldr_from_one_file_shares_its_first_rows_between_splits(tmp_path):
     """One TL;DR file is every source split: sft [0, 65215), dev [0, 1000) and test [0, 1000) are its first rows."""
     rows = [{"prompt": tldr("s", f"t{i}", f"post {i}"), "label": f" {i}"} for i in range(3)]
     path = write_rows(tmp_path / "tldr.csv", rows)
-    dev = one_warning(lambda: TLDRPrompts(path, split="dev").load("data.eval_prompts"),
-                      r"^data.eval_prompts: TLDRPrompts split 'dev' \(filtered rows \[0, 3\)\) shares rows with "
-                      r"split 'sft' \(3 rows: filtered rows \[0, 3\)\) and split 'test' \(3 rows")  # fmt: skip
+    dev = one_warning(
+        lambda: TLDRPrompts(path, split="dev").load("data.eval_prompts"),
+        r"^data.eval_prompts: TLDRPrompts split 'dev' \(filtered rows \[0, 3\)\) shares rows with "
+        r"split 'sft' \(3 rows: filtered rows \[0, 3\)\) and split 'test' \(3 rows",
+    )
     assert len(dev) == 3
     bounds = {"sft": [0, 1], "sampling": [1, 2], "dev": [2, 3], "test": [3, None]}
     dev, messages = warned(lambda: TLDRPrompts(path, split="dev", boundaries=bounds).load("data.eval_prompts"))
@@ -487,11 +510,15 @@ def _hub_copy(task: str, root: Path) -> str:
 
     if task == "tldr":
         for name, n in (("train", 76_000), ("valid", 1_100), ("test", 1_100)):
-            write_jsonl(root / f"{name}.jsonl", [{"prompt": tldr("s", f"{name} {i}", f"post {i}"), "label": f" {i}"}
-                                                 for i in range(n)])  # fmt: skip
+            write_jsonl(
+                root / f"{name}.jsonl",
+                [{"prompt": tldr("s", f"{name} {i}", f"post {i}"), "label": f" {i}"} for i in range(n)],
+            )
     elif task == "hh":
-        write_jsonl(root / "train.jsonl", [{"instruction": f"question {i}?", "demonstration": f"answer {i}."}
-                                           for i in range(21_500)])  # fmt: skip
+        write_jsonl(
+            root / "train.jsonl",
+            [{"instruction": f"question {i}?", "demonstration": f"answer {i}."} for i in range(21_500)],
+        )
     else:
         root.mkdir(parents=True, exist_ok=True)
         for name, n in (("train", 20_500), ("test", 1_100)):

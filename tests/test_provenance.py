@@ -18,8 +18,15 @@ class Truncating(Sampler):
         self.max_new_tokens = max_new_tokens
 
     def sample_batches(self, model, tokenizer, prompts, *, seed):
-        yield 0, Samples([[1]] * len(prompts), [[[2], [3]]] * len(prompts), [["a", "b"]] * len(prompts),
-                         [[True, True]] * len(prompts))  # fmt: skip
+        yield (
+            0,
+            Samples(
+                [[1]] * len(prompts),
+                [[[2], [3]]] * len(prompts),
+                [["a", "b"]] * len(prompts),
+                [[True, True]] * len(prompts),
+            ),
+        )
 
 
 class Keywords(Annotator):
@@ -82,11 +89,13 @@ def _fit_once(root, sft_dir, **changes):
 
 @pytest.mark.parametrize(
     ("change", "key"),
-    [({"block": 8}, r"sampler: saved .*'batch_size': 16.*now .*'batch_size': 8"),
-     ({"reference": "initial"}, r"reference: saved 'behavior', now 'initial'"),
-     ({"loss": 0.1}, r"loss: saved .*DPOLoss.*now .*IPOLoss")],
+    [
+        ({"block": 8}, r"sampler: saved .*'batch_size': 16.*now .*'batch_size': 8"),
+        ({"reference": "initial"}, r"reference: saved 'behavior', now 'initial'"),
+        ({"loss": 0.1}, r"loss: saved .*DPOLoss.*now .*IPOLoss"),
+    ],
     ids=["block size", "reference", "loss"],
-)  # fmt: skip
+)
 def test_the_python_api_refuses_phase_data_of_another_setup(change, key, tmp_path, sft_dir):
     """The saved phase of a run is reused only by that run's setup, through ``Trainer.fit`` as through ``bpo fit``:
     another block size draws other samples (blocks are seeded by their first position), another reference or loss
@@ -102,8 +111,14 @@ def test_the_python_api_refuses_phase_data_of_another_setup(change, key, tmp_pat
 def test_a_phase_file_written_before_the_loss_and_block_size_were_recorded_is_reused(tmp_path):
     """Phase files of earlier versions hold no ``loss`` and no sampler ``batch_size``: compared without them."""
     sampler = GenerateSampler(batch_size=16)
-    old = {"phase": 0, "behavior_version": 0, "annotator": "a", "seed": 0, "reference": "behavior",
-           "sampler": {k: v for k, v in sampler.settings().items() if k != "batch_size"}}  # fmt: skip
+    old = {
+        "phase": 0,
+        "behavior_version": 0,
+        "annotator": "a",
+        "seed": 0,
+        "reference": "behavior",
+        "sampler": {k: v for k, v in sampler.settings().items() if k != "batch_size"},
+    }
     store = PhaseStore(tmp_path, 0)
     store.check(old)
     now = {**old, "sampler": sampler.settings(), "loss": {"class": "bpo_lightning.losses.DPOLoss", "beta": 0.1}}
@@ -122,8 +137,7 @@ def test_run_identity_and_phase_files_read_one_declaration_of_the_sampler(cls):
     from bpo_lightning.identity import fingerprint
 
     sampler_cls = getattr(bpo_lightning, cls)
-    args = {name: p.default for name, p in inspect.signature(sampler_cls.__init__).parameters.items()
-            if name != "self"}  # fmt: skip
+    args = {name: p.default for name, p in inspect.signature(sampler_cls.__init__).parameters.items() if name != "self"}
     config = {"model": {}, "data": {"sampler": {"class_path": f"bpo_lightning.{cls}", "init_args": args}}}
     recorded = {k.removeprefix("data.sampler.init_args.") for k in fingerprint(config) if ".init_args." in k}
     settings = set(sampler_cls().settings()) - {"class"}
@@ -141,8 +155,9 @@ def test_a_judge_run_continues_against_another_endpoint_or_with_a_longer_timeout
 
     def judge(**changes):
         args = {"base_url": "http://127.0.0.1:8000/v1", "model": "m", "timeout": 30.0, "concurrency": 8, **changes}
-        return fingerprint({"model": {}, "data": {"annotator": {"class_path": "bpo_lightning.judge.HTTPJudge",
-                                                                "init_args": args}}})  # fmt: skip
+        return fingerprint(
+            {"model": {}, "data": {"annotator": {"class_path": "bpo_lightning.judge.HTTPJudge", "init_args": args}}}
+        )
 
     first = judge()
     assert "data.annotator.init_args.model" in first and "data.annotator.init_args.base_url" not in first
@@ -183,8 +198,14 @@ def test_an_edited_rule_function_is_another_annotator(tmp_path, monkeypatch):
     assert RuleAnnotator("my_rule:score").identity == edited.identity  # stable while the code is
 
     store = PhaseStore(tmp_path / "data", 0)
-    legacy = {"phase": 0, "behavior_version": 0, "sampler": {}, "annotator": "RuleAnnotator:my_rule:score",
-              "seed": 0, "reference": "behavior"}  # fmt: skip
+    legacy = {
+        "phase": 0,
+        "behavior_version": 0,
+        "sampler": {},
+        "annotator": "RuleAnnotator:my_rule:score",
+        "seed": 0,
+        "reference": "behavior",
+    }
     store.check(legacy)
     store.check({**legacy, "annotator": edited.identity})  # written before digests: the same import path passes
     with pytest.raises(RunError, match="annotator"):
@@ -204,5 +225,6 @@ def test_a_loss_is_recorded_by_its_arguments_not_by_what_a_strategy_adds():
     loss = DPOLoss(beta=0.2)
     before = loss_settings(loss)
     loss.ds_id, loss.ds_grads_remaining = 1, 0
-    assert loss_settings(loss) == before == {"class": "bpo_lightning.losses.DPOLoss", "beta": 0.2,
-                                             "label_smoothing": 0.0}  # fmt: skip
+    assert (
+        loss_settings(loss) == before == {"class": "bpo_lightning.losses.DPOLoss", "beta": 0.2, "label_smoothing": 0.0}
+    )

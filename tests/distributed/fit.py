@@ -243,11 +243,19 @@ def main() -> None:
     if args.from_config:
         tiny = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128, "vocab_size": 768}
         source = FromConfig(config=tiny, tokenizer=args.sft, seed=1)
-    module = BPOModule(policy=source, behavior=behavior, lora=lora, lr=args.lr,
-                       evaluation=Evaluation(kl_samples=1 if args.eval_prompts else 0),
-                       gather_for_sampling=args.gather_for_sampling)  # fmt: skip
-    annotator = CountingAnnotator(out / f"calls.rank{os.environ.get('LOCAL_RANK', '0')}.json", args.kill_at,
-                                  kill_item=int(n) if point == "annotate" else 0)  # fmt: skip
+    module = BPOModule(
+        policy=source,
+        behavior=behavior,
+        lora=lora,
+        lr=args.lr,
+        evaluation=Evaluation(kl_samples=1 if args.eval_prompts else 0),
+        gather_for_sampling=args.gather_for_sampling,
+    )
+    annotator = CountingAnnotator(
+        out / f"calls.rank{os.environ.get('LOCAL_RANK', '0')}.json",
+        args.kill_at,
+        kill_item=int(n) if point == "annotate" else 0,
+    )
     checkpoint = PhaseCheckpoint(
         dirpath=out / "run" / "ckpt",
         filename="phase-{phase}",
@@ -295,8 +303,9 @@ def main() -> None:
     if rank == 0:
         torch.save(state, out / "weights.pt")
         stats = {p: vars(s) for p, s in data.stats.items()}
-        (out / "stats.json").write_text(json.dumps({"phases": stats, "steps": trainer.global_step,
-                                                    "evaluation": module.last_evaluation}))  # fmt: skip
+        (out / "stats.json").write_text(
+            json.dumps({"phases": stats, "steps": trainer.global_step, "evaluation": module.last_evaluation})
+        )
 
 
 if __name__ == "__main__":
