@@ -80,8 +80,13 @@ def cell(variant: str, vocab: int, chunk: int, keep_mib: int) -> dict:
     step(ids, attention, loss_mask)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     logits_bytes = N * T * vocab * 4
-    return {"variant": variant, "vocab": vocab, "extra": peak - before, "logits": logits_bytes,
-            "valid": peak > peak_before}  # fmt: skip
+    return {
+        "variant": variant,
+        "vocab": vocab,
+        "extra": peak - before,
+        "logits": logits_bytes,
+        "valid": peak > peak_before,
+    }
 
 
 def main() -> None:
@@ -89,8 +94,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs="+", default=[32_000, 128_000, 256_000])
     parser.add_argument("--repeats", type=int, default=1, help="processes per cell (the minimum is shown)")
     parser.add_argument("--chunk", type=int, default=32, help="positions per chunk (model.logprob_chunk_size)")
-    parser.add_argument("--keep-mib", type=int, default=128, help="logits kept for backward up to this size, MiB "
-                        "(model.logprob_keep_mib; 0: always recomputed)")  # fmt: skip
+    parser.add_argument(
+        "--keep-mib",
+        type=int,
+        default=128,
+        help="logits kept for backward up to this size, MiB (model.logprob_keep_mib; 0: always recomputed)",
+    )
     parser.add_argument("--trl-python", help="a Python with trl installed: adds TRL's column")
     parser.add_argument("--cell", nargs=2, metavar=("VARIANT", "VOCAB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -112,17 +121,26 @@ def main() -> None:
                 runs.append(json.loads(out.strip().splitlines()[-1]))
             results[variant, vocab] = min(runs, key=lambda r: r["extra"])
     mib = 2**20
-    print(f"train-step extra memory, {N} sequences x {T} tokens, GPT-2 2x64 with V tokens, logprob_chunk_size "
-          f"{args.chunk} (positions per chunk at V >= 131,072, more below), logprob_keep_mib {args.keep_mib}, as a "
-          "multiple of the fp32 logits tensor")  # fmt: skip
-    print(f"{'V':>8} | {'fp32 logits':>11} | " + " | ".join(f"{v:>20}" for v in variants) + " | bpo / naive"
-          + (" | bpo / TRL" if args.trl_python else ""))  # fmt: skip
+    print(
+        f"train-step extra memory, {N} sequences x {T} tokens, GPT-2 2x64 with V tokens, logprob_chunk_size "
+        f"{args.chunk} (positions per chunk at V >= 131,072, more below), logprob_keep_mib {args.keep_mib}, as a "
+        "multiple of the fp32 logits tensor"
+    )
+    print(
+        f"{'V':>8} | {'fp32 logits':>11} | "
+        + " | ".join(f"{v:>20}" for v in variants)
+        + " | bpo / naive"
+        + (" | bpo / TRL" if args.trl_python else "")
+    )
     for vocab in args.vocab:
         row = [results[v, vocab] for v in variants]
         cells = [f"{r['extra'] / mib:8.0f} MiB {r['extra'] / r['logits']:5.2f}x" for r in row]
         ratios = [row[0]["extra"] / row[2]["extra"]] + ([row[0]["extra"] / row[3]["extra"]] if args.trl_python else [])
-        print(f"{vocab:>8} | {row[0]['logits'] / mib:7.0f} MiB | " + " | ".join(f"{c:>20}" for c in cells)
-              + "".join(f" | {r:.2f}" for r in ratios))  # fmt: skip
+        print(
+            f"{vocab:>8} | {row[0]['logits'] / mib:7.0f} MiB | "
+            + " | ".join(f"{c:>20}" for c in cells)
+            + "".join(f" | {r:.2f}" for r in ratios)
+        )
 
 
 if __name__ == "__main__":

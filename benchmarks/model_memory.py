@@ -27,26 +27,50 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-         "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 256, "vocab_size": 768,
-         "tie_word_embeddings": True}  # fmt: skip
+SHAPE = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 256,
+    "vocab_size": 768,
+    "tie_word_embeddings": True,
+}
 LORA = ["--model.lora=bpo_lightning.lora.LoRA", "--model.lora.r=8", "--model.lora.alpha=16"]
 
 
 def command(run: Path, tokenizer: Path, lora: bool, *extra: str, policy: str | None = None) -> list[str]:
     if policy:  # a real checkpoint, its own tokenizer
-        model = ["--model.policy=bpo_lightning.policy.Pretrained", f"--model.policy.init_args.name_or_path={policy}",
-                 "--data.sampler.init_args.add_bos=false",  # VADER: the review task's gold reward ties on its text
-                 "--data.annotator.init_args.function=bpo_lightning.tasks.smollm2:vader_compound"]  # fmt: skip
+        model = [
+            "--model.policy=bpo_lightning.policy.Pretrained",
+            f"--model.policy.init_args.name_or_path={policy}",
+            "--data.sampler.init_args.add_bos=false",  # VADER: the review task's gold reward ties on its text
+            "--data.annotator.init_args.function=bpo_lightning.tasks.smollm2:vader_compound",
+        ]
     else:
-        model = ["--model.policy=bpo_lightning.policy.FromConfig",
-                 f"--model.policy.init_args.config={json.dumps(SHAPE)}",
-                 f"--model.policy.init_args.tokenizer={tokenizer}"]  # fmt: skip
-    return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.default_root_dir={run}",
-            *model, "--data.budget=16", "--data.num_phases=2",
-            "--data.batch_size=4", "--data.sampler.init_args.max_new_tokens=32",
-            "--data.sampler.init_args.batch_size=8", "--data.sampler.init_args.progress=false",
-            "--data.eval_prompts=null", *(LORA if lora else []), *extra]  # fmt: skip
+        model = [
+            "--model.policy=bpo_lightning.policy.FromConfig",
+            f"--model.policy.init_args.config={json.dumps(SHAPE)}",
+            f"--model.policy.init_args.tokenizer={tokenizer}",
+        ]
+    return [
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        f"--trainer.default_root_dir={run}",
+        *model,
+        "--data.budget=16",
+        "--data.num_phases=2",
+        "--data.batch_size=4",
+        "--data.sampler.init_args.max_new_tokens=32",
+        "--data.sampler.init_args.batch_size=8",
+        "--data.sampler.init_args.progress=false",
+        "--data.eval_prompts=null",
+        *(LORA if lora else []),
+        *extra,
+    ]
 
 
 def case(argv: list[str]) -> None:
@@ -58,8 +82,9 @@ def case(argv: list[str]) -> None:
 
 def measure(argv: list[str]) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    out = subprocess.run([sys.executable, __file__, "--case", json.dumps(argv)], env=env, check=True,
-                         capture_output=True, text=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, __file__, "--case", json.dumps(argv)], env=env, check=True, capture_output=True, text=True
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_rss"]
 
 
@@ -93,8 +118,10 @@ def main() -> None:
     print(f"bpo fit on {what}, float32, CPU: peak RSS per process")
     print(f"{'policy':<18} | {'fit':>9} | {'resume':>9} | {'resume / fit':>12} | {'checkpoint':>10}")
     for name, fit, resume, size in rows:
-        print(f"{name:<18} | {fit / gib:6.2f} GiB | {resume / gib:6.2f} GiB | {resume / fit:12.2f} | "
-              f"{size / mib:6.1f} MiB")  # fmt: skip
+        print(
+            f"{name:<18} | {fit / gib:6.2f} GiB | {resume / gib:6.2f} GiB | {resume / fit:12.2f} | "
+            f"{size / mib:6.1f} MiB"
+        )
 
 
 if __name__ == "__main__":

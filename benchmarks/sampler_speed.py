@@ -18,9 +18,17 @@ import statistics
 import time
 from pathlib import Path
 
-SMOLLM2_SHAPE = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                 "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 2048,
-                 "vocab_size": 49152, "tie_word_embeddings": True}  # fmt: skip
+SMOLLM2_SHAPE = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 2048,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+}
 
 
 def load(name: str, device: str, dtype: str):
@@ -67,8 +75,13 @@ def main() -> None:
     table = []
     for rows in args.rows:
         prompts = prompts_all[: rows // 2 * args.blocks]
-        common = {"num_samples": 2, "max_new_tokens": args.new_tokens, "batch_size": rows // 2, "progress": False,
-                  "max_prompt_tokens": 64}  # fmt: skip
+        common = {
+            "num_samples": 2,
+            "max_new_tokens": args.new_tokens,
+            "batch_size": rows // 2,
+            "progress": False,
+            "max_prompt_tokens": 64,
+        }
         samplers = {"generate": GenerateSampler(**common), "static": StaticCacheSampler(**common, compile=compile_)}
         warm = {}
         for name, sampler in samplers.items():
@@ -85,24 +98,38 @@ def main() -> None:
                 if device == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - start
-                tokens = sum(len(r) + f for rs, fs in zip(out.response_ids, out.finished, strict=True)
-                             for r, f in zip(rs, fs, strict=True))  # fmt: skip
+                tokens = sum(
+                    len(r) + f
+                    for rs, fs in zip(out.response_ids, out.finished, strict=True)
+                    for r, f in zip(rs, fs, strict=True)
+                )
                 speed[name].append(tokens / seconds)
         ratios = [s / g for s, g in zip(speed["static"], speed["generate"], strict=True)]
-        table.append({"rows": rows, "generate tok/s": statistics.median(speed["generate"]),
-                      "static tok/s": statistics.median(speed["static"]),
-                      "static / generate": statistics.median(ratios), "ratio min": min(ratios),
-                      "ratio max": max(ratios), "warm-up s (static)": warm["static"]})  # fmt: skip
+        table.append(
+            {
+                "rows": rows,
+                "generate tok/s": statistics.median(speed["generate"]),
+                "static tok/s": statistics.median(speed["static"]),
+                "static / generate": statistics.median(ratios),
+                "ratio min": min(ratios),
+                "ratio max": max(ratios),
+                "warm-up s (static)": warm["static"],
+            }
+        )
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{args.model} on {name}, {dtype}, {args.new_tokens} new tokens, {args.blocks} blocks per call, "
-          f"{args.rounds} rounds, StaticCacheSampler compile={args.compile}")  # fmt: skip
+    print(
+        f"{args.model} on {name}, {dtype}, {args.new_tokens} new tokens, {args.blocks} blocks per call, "
+        f"{args.rounds} rounds, StaticCacheSampler compile={args.compile}"
+    )
     print(
         "| sequences per block | generate tok/s | static-cache tok/s | static / generate (min–max) | static warm-up |"
     )
     print("|---:|---:|---:|---:|---:|")
     for r in table:
-        print(f"| {r['rows']} | {r['generate tok/s']:,.0f} | {r['static tok/s']:,.0f} | {r['static / generate']:.2f} "
-              f"({r['ratio min']:.2f}–{r['ratio max']:.2f}) | {r['warm-up s (static)']:.1f} s |")  # fmt: skip
+        print(
+            f"| {r['rows']} | {r['generate tok/s']:,.0f} | {r['static tok/s']:,.0f} | {r['static / generate']:.2f} "
+            f"({r['ratio min']:.2f}–{r['ratio max']:.2f}) | {r['warm-up s (static)']:.1f} s |"
+        )
     print(json.dumps(table))
 
 

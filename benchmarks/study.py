@@ -90,21 +90,37 @@ def run_one(spec: dict, budget: int, batch: int, eval_prompts: int, work: Path) 
     lora = None if spec["params"] == "full" else LoRA(r=16, alpha=32, members=5 if "x5" in spec["params"] else 1)
     torch.manual_seed(spec["seed"])
     module = BPOModule(
-        policy=EmbeddedSFT(), loss=LOSSES[spec["loss"]](), behavior=regime["behavior"](),
-        reference=regime["reference"], lora=lora, lr=5e-3 if lora else 5e-4,
+        policy=EmbeddedSFT(),
+        loss=LOSSES[spec["loss"]](),
+        behavior=regime["behavior"](),
+        reference=regime["reference"],
+        lora=lora,
+        lr=5e-3 if lora else 5e-4,
         # as the recorded results were computed: a rerun reproduces them bit for bit
-        behavior_logps="forward", share_prompts=False,
-    )  # fmt: skip
+        behavior_logps="forward",
+        share_prompts=False,
+    )
     data = OnlineDataModule(
-        prompts=ReviewPrompts("prompts"), annotator=RuleAnnotator("bpo_lightning.tasks.reviews:gold_reward"),
+        prompts=ReviewPrompts("prompts"),
+        annotator=RuleAnnotator("bpo_lightning.tasks.reviews:gold_reward"),
         sampler=sampler(),
-        budget=budget, num_phases=regime["phases"], batch_size=batch, seed=spec["seed"], annotation_cache=None,
-    )  # fmt: skip
+        budget=budget,
+        num_phases=regime["phases"],
+        batch_size=batch,
+        seed=spec["seed"],
+        annotation_cache=None,
+    )
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=regime["phases"], reload_dataloaders_every_n_epochs=1, logger=False,
-        default_root_dir=str(work), enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        accelerator="cpu",
+        max_epochs=regime["phases"],
+        reload_dataloaders_every_n_epochs=1,
+        logger=False,
+        default_root_dir=str(work),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
         gradient_clip_val=1.0,
-    )  # fmt: skip
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     return {**spec, **evaluate(module, eval_prompts), "seconds": round(time.perf_counter() - start, 1)}
@@ -114,9 +130,13 @@ def evaluate(module: BPOModule, limit: int) -> dict:
     """The framework's evaluation (``bpo_lightning.evaluation``) of the final policy, with per-prompt outcomes."""
     module.evaluation = Evaluation(temperature=1.0, samples_per_prompt=2, kl_samples=0, save_responses=False)
     data = OnlineDataModule(
-        prompts=ReviewPrompts("prompts"), annotator=RuleAnnotator("bpo_lightning.tasks.reviews:gold_reward"),
-        eval_prompts=ReviewPrompts("eval", limit=limit), sampler=sampler(), annotation_cache=None, eval_batch_size=64,
-    )  # fmt: skip
+        prompts=ReviewPrompts("prompts"),
+        annotator=RuleAnnotator("bpo_lightning.tasks.reviews:gold_reward"),
+        eval_prompts=ReviewPrompts("eval", limit=limit),
+        sampler=sampler(),
+        annotation_cache=None,
+        eval_batch_size=64,
+    )
     data.setup("validate")
     metrics = EvaluationMetrics()
     inputs = data.evaluation_inputs()
@@ -136,8 +156,9 @@ def evaluate(module: BPOModule, limit: int) -> dict:
 
 def sampler() -> GenerateSampler:
     # whole-vocabulary draws, every row running its own prompt, as the recorded results were sampled
-    return GenerateSampler(max_new_tokens=48, batch_size=64, max_prompt_tokens=64, progress=False, draw="vocabulary",
-                           share_prompts=False)  # fmt: skip
+    return GenerateSampler(
+        max_new_tokens=48, batch_size=64, max_prompt_tokens=64, progress=False, draw="vocabulary", share_prompts=False
+    )
 
 
 def per_prompt(run: dict) -> list[float]:
@@ -164,8 +185,13 @@ def paired(a: list[dict], b: list[dict]) -> dict:
     diffs = [[x - y for x, y in zip(pa, pb, strict=True)] for pa, pb in pairs]
     per_seed = [sum(d) / len(d) for d in diffs]
     low, high = two_level_bootstrap(diffs)
-    return {"diff": sum(per_seed) / len(per_seed), "low": low, "high": high, "seeds": len(per_seed),
-            "a_better": sum(d > 0 for d in per_seed)}  # fmt: skip
+    return {
+        "diff": sum(per_seed) / len(per_seed),
+        "low": low,
+        "high": high,
+        "seeds": len(per_seed),
+        "a_better": sum(d > 0 for d in per_seed),
+    }
 
 
 def mean_std(values: list[float]) -> str:
@@ -206,8 +232,10 @@ def report(results: list[dict], out: Path, command: str) -> str:
                 continue
             d = paired(groups[("full", loss, a)], groups[("full", loss, b)])
             verdict = "significant" if d["low"] > 0 or d["high"] < 0 else "not significant"
-            lines.append(f"| {loss} | {a} | {b} | {d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] | "
-                         f"{d['a_better']} of {d['seeds']} | {verdict} |")  # fmt: skip
+            lines.append(
+                f"| {loss} | {a} | {b} | {d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] | "
+                f"{d['a_better']} of {d['seeds']} | {verdict} |"
+            )
     table = "\n".join(lines)
     plot(groups, out.parent / "figures" / "study_win_rate.png")
     return f"<!-- generated by `{command}`; do not edit by hand -->\n\n{table}\n"
@@ -225,8 +253,11 @@ def plot(groups: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(LOSSES), figsize=(15, 5), sharey=True, squeeze=False)
     start = groups.get(("full", "-", START))
     for ax, loss in zip(axes[0], LOSSES, strict=True):
-        rows = [(i, regime, groups[("full", loss, regime)]) for i, regime in enumerate(order)
-                if ("full", loss, regime) in groups]  # fmt: skip
+        rows = [
+            (i, regime, groups[("full", loss, regime)])
+            for i, regime in enumerate(order)
+            if ("full", loss, regime) in groups
+        ]
         for i, regime, runs in rows:
             mean = sum(r["win_rate"] for r in runs) / len(runs)
             low, high = two_level_bootstrap([per_prompt(r) for r in runs])
@@ -263,8 +294,11 @@ def main() -> None:
     if not args.report_only:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         keys = {(r["regime"], r["loss"], r["params"], r["seed"]) for r in done}
-        todo = [s for s in plan(args.seeds, args.budget, args.batch) if (s["regime"], s["loss"], s["params"],
-                s["seed"]) not in keys]  # fmt: skip
+        todo = [
+            s
+            for s in plan(args.seeds, args.budget, args.batch)
+            if (s["regime"], s["loss"], s["params"], s["seed"]) not in keys
+        ]
         for i, spec in enumerate(todo, 1):
             slug = "-".join(str(v) for v in (*spec.values(), args.budget, args.batch)).replace(" ", "_")
             work = Path("/tmp/bpo-study") / slug

@@ -112,8 +112,15 @@ def bpo_worker(spec: dict) -> dict:
     lightning.Trainer.fit = meter.time_fit(lightning.Trainer.fit)
     BPOModule.configure_model = meter.time_fit(BPOModule.configure_model, sign=-1)  # model loading: not counted
     matched = spec["variant"] == "bpo-matched"
-    sampler = {"num_samples": 2, "max_new_tokens": spec["new_tokens"], "temperature": 1.0, "top_k": 50,
-               "top_p": 1.0, "max_prompt_tokens": spec["prompt_tokens"], "progress": False}  # fmt: skip
+    sampler = {
+        "num_samples": 2,
+        "max_new_tokens": spec["new_tokens"],
+        "temperature": 1.0,
+        "top_k": 50,
+        "top_p": 1.0,
+        "max_prompt_tokens": spec["prompt_tokens"],
+        "progress": False,
+    }
     if matched:  # TRL's blocks, prompts without BOS, draws over the whole vocabulary, each row with its own prompt
         sampler |= {"batch_size": TRL_PROMPTS_PER_STEP, "add_bos": False, "draw": "vocabulary", "share_prompts": False}
     config = {
@@ -124,7 +131,7 @@ def bpo_worker(spec: dict) -> dict:
             "default_root_dir": spec["out"],
             "log_every_n_steps": 10,
             "enable_progress_bar": False,
-        },  # fmt: skip
+        },
         "model": {
             "policy": {"class_path": "bpo_lightning.policy.Pretrained", "init_args": {"name_or_path": spec["model"]}},
             "loss": {"class_path": "DPOLoss", "init_args": {"beta": BETA}},
@@ -151,8 +158,13 @@ def bpo_worker(spec: dict) -> dict:
     path.write_text(yaml.safe_dump(config))
     cli.main(["fit", "--config", str(path)])
     trained = sum(len(f.read_text().splitlines()) for f in (Path(spec["out"]) / "data").glob("phase_*.pairs.jsonl"))
-    return {"fit_s": meter.fit_s, "fit_cpu_s": meter.fit_cpu_s, "sampling_s": meter.sampling_s,
-            "tokens": meter.tokens, "pairs": trained}  # fmt: skip
+    return {
+        "fit_s": meter.fit_s,
+        "fit_cpu_s": meter.fit_cpu_s,
+        "sampling_s": meter.sampling_s,
+        "tokens": meter.tokens,
+        "pairs": trained,
+    }
 
 
 def trl_worker(spec: dict) -> dict:
@@ -192,8 +204,13 @@ def trl_worker(spec: dict) -> dict:
         seed=spec["seed"],
         dataloader_num_workers=0,
     )
-    trainer = OnlineDPOTrainer(model=model, reward_funcs=[reward], args=args, processing_class=tokenizer,
-                               train_dataset=datasets.Dataset.from_dict({"prompt": prompts}))  # fmt: skip
+    trainer = OnlineDPOTrainer(
+        model=model,
+        reward_funcs=[reward],
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+    )
     meter = _Meter()
     generate = trainer._generate
 
@@ -208,8 +225,13 @@ def trl_worker(spec: dict) -> dict:
 
     trainer._generate = timed_generate
     meter.time_fit(trainer.train)()
-    return {"fit_s": meter.fit_s, "fit_cpu_s": meter.fit_cpu_s, "sampling_s": meter.sampling_s,
-            "tokens": meter.tokens, "pairs": len(prompts)}  # fmt: skip
+    return {
+        "fit_s": meter.fit_s,
+        "fit_cpu_s": meter.fit_cpu_s,
+        "sampling_s": meter.sampling_s,
+        "tokens": meter.tokens,
+        "pairs": len(prompts),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ orchestrator
@@ -217,12 +239,23 @@ def trl_worker(spec: dict) -> dict:
 
 def run_child(python: str, spec: dict) -> dict:
     """One run in a fresh process; its peak RSS from ``wait4`` (the child alone)."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_DISABLED": "true",
+    }
     log = Path(spec["out"] + ".log")
     with open(log, "w") as out:
-        child = subprocess.Popen([python, __file__, "--worker", json.dumps(spec)], stdout=out, stderr=subprocess.STDOUT,
-                                 env=env, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+        child = subprocess.Popen(
+            [python, __file__, "--worker", json.dumps(spec)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         _, status, usage = os.wait4(child.pid, 0)
     text = log.read_text()
     shutil.rmtree(Path(spec["out"]) / "checkpoints", ignore_errors=True)  # GBs per run with SmolLM2, not needed
@@ -302,9 +335,16 @@ def main() -> None:
     if not Path(args.trl_python).exists():
         raise SystemExit(f"--trl-python {args.trl_python}: not found (see this file's docstring)")
     root = Path(tempfile.mkdtemp(prefix="bpo-vs-trl-"))
-    common = {"model": model_folder(args.model, root), "prompts": str(write_prompts(args.model, args.pairs, root)),
-              "annotator": MODELS[args.model][1], "lr": MODELS[args.model][2], "pairs": args.pairs,
-              "phases": args.phases, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens}  # fmt: skip
+    common = {
+        "model": model_folder(args.model, root),
+        "prompts": str(write_prompts(args.model, args.pairs, root)),
+        "annotator": MODELS[args.model][1],
+        "lr": MODELS[args.model][2],
+        "pairs": args.pairs,
+        "phases": args.phases,
+        "new_tokens": args.new_tokens,
+        "prompt_tokens": args.prompt_tokens,
+    }
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for round_ in range(args.rounds):
         for variant in VARIANTS:  # interleaved: A B C A B C …
@@ -312,8 +352,10 @@ def main() -> None:
             spec = {**common, "variant": variant, "out": str(root / f"{variant}-{round_}"), "seed": round_}
             results[variant].append(run_child(python, spec))
             print(f"round {round_ + 1} {variant}: {json.dumps(results[variant][-1])}", flush=True)
-    print(f"\n{args.model}: {args.pairs} pairs per run, {args.rounds} rounds, {os.cpu_count()} CPUs, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '2')}\n")  # fmt: skip
+    print(
+        f"\n{args.model}: {args.pairs} pairs per run, {args.rounds} rounds, {os.cpu_count()} CPUs, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '2')}\n"
+    )
     header = ("metric", "bpo (defaults)", "TRL", "bpo (matched)", "bpo / TRL", "bpo matched / TRL")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")

@@ -60,8 +60,9 @@ def test_listed_by_bpo_plugins():
 @pytest.mark.parametrize("loss", ["RobustDPOLoss", "bpo_lightning_rdpo.RobustDPOLoss"])
 def test_accepted_as_model_loss(loss):
     config = Path(__file__).parents[3] / "configs" / "quickstart.yaml"
-    result = _bpo("fit", "--config", str(config), f"--model.loss={loss}", "--model.loss.flip_rate=0.2",
-                  "--print_config")  # fmt: skip
+    result = _bpo(
+        "fit", "--config", str(config), f"--model.loss={loss}", "--model.loss.flip_rate=0.2", "--print_config"
+    )
     assert result.returncode == 0, result.stderr
     assert "class_path: bpo_lightning_rdpo.RobustDPOLoss" in result.stdout
     assert "flip_rate: 0.2" in result.stdout
