@@ -210,8 +210,9 @@ class RewardModelAnnotator(Annotator):
         if tokenizer:
             check_source(tokenizer, tokenizer_key, revision, kind="tokenizer")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, revision=revision,
-                                                           trust_remote_code=trust_remote_code)  # fmt: skip
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                self.tokenizer_path, revision=revision, trust_remote_code=trust_remote_code
+            )
         except OSError as err:
             raise load_error(err, tokenizer_key if tokenizer else model_key, self.tokenizer_path) from err
         try:
@@ -247,8 +248,10 @@ class RewardModelAnnotator(Annotator):
         weights = f":weights={weights_digest(folder)}" if folder.is_dir() else ""
         revision = f"@{self.revision}" if self.revision else ""
         tokenizer = f":tokenizer={self.tokenizer_path}" if self.tokenizer_path != self.name_or_path else ""
-        return (f"RewardModelAnnotator:{self.name_or_path}{revision}{weights}{tokenizer}:label={self.label_index}"
-                f":max_length={self.max_length}:pair={self.pair_encoding}")  # fmt: skip
+        return (
+            f"RewardModelAnnotator:{self.name_or_path}{revision}{weights}{tokenizer}:label={self.label_index}"
+            f":max_length={self.max_length}:pair={self.pair_encoding}"
+        )
 
 
 @hookimpl

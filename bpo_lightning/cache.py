@@ -40,8 +40,9 @@ class AnnotationCache:
             # yet survives the process being killed
             self._wait_for(lambda: self._db.execute("PRAGMA journal_mode=WAL"), timeout)
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, identity TEXT, score REAL, "
-                             "origin TEXT)")  # origin: which run paid for the score  # fmt: skip
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, identity TEXT, score REAL, origin TEXT)"
+            )  # origin: which run paid for the score
             if "origin" not in {row[1] for row in self._db.execute("PRAGMA table_info(scores)")}:
                 try:  # a file written before the column existed
                     with self._db:
@@ -50,8 +51,10 @@ class AnnotationCache:
                     if "duplicate column" not in str(err):  # another process added it first
                         raise
         except sqlite3.DatabaseError as err:
-            raise RunError(f"data.annotation_cache: cannot open {self.path} ({err}); another process may hold "
-                               "it locked, or it is not an annotation cache") from err  # fmt: skip
+            raise RunError(
+                f"data.annotation_cache: cannot open {self.path} ({err}); another process may hold "
+                "it locked, or it is not an annotation cache"
+            ) from err
 
     @staticmethod
     def _wait_for(statement, timeout: float) -> None:
@@ -83,8 +86,10 @@ class AnnotationCache:
                 query = f"SELECT key, score, origin FROM scores WHERE key IN ({marks})"
                 found.update((key, (score, origin)) for key, score, origin in self._db.execute(query, chunk))
         except sqlite3.OperationalError as err:
-            raise RunError(f"data.annotation_cache: cannot read {self.path} ({err}); another process may hold "
-                               "it locked — wait, or set data.annotation_cache to another file") from err  # fmt: skip
+            raise RunError(
+                f"data.annotation_cache: cannot read {self.path} ({err}); another process may hold "
+                "it locked — wait, or set data.annotation_cache to another file"
+            ) from err
         return [found.get(k, (None, None)) for k in keys]
 
     def put(
@@ -96,8 +101,9 @@ class AnnotationCache:
             if s is not None and not math.isnan(s)
         ]
         with self._db:  # one transaction: committed to disk before the scores are used
-            self._db.executemany("INSERT OR REPLACE INTO scores (key, identity, score, origin) VALUES (?, ?, ?, ?)",
-                                 rows)  # fmt: skip
+            self._db.executemany(
+                "INSERT OR REPLACE INTO scores (key, identity, score, origin) VALUES (?, ?, ?, ?)", rows
+            )
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM scores").fetchone()[0]
@@ -140,8 +146,14 @@ def cached_score(
     try:
         for group in annotator.score_iter(asked, answers):
             group = [(k, _checked(annotator, value, asked[k])) for k, value in group]
-            stored += _store(cache, annotator, [asked[k] for k, _ in group], [answers[k] for k, _ in group],
-                             [value for _, value in group], origin)  # fmt: skip
+            stored += _store(
+                cache,
+                annotator,
+                [asked[k] for k, _ in group],
+                [answers[k] for k, _ in group],
+                [value for _, value in group],
+                origin,
+            )
             for k, value in group:
                 if given[k]:
                     raise RunError(f"data.annotator: {annotator.identity} gave two scores for one response")
@@ -151,9 +163,11 @@ def cached_score(
         raise
     except Exception as err:
         kept = f"the {stored} scores given before are saved in {cache.path}, " if cache is not None and stored else ""
-        raise RunError(f"data.annotator: {annotator.identity} failed after {paid} of {len(missing)} answers "
-                       f"({type(err).__name__}: {err}); {kept}a resume asks only for the rest "
-                       "(--debug shows the traceback)") from err  # fmt: skip
+        raise RunError(
+            f"data.annotator: {annotator.identity} failed after {paid} of {len(missing)} answers "
+            f"({type(err).__name__}: {err}); {kept}a resume asks only for the rest "
+            "(--debug shows the traceback)"
+        ) from err
     if paid != len(missing):
         raise RunError(f"data.annotator: {annotator.identity} returned {paid} scores for {len(missing)} responses")
     for i, s in enumerate(scores):  # repeats of an input asked once
@@ -170,8 +184,11 @@ def _store(cache, annotator, prompts: list[str], responses: list[str], scores: l
     try:
         cache.put(annotator.identity, prompts, responses, scores, origin)
     except sqlite3.OperationalError as err:  # the scores are paid for: use them, they are saved with the phase
-        warnings.warn(f"data.annotation_cache: could not store {len(scores)} scores in {cache.path} ({err}); "
-                      "they are used and saved with the phase data", stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"data.annotation_cache: could not store {len(scores)} scores in {cache.path} ({err}); "
+            "they are used and saved with the phase data",
+            stacklevel=3,
+        )
         return 0
     return sum(not math.isnan(s) for s in scores)
 
@@ -181,11 +198,16 @@ def _checked(annotator, value, prompt: str) -> float:
     if value is None:
         return math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise RunError(f"annotator {annotator.identity} returned {value!r} for the prompt {prompt[:80]!r}: a score "
-                        "must be a number (NaN or None where it has none)")  # fmt: skip
+        raise RunError(
+            f"annotator {annotator.identity} returned {value!r} for the prompt {prompt[:80]!r}: a score "
+            "must be a number (NaN or None where it has none)"
+        )
     value = float(value)
     if math.isinf(value):
-        warnings.warn(f"annotator {annotator.identity} returned {value} for the prompt {prompt[:80]!r}: "
-                      "counted as no score (NaN)", stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"annotator {annotator.identity} returned {value} for the prompt {prompt[:80]!r}: "
+            "counted as no score (NaN)",
+            stacklevel=3,
+        )
         return math.nan
     return value

@@ -262,8 +262,16 @@ class HTTPJudge(LLMJudge):
 
     # where and how patiently the judge is asked: another endpoint serving the same model, a longer timeout or more
     # requests in flight give the same verdicts (a run stopped by an outage continues with them)
-    not_provenance = ("base_url", "api_key_env", "timeout", "max_retries", "backoff", "max_backoff", "concurrency",
-                      "retry_timeouts")  # fmt: skip
+    not_provenance = (
+        "base_url",
+        "api_key_env",
+        "timeout",
+        "max_retries",
+        "backoff",
+        "max_backoff",
+        "concurrency",
+        "retry_timeouts",
+    )
 
     def __init__(
         self,
@@ -281,15 +289,24 @@ class HTTPJudge(LLMJudge):
         concurrency: int = 8,
         retry_timeouts: bool = False,
     ) -> None:
-        _check(isinstance(base_url, str) and re.match(r"https?://[^/\s]+", base_url or "") is not None,
-               "base_url", f"must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")  # fmt: skip
+        _check(
+            isinstance(base_url, str) and re.match(r"https?://[^/\s]+", base_url or "") is not None,
+            "base_url",
+            f"must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}",
+        )
         _check(isinstance(model, str) and bool(model.strip()), "model", "must be a non-empty model name")
-        _check(api_key_env is None or (isinstance(api_key_env, str) and _ENV_NAME.fullmatch(api_key_env) is not None),
-               "api_key_env", "must be the NAME of an environment variable holding the key, not the key itself "
-               "(the value given is not shown); null for no authentication")  # fmt: skip
+        _check(
+            api_key_env is None or (isinstance(api_key_env, str) and _ENV_NAME.fullmatch(api_key_env) is not None),
+            "api_key_env",
+            "must be the NAME of an environment variable holding the key, not the key itself "
+            "(the value given is not shown); null for no authentication",
+        )
         if api_key_env is not None:
-            _check(bool(os.environ.get(api_key_env, "").strip()), "api_key_env",
-                   f"names {_env_name(api_key_env)} which is not set (or set api_key_env: null)")  # fmt: skip
+            _check(
+                bool(os.environ.get(api_key_env, "").strip()),
+                "api_key_env",
+                f"names {_env_name(api_key_env)} which is not set (or set api_key_env: null)",
+            )
         _check(temperature >= 0, "temperature", f"must be >= 0, got {temperature}")
         _check(isinstance(max_tokens, int) and max_tokens >= 1, "max_tokens", f"must be an int >= 1, got {max_tokens}")
         _check(timeout > 0, "timeout", f"must be > 0, got {timeout}")
@@ -338,16 +355,22 @@ class HTTPJudge(LLMJudge):
             pool.shutdown(wait=False, cancel_futures=True)
         if failed == len(texts):
             hint = f" (timeout {self.timeout:g} s: raise {KEY}.timeout)" if self._last_timed_out else ""
-            raise RuntimeError(f"{type(self).__name__}: all {len(texts)} requests to {self.base_url} failed; "
-                               f"last error: {self._last_error}{hint}")  # fmt: skip
+            raise RuntimeError(
+                f"{type(self).__name__}: all {len(texts)} requests to {self.base_url} failed; "
+                f"last error: {self._last_error}{hint}"
+            )
 
     def _request(self, text: str, key: str | None, stop: threading.Event | None = None) -> str | None:
         """POST one judge prompt, retrying transient errors; the reply text, or ``None`` after a final failure or
         when ``stop`` is set before the next attempt."""
-        payload = json.dumps({
-            "model": self.model, "messages": [{"role": "user", "content": text}],
-            "temperature": self.temperature, "max_tokens": self.max_tokens,
-        }).encode()  # fmt: skip
+        payload = json.dumps(
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": text}],
+                "temperature": self.temperature,
+                "max_tokens": self.max_tokens,
+            }
+        ).encode()
         headers = {"Content-Type": "application/json"}
         if key is not None:
             headers["Authorization"] = f"Bearer {key}"
@@ -510,10 +533,15 @@ class LocalJudge(LLMJudge):
         """Greedy replies to already rendered judge prompts, ``batch_size`` at a time."""
         replies: list[str] = []
         for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[start : start + self.batch_size], padding=True, return_tensors="pt",
-                                 add_special_tokens=add_special_tokens).to(self.device)  # fmt: skip
-            out = self.lm.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                   pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+            enc = self.tokenizer(
+                texts[start : start + self.batch_size],
+                padding=True,
+                return_tensors="pt",
+                add_special_tokens=add_special_tokens,
+            ).to(self.device)
+            out = self.lm.generate(
+                **enc, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+            )
             new = out[:, enc["input_ids"].shape[1] :]
             replies.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
         return replies
