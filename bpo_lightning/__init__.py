@@ -9,7 +9,7 @@ aside); ``tests/test_meta.py`` checks every import against this map, and a new m
     0 base        errors arguments hookspecs types console logs
     1 records     files identity cache store checkpoints distributed logprobs metrics merge plots batches
     2 components  plugins behavior lora weights losses prompts tasks tasks.reviews tasks.reviews_data tasks.smollm2
-                  policy presets sampling annotation judge scoring
+                  policy presets sampling engine annotation judge scoring
     3 phase       collection evaluation
     4 lightning   module data reporting
     5 commands    lightning_cli export cli testing __main__
@@ -49,6 +49,7 @@ _WHERE = {
     "Evaluation": "evaluation",
     "StaticCacheSampler": "sampling",
     "Sampler": "sampling",
+    "VLLMSampler": "engine",
 }
 
 __all__ = [
@@ -74,6 +75,7 @@ __all__ = [
     "RuleAnnotator",
     "SLiCLoss",
     "Sampler",
+    "VLLMSampler",
     "hookimpl",
 ]
 

@@ -105,6 +105,9 @@ def collect_phase(
     for part in ranks.gather(counters()) if counters is not None else []:  # a judge's requests, retries, … summed
         for name, n in part.items():
             stats.annotator[name] = stats.annotator.get(name, 0) + n
+    for part in ranks.gather(sampler.take_counts()):  # an engine's seconds: the slowest process's
+        for name, n in part.items():
+            stats.sampler[name] = max(stats.sampler.get(name, n), n)
     records = tally(rows, prompts.positions, behavior, stats)
     if ranks.rank == 0:
         warn_truncated(stats, sampler, behavior)
@@ -218,6 +221,7 @@ class Collector:
                     flush()
                     pending = worker.submit(annotate, *job, origin=origin) if job else _done([])
                 flush()
+                self.sampler.release()  # an engine's memory goes back to training
                 if self.stop_agreed():  # collected, not trained: stop before training starts
                     raise self._stopped(len(done), len(positions))
         except BaseException:  # a sampler out of memory, say: what was annotated in the background is saved first

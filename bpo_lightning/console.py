@@ -30,12 +30,15 @@ LOGGERS = (
     "DeepSpeed",
     "deepspeed",
     "torch.distributed",
+    "vllm",
 )
 # set for libraries not imported yet, which read them at import (children of a multi-process run inherit them)
 ENVIRONMENT = {
     "TRANSFORMERS_VERBOSITY": "error",
     "DATASETS_VERBOSITY": "error",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "VLLM_LOGGING_LEVEL": "ERROR",
+    "VLLM_CONFIGURE_LOGGING": "1",
 }
 # (message regex, warning category) of warnings about the libraries' own code
 WARNINGS = (
@@ -46,6 +49,7 @@ WARNINGS = (
     (r".*use_reentrant", Warning),
     (r".*does not have many workers which may be a bottleneck", Warning),
     (r".*litlogger", Warning),
+    (r".*torch.distributed.reduce_op. is deprecated", FutureWarning),  # vLLM's import
 )
 
 

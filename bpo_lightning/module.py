@@ -449,6 +449,8 @@ class BPOModule(L.LightningModule):
             self.log("data/truncated", self.phase_stats.truncated / max(self.phase_stats.responses, 1))
             for name, n in self.phase_stats.annotator.items():  # e.g. a judge's data/annotator_timeouts
                 self.log(f"data/annotator_{name}", float(n))
+            for name, n in self.phase_stats.sampler.items():  # e.g. an engine's data/sampler_sync_s
+                self.log(f"data/sampler_{name}", float(n))
         self.log("behavior/version", float(self.behavior_version))
 
     # --- evaluation -------------------------------------------------------------------------------------------------
@@ -512,6 +514,7 @@ class BPOModule(L.LightningModule):
             run_dir = self._eval_inputs.run_dir or Path(trainer.default_root_dir)
             save_records(self._eval_records, run_dir / "evaluations" / name)
         self._eval_records = []
+        self._eval_inputs.sampler.release()  # an engine's memory goes back to training
         return self.last_evaluation
 
     def _fusable(self) -> bool:

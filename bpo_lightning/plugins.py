@@ -22,6 +22,7 @@ AUTOLOAD_ENV = "BPO_DISABLE_PLUGIN_AUTOLOAD"
 DEFAULT_PLUGINS = (
     "bpo_lightning.losses",
     "bpo_lightning.sampling",
+    "bpo_lightning.engine",
     "bpo_lightning.annotation",
     "bpo_lightning.judge",
 )

@@ -171,6 +171,24 @@ def _drawn_token_processor(draw: TokenDraw):
     return DrawnToken()
 
 
+def check_settings(
+    num_samples: int, max_new_tokens: int, temperature: float, top_p: float, batch_size: int
+) -> list[str]:
+    """What is wrong with a sampler's common settings (nothing: an empty list)."""
+    problems = []
+    if num_samples < 1:
+        problems.append(f"num_samples must be >= 1, got {num_samples}")
+    if max_new_tokens < 1:
+        problems.append(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        problems.append(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        problems.append(f"top_p must be in (0, 1], got {top_p}")
+    if batch_size < 1:
+        problems.append(f"batch_size must be >= 1, got {batch_size}")
+    return problems
+
+
 class Sampler(RecordsArguments):
     """Base class of samplers, and the whole contract collection and evaluation rely on (docs/plugins.md).
 
@@ -228,6 +246,16 @@ class Sampler(RecordsArguments):
         answers. The name changes exactly when the weights do. A sampler that keeps its own copy of the weights
         (an inference engine) refreshes it when the name changed; the default samples from ``model`` itself and
         does nothing."""
+
+    def release(self) -> None:
+        """Called when sampling is over until the next ``prepare``: after a phase's collection and after an
+        evaluation. A sampler that holds memory of its own (an inference engine's weights and KV cache) frees it
+        here, so that training gets it back; the default does nothing."""
+
+    def take_counts(self) -> dict[str, float]:
+        """The sampler's own measurements since the last call (e.g. an engine's weight-sync seconds), summed into
+        the phase's stats (``PhaseStats.sampler``, logged as ``data/sampler_<name>``); default: none."""
+        return {}
 
     def evaluation_sampler(
         self,
@@ -293,17 +321,7 @@ class GenerateSampler(Sampler):
         draw: str = "candidates",
         share_prompts: bool = True,
     ) -> None:
-        problems = []
-        if num_samples < 1:
-            problems.append(f"num_samples must be >= 1, got {num_samples}")
-        if max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            problems.append(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {top_p}")
-        if batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {batch_size}")
+        problems = check_settings(num_samples, max_new_tokens, temperature, top_p, batch_size)
         if draw not in DRAWS:
             problems.append(f"draw must be 'candidates' or 'vocabulary', got {draw!r}")
         if problems:

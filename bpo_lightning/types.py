@@ -90,6 +90,7 @@ class PhaseStats:
     annotated: int = 0  # responses the annotator scored (the budget spent)
     cached: int = 0  # responses whose score came from the annotation cache
     annotator: dict[str, int] = field(default_factory=dict)  # the annotator's own counters (a judge's requests, …)
+    sampler: dict[str, float] = field(default_factory=dict)  # the sampler's own (an engine's sync seconds, …)
     responses: int = 0  # responses sampled
     truncated: int = 0  # of them, cut at max_new_tokens (no EOS)
 
@@ -114,7 +115,13 @@ class PhaseStats:
         text += f" | annotations {self.annotated} paid, {self.cached} cached"
         if self.annotator:
             text += " | annotator " + ", ".join(f"{n} {name}" for name, n in self.annotator.items())
+        if self.sampler:
+            text += " | sampler " + ", ".join(f"{name} {_short(n)}" for name, n in self.sampler.items())
         return text
+
+
+def _short(value: float) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 @dataclass

@@ -28,7 +28,7 @@ def site(tmp_path, monkeypatch):
 def test_builtins_register_through_the_hooks():
     plugins = load_plugins(autoload=False)
     assert set(plugins.registries["losses"]) == {"DPOLoss", "IPOLoss", "SLiCLoss"}
-    assert set(plugins.registries["samplers"]) == {"GenerateSampler", "StaticCacheSampler"}
+    assert set(plugins.registries["samplers"]) == {"GenerateSampler", "StaticCacheSampler", "VLLMSampler"}
     assert set(plugins.registries["annotators"]) == {"RuleAnnotator", "RewardModelAnnotator", "HTTPJudge", "LocalJudge"}
     assert all(info.distribution == "bpo-lightning" and info.entry_point is None for info in plugins.infos)
 

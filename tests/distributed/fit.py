@@ -48,6 +48,15 @@ from bpo_lightning.sampling import GenerateSampler  # noqa: E402
 from bpo_lightning.tasks import reviews  # noqa: E402
 
 
+def sampler(name: str):
+    """The data sampler: transformers' ``generate`` or a vLLM engine (same settings)."""
+    if name == "vllm":
+        from bpo_lightning.engine import VLLMSampler
+
+        return VLLMSampler(max_new_tokens=12, batch_size=8, progress=False, kv_cache_gib=0.25)
+    return GenerateSampler(max_new_tokens=12, batch_size=8, progress=False)
+
+
 class CountingAnnotator(Annotator):
     """The review task's gold reward, one paid answer at a time (``score_iter``): every (prompt, response) it scores
     is recorded in ``log`` before its score is handed over (a resumed run adds to it). With ``kill_at`` it kills the
@@ -227,6 +236,7 @@ def main() -> None:
     parser.add_argument("--log", action="store_true", help="metrics.csv in the run folder (RunCSVLogger)")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument("--gather-for-sampling", action="store_true", help="ZeRO-3: sample with whole weights")
+    parser.add_argument("--sampler", default="generate", choices=["generate", "vllm"], help="vllm: VLLMSampler")
     parser.add_argument("--from-config", action="store_true", help="a randomly initialised policy (FromConfig)")
     args = parser.parse_args()
 
@@ -272,7 +282,7 @@ def main() -> None:
         prompts=ReviewPrompts("prompts"),
         annotator=annotator,
         eval_prompts=ReviewPrompts("eval", limit=args.eval_prompts) if args.eval_prompts else None,
-        sampler=GenerateSampler(max_new_tokens=12, batch_size=8, progress=False),
+        sampler=sampler(args.sampler),
         budget=args.budget,
         num_phases=args.phases,
         batch_size=args.batch_size,
