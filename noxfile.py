@@ -12,7 +12,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "tests", "plugins", "vllm"]
+nox.options.sessions = ["lint", "tests", "plugins"]  # and `nox -s vllm` (vLLM's CPU build)
 nox.options.default_venv_backend = "venv"
 
 CPU_TORCH = ("-c", "constraints-cpu.txt")  # the CPU wheel of torch; a bare requirement pulls a CUDA build
