@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from bpo_lightning.arguments import RecordsArguments, describe
-from bpo_lightning.errors import InputError
+from bpo_lightning.errors import InputError, RunError
 from bpo_lightning.hookspecs import hookimpl
 
 
@@ -26,6 +26,11 @@ class Annotator(RecordsArguments):
     ``identity`` keys cached scores and is saved with every phase: by default the class and the arguments its
     ``__init__`` was called with (recorded automatically), so two settings never share scores."""
 
+    scores_per_call: int | None = 1
+    """How many responses the default :meth:`score_iter` hands to one :meth:`score` call (``None``: all at once).
+    Each call's scores are stored before the next call is made, so with 1 a kill loses at most the answer being
+    computed; an annotator whose ``score`` is batched (a model's forward) raises it, or overrides ``score_iter``."""
+
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """One score per (prompt, response); ``nan`` where no score could be given."""
         raise NotImplementedError
@@ -34,10 +39,19 @@ class Annotator(RecordsArguments):
         """The scores as they are paid for: groups of ``(position, score)``, every position exactly once.
 
         The collection stores each group in the annotation cache before asking for the next, so a crash or a kill
-        loses nothing already paid. The default is one group from :meth:`score`; an annotator whose call pays for
-        many answers (a judge's requests, a reward model's batches) yields each as it arrives.
+        loses nothing already paid. The default calls :meth:`score` on ``scores_per_call`` responses at a time (one)
+        and yields each call's scores; an annotator whose call pays for many answers (a judge's requests, a reward
+        model's batches) yields each as it arrives.
         """
-        yield list(enumerate(self.score(prompts, responses)))
+        size = self.scores_per_call or max(len(prompts), 1)
+        for start in range(0, len(prompts), size):
+            scores = list(self.score(prompts[start : start + size], responses[start : start + size]))
+            if len(scores) != len(prompts[start : start + size]):
+                raise RunError(
+                    f"data.annotator: {self.identity} returned {len(scores)} scores for "
+                    f"{len(prompts[start : start + size])} responses"
+                )
+            yield list(enumerate(scores, start))
 
     @property
     def identity(self) -> str:

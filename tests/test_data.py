@@ -195,6 +195,8 @@ def test_tokenizer_without_eos_is_an_error(sft_dir):
 
 def test_annotator_nan_is_a_counted_drop_in_a_run(tmp_path, sft_dir):
     class FirstIsNaN(CountingAnnotator):  # cannot score the first response it is shown in every call
+        scores_per_call = None  # one call per block
+
         def score(self, prompts, responses):
             return [math.nan, *super().score(prompts, responses)[1:]]
 

@@ -30,6 +30,8 @@ class Constant(CountingAnnotator):
 
 
 class Returns(CountingAnnotator):
+    scores_per_call = None  # one call for all: the first response of the call gets ``value``
+
     def __init__(self, value):
         super().__init__()
         self.value = value
@@ -410,6 +412,8 @@ def test_pipelined_collection_writes_the_sequential_files(tmp_path, sft_dir):
     first_annotation, second_block = threading.Event(), threading.Event()
 
     class Slow(CountingAnnotator):
+        scores_per_call = None  # a block per call
+
         def score(self, prompts, responses):
             first = "annotate" not in events
             events.append("annotate")
@@ -476,6 +480,35 @@ def test_the_default_rule_annotator_stores_each_answer_as_it_is_computed(tmp_pat
     scores, fresh = cached_score(rule, cache, prompts, responses)
     assert scores == [float(i) for i in range(32)]
     assert len([c for c in _RULE_CALLS if c != "fail"]) == 32  # 19 + 13: nothing computed twice
+
+
+def test_an_annotator_that_only_implements_score_stores_each_answer_as_computed(tmp_path):
+    """The reproduction: an annotator with only ``score`` was asked for a block in one call, so its scores reached
+    the cache when the call returned: a crash at the 20th answer of a 32-response block lost the 19 before it, which
+    the rerun paid for again. ``score`` is now called per response (``scores_per_call = 1``), each call stored."""
+
+    class ScoresOnly(Annotator):
+        identity = "ScoresOnly"
+
+        def __init__(self):
+            self.calls, self.fail_at = [], 20
+
+        def score(self, prompts, responses):
+            scores = []
+            for prompt, response in zip(prompts, responses, strict=True):
+                if len(self.calls) + 1 == self.fail_at:
+                    self.fail_at = None
+                    raise ConnectionError("scorer went away")
+                self.calls.append(prompt)
+                scores.append(float(len(response)))
+            return scores
+
+    cache, annotator = AnnotationCache(tmp_path / "cache.sqlite"), ScoresOnly()
+    prompts, responses = [f"p{i}" for i in range(32)], ["a" * i for i in range(32)]
+    with pytest.raises(RunError, match=r"failed after 19 of 32 answers .*the 19 scores given before are saved"):
+        cached_score(annotator, cache, prompts, responses)
+    scores, _ = cached_score(annotator, cache, prompts, responses)
+    assert scores == [float(i) for i in range(32)] and annotator.calls == prompts  # each answer paid for once
 
 
 def test_a_failure_with_no_score_given_claims_none_saved(tmp_path):
