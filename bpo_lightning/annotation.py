@@ -7,8 +7,12 @@ with every pair as provenance and keys reuse on resume.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.machinery
+import importlib.util
 import math
+import sys
 from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -109,17 +113,99 @@ def resolve_device(device: str) -> str:
 
 
 def import_callable(path: str, key: str) -> Callable:
-    """Import ``package.module:function`` (or ``package.module.function``); ``key`` names the config entry."""
-    module_name, sep, attr = path.partition(":")
+    """Import ``package.module:function`` (or ``package.module.function``), or ``path/to/file.py:function`` from
+    that file; ``key`` names the config entry.
+
+    A module is imported from an installed package or a folder put on the import path (``PYTHONPATH``), never from
+    one that only the working directory provides: ``bpo`` started in a folder holding a file of that name (a
+    downloaded run, a cloned repository) must not run it. Such a module is named by its file path instead."""
+    target, sep, attr = path.rpartition(":")
     if not sep:
-        module_name, _, attr = path.rpartition(".")
+        target, _, attr = path.rpartition(".")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
+        if target.endswith(".py"):
+            module = _import_file(Path(target), key, path)
+        else:
+            _refuse_working_directory(target, key, path, attr)
+            module = importlib.import_module(target)
+        fn = getattr(module, attr)
     except (ImportError, AttributeError, ValueError) as err:
         raise InputError(f"{key}: cannot import {path!r} ({type(err).__name__}: {err})") from None
     if not callable(fn):
         raise InputError(f"{key}: {path!r} is not callable")
     return fn
+
+
+def _import_file(file: Path, key: str, path: str):
+    """The module of a Python file named by its path (imported once per file)."""
+    file = file.expanduser().resolve()
+    if not file.is_file():
+        raise InputError(f"{key}: {path!r} names {file}, which is not a file")
+    name = f"_bpo_file_{file.stem}_{hashlib.sha256(str(file).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before it runs, as an import does (dataclasses and pickle look it up)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _refuse_working_directory(target: str, key: str, path: str, attr: str) -> None:
+    """Refuse a module that would be imported from the working directory and from nowhere else on the path."""
+    top = target.partition(".")[0]
+    if not top:
+        return  # a relative name: import_module explains
+    cwd = Path.cwd().resolve()
+    loaded = sys.modules.get(top)
+    where = _location(loaded.__spec__ if loaded is not None else _find(top, None))
+    if where is None or where.parent != cwd:
+        return
+    # sys.path's entries for the working directory: relative ones, and the one Python puts first for `python -m`,
+    # `python -c` or a script started there (a later entry naming it, e.g. from PYTHONPATH, was asked for)
+    entries = [e for e in sys.path if e and Path(e).is_absolute()]
+    if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == cwd and sys.path[0] in entries:
+        entries.remove(sys.path[0])
+    if _location(_find(top, entries)) == where:
+        return
+    file = where / "__init__.py" if where.is_dir() else where
+    raise InputError(
+        f"{key}: {path!r} would be imported from the working directory ({file}), which is not an "
+        f"installed package: name the file instead ({key}: {file}:{attr}), or install it"
+    )
+
+
+def _find(name: str, entries: list[str] | None):
+    """The spec of top-level module ``name``, looked up in ``entries`` (``None``: ``sys.path``) and by the other
+    finders (an editable install's)."""
+    for finder in sys.meta_path:
+        try:
+            if finder is importlib.machinery.PathFinder or isinstance(finder, importlib.machinery.PathFinder):
+                spec = importlib.machinery.PathFinder.find_spec(name, entries)
+            elif hasattr(finder, "find_spec"):
+                spec = finder.find_spec(name, None)
+            else:
+                continue
+        except (ImportError, ValueError):
+            continue
+        if spec is not None:
+            return spec
+    return None
+
+
+def _location(spec) -> Path | None:
+    """Where a module's spec points: a package's folder or a module's file; ``None`` for a built-in one."""
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))).resolve()
+    if spec.origin and spec.has_location:
+        return Path(spec.origin).resolve()
+    return None
 
 
 class RuleAnnotator(Annotator):

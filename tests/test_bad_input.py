@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -407,6 +408,48 @@ def test_an_annotator_function_that_does_not_import_is_one_line(tmp_path, cache,
         ],
     )
     assert status == 2 and "annotator.init_args.function" in line and "no_such_module" in line, line
+
+
+def test_an_annotator_module_only_the_working_directory_holds_is_refused_unrun(tmp_path, cache, capsys, monkeypatch):
+    """The reproduction: `python -m bpo_lightning fit` started in a folder holding ``evil.py`` (a downloaded run, a
+    cloned repository) imported and ran it for ``function: evil:score``. It is now refused in one line naming the
+    key and the file, before any of its code runs."""
+    folder = tmp_path / "downloaded"
+    folder.mkdir()
+    (folder / "evil.py").write_text(
+        "import pathlib\n\npathlib.Path('ran').write_text('yes')\n\n\ndef score(prompt, response):\n    return 1.0\n"
+    )
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(sys, "path", [str(folder), *sys.path])  # what `python -m` started here puts first
+    argv = [*shrunk(tmp_path / "run", cache), "--data.annotator=RuleAnnotator"]
+    status, line = bpo(capsys, [*argv, "--data.annotator.init_args.function=evil:score"])
+    assert status == 2 and "data.annotator.init_args.function" in line and "working directory" in line, line
+    assert str(folder / "evil.py") in line and not (folder / "ran").exists() and "evil" not in sys.modules
+
+
+def test_annotator_functions_import_from_packages_the_import_path_or_a_named_file(tmp_path, monkeypatch):
+    from bpo_lightning.annotation import import_callable
+    from bpo_lightning.errors import InputError
+
+    key = "data.annotator.init_args.function"
+    folder = tmp_path / "rules"
+    folder.mkdir()
+    (folder / "my_rules.py").write_text("def score(prompt, response):\n    return 2.0\n")
+    path = list(sys.path)
+    monkeypatch.chdir(folder)
+    for first in (str(folder), ""):  # `python -m` or `python -c` started in the folder
+        monkeypatch.setattr(sys, "path", [first, *path])
+        with pytest.raises(InputError, match=rf"{key}: 'my_rules:score' would be imported from the working"):
+            import_callable("my_rules:score", key)
+    assert import_callable("./my_rules.py:score", key)("p", "r") == 2.0  # named by its file
+    assert import_callable(f"{folder / 'my_rules.py'}:score", key)("p", "r") == 2.0
+    with pytest.raises(InputError, match=r"names .*missing.py, which is not a file"):
+        import_callable("./missing.py:score", key)
+    monkeypatch.setattr(sys, "path", [*path, str(folder)])  # asked for on the import path (PYTHONPATH)
+    assert import_callable("my_rules:score", key)("p", "r") == 2.0
+    monkeypatch.chdir(ROOT)  # the package's own checkout, started with `python -m` there: it is installed too
+    monkeypatch.setattr(sys, "path", [str(ROOT), *(p for p in path if p and Path(p).resolve() != ROOT.resolve())])
+    assert import_callable("bpo_lightning.tasks.reviews:gold_reward", key) is not None
 
 
 def test_a_run_folder_that_cannot_be_created_is_one_line(tmp_path, cache, capsys):
