@@ -1,8 +1,9 @@
 """Annotators: score (prompt, response) pairs; the higher-scored response of a pair becomes the chosen one.
 
 An annotator returns one float per response; ``nan`` marks a response it could not score (the pair is then
-dropped and counted, never silently labelled). ``identity`` names the annotator and its settings; it is saved
-with every pair as provenance and keys reuse on resume.
+dropped and counted, never silently labelled), a :class:`~bpo_lightning.cache.NoScore` also says why (and is cached
+with its kind). ``identity`` names the annotator and its settings; it is saved with every pair as provenance and
+keys reuse on resume.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bpo_lightning.arguments import RecordsArguments, describe
+from bpo_lightning.cache import AnnotationCache, cached_score
 from bpo_lightning.errors import InputError, RunError
 from bpo_lightning.hookspecs import hookimpl
 
@@ -83,25 +85,93 @@ class PairwiseAnnotator(Annotator):
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         raise TypeError(f"{self.identity} compares pairs of responses; it has no per-response score")
 
+    def one_order(self) -> Annotator | None:
+        """A scorer of one ordered question, ``(prompt, JoinedPairs.join(a, b))`` → the verdict with ``a`` shown
+        first, when a verdict on a pair combines the verdicts on its two orders (:meth:`combine`); ``None`` (the
+        default) when a pair is judged at once. Each order is then cached on its own (:func:`cached_verdicts`), so
+        a pair with one order answered keeps that answer."""
+        return None
+
+    def combine(self, forward: float, backward: float, count: bool = True) -> float:
+        """A pair's verdict from its verdict as shown (``forward``) and swapped (``backward``); ``count``: whether
+        this run paid for the pair (what it counts, it counts then)."""
+        raise NotImplementedError
+
+
+def order_layout(n: int) -> list[tuple[int, bool]]:
+    """The order in which the 2·n one-order questions of n pairs are asked: ``(pair, swapped)``, the two orders
+    of a pair two questions apart (0, 1, 0 swapped, 1 swapped, 2, 3, …). A verdict that flips with every request
+    instead of following the responses (a stateful or broken endpoint) then gives both orders the same letter, a
+    disagreement, instead of passing the both-orders check; an odd last pair asks its two orders in a row."""
+    layout: list[tuple[int, bool]] = []
+    for start in range(0, n, 2):
+        pairs = range(start, min(start + 2, n))
+        layout += [(i, False) for i in pairs] + [(i, True) for i in pairs]
+    return layout
+
+
+def cached_verdicts(
+    judge: PairwiseAnnotator,
+    cache: AnnotationCache | None,
+    prompts: list[str],
+    first: list[str],
+    second: list[str],
+    origin: str | None = None,
+    credit: dict[str, int] | None = None,
+) -> tuple[list[float], list[int]]:
+    """Verdicts on the pairs (``first``, ``second``) through the annotation cache, and the positions this run paid
+    for (see :func:`~bpo_lightning.cache.cached_score`, whose ``origin`` and ``credit`` these are).
+
+    A judge that asks both orders (``one_order()``) has each order cached on its own: a pair with one order answered
+    asks only the other, and the pairs (a, b) and (b, a) of a prompt share their requests. A stored disagreement is
+    asked again (both orders) when the judge's ``ask_again`` names ``"disagreement"``."""
+    joined = [JoinedPairs.join(a, b) for a, b in zip(first, second, strict=True)]
+    orders = judge.one_order()
+    if orders is None:
+        return cached_score(JoinedPairs(judge), cache, prompts, joined, origin, credit=credit)
+    # verdicts on whole pairs, which caches written before orders were cached on their own hold
+    verdicts = cache.get(judge.identity, prompts, joined) if cache is not None else [None] * len(prompts)
+    todo = [i for i, verdict in enumerate(verdicts) if verdict is None]
+    layout = [(todo[k], swapped) for k, swapped in order_layout(len(todo))]
+    asked = [prompts[i] for i, _ in layout]
+    questions = [JoinedPairs.join(second[i], first[i]) if swapped else joined[i] for i, swapped in layout]
+    at = {question: k for k, question in enumerate(layout)}
+    renew = []
+    if cache is not None and "disagreement" in (getattr(orders, "ask_again", None) or ()):
+        known = cache.get(orders.identity, asked, questions)
+        for i in todo:
+            forward, backward = known[at[i, False]], known[at[i, True]]
+            if forward is not None and forward == backward:  # NaN equals nothing
+                renew += [at[i, False], at[i, True]]  # the same letter both ways: a stored disagreement
+    answers, paid = cached_score(orders, cache, asked, questions, origin, renew=renew, credit=credit)
+    paid_pairs = {layout[k][0] for k in paid}
+    for i in todo:
+        verdicts[i] = judge.combine(answers[at[i, False]], answers[at[i, True]], count=i in paid_pairs)
+    return verdicts, sorted(paid_pairs)
+
 
 class JoinedPairs:
     """A pairwise annotator seen as a scorer of ``join_pair(first, second)`` texts, so that its verdicts go
     through the same per-(prompt, text) annotation cache as scores do."""
 
+    SEPARATOR = "\x00"
+
     def __init__(self, judge: PairwiseAnnotator) -> None:
         self.judge = judge
         self.identity = judge.identity
+        self.ask_again = getattr(judge, "ask_again", ())
+        self.totals = getattr(judge, "totals", None)
 
     @staticmethod
     def join(first: str, second: str) -> str:
-        return first + "\x00" + second
+        return first + JoinedPairs.SEPARATOR + second
 
     def score(self, prompts: list[str], joined: list[str]) -> list[float]:
-        first, second = zip(*(text.split("\x00", 1) for text in joined), strict=True)
+        first, second = zip(*(text.split(JoinedPairs.SEPARATOR, 1) for text in joined), strict=True)
         return self.judge.compare(prompts, list(first), list(second))
 
     def score_iter(self, prompts: list[str], joined: list[str]) -> Iterator[list[tuple[int, float]]]:
-        first, second = zip(*(text.split("\x00", 1) for text in joined), strict=True)
+        first, second = zip(*(text.split(JoinedPairs.SEPARATOR, 1) for text in joined), strict=True)
         return self.judge.compare_iter(prompts, list(first), list(second))
 
 

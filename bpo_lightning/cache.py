@@ -2,19 +2,45 @@
 
 Annotation is the expensive part of online alignment (a reward model forward, a paid judge call). Scores are kept
 in SQLite, keyed by the annotator's ``identity`` (its class and settings) and the exact prompt and response text,
-so re-runs, resumes and other runs that share the file reuse them. ``nan`` scores (failures) are not cached.
+so re-runs, resumes and other runs that share the file reuse them. A :class:`NoScore` (no score, and why: a judge's
+unparseable reply, two orders that disagree, a failed request) is stored with its kind and reused like a score; a
+plain ``nan`` is not stored.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import sqlite3
 import time
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 from bpo_lightning.errors import BPOError, RunError
+
+
+class NoScore(float):
+    """No score, and why: a NaN carrying its ``kind`` (``"unparseable"``, ``"disagreement"``, ``"failed"``, …).
+
+    It is stored in the annotation cache with its kind, so that the question is not paid for again; an annotator's
+    ``ask_again`` names the kinds it asks again instead. ``paid`` says whether an answer was paid for: a reply that
+    could not be read was, a request that failed was not. An unpaid one is stored once the call that asked it ends
+    without an error, so that a run stopped by a dead endpoint asks it again on resume."""
+
+    __slots__ = ("kind", "paid")
+
+    def __new__(cls, kind: str, paid: bool = True) -> NoScore:
+        value = super().__new__(cls, math.nan)
+        value.kind, value.paid = kind, paid
+        return value
+
+    def __reduce__(self):
+        return NoScore, (self.kind, self.paid)
+
+    def __repr__(self) -> str:
+        return f"NoScore({self.kind!r})"
 
 
 def _key(identity: str, prompt: str, response: str) -> str:
@@ -40,13 +66,19 @@ class AnnotationCache:
             # yet survives the process being killed
             self._wait_for(lambda: self._db.execute("PRAGMA journal_mode=WAL"), timeout)
             self._db.execute("PRAGMA synchronous=NORMAL")
+            # origin: which run paid for the score; kind: why there is none (a NoScore); spent: the annotator's
+            # counters spent on it (a judge's requests, retries, …), which a resumed attempt of the run adds to its own
             self._db.execute(
-                "CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, identity TEXT, score REAL, origin TEXT)"
-            )  # origin: which run paid for the score
-            if "origin" not in {row[1] for row in self._db.execute("PRAGMA table_info(scores)")}:
+                "CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, identity TEXT, score REAL, "
+                "origin TEXT, kind TEXT, spent TEXT)"
+            )
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(scores)")}
+            for column in ("origin", "kind", "spent"):
+                if column in columns:
+                    continue
                 try:  # a file written before the column existed
                     with self._db:
-                        self._db.execute("ALTER TABLE scores ADD COLUMN origin TEXT")
+                        self._db.execute(f"ALTER TABLE scores ADD COLUMN {column} TEXT")
                 except sqlite3.OperationalError as err:
                     if "duplicate column" not in str(err):  # another process added it first
                         raise
@@ -71,38 +103,57 @@ class AnnotationCache:
                 time.sleep(0.05)
 
     def get(self, identity: str, prompts: list[str], responses: list[str]) -> list[float | None]:
-        """Cached scores in input order; ``None`` where there is none."""
+        """Cached scores in input order (a :class:`NoScore` where a no-score was stored); ``None`` where there is
+        none."""
         return [score for score, _ in self.get_with_origin(identity, prompts, responses)]
 
     def get_with_origin(self, identity: str, prompts: list[str], responses: list[str]) -> list[tuple]:
         """``(score, origin)`` in input order, ``(None, None)`` where there is none; ``origin`` names the run that
         paid for the score (``None`` when not recorded)."""
+        return [(score, origin) for score, origin, _ in self.get_rows(identity, prompts, responses)]
+
+    def get_rows(self, identity: str, prompts: list[str], responses: list[str]) -> list[tuple]:
+        """``(score, origin, spent)`` in input order, ``(None, None, None)`` where there is none; ``spent`` is the
+        annotator's counters recorded with the score (``None`` when none were)."""
         keys = [_key(identity, p, r) for p, r in zip(prompts, responses, strict=True)]
         found: dict[str, tuple] = {}
         try:
             for start in range(0, len(keys), 500):  # stay below SQLite's bound-parameter limit
                 chunk = keys[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                query = f"SELECT key, score, origin FROM scores WHERE key IN ({marks})"
-                found.update((key, (score, origin)) for key, score, origin in self._db.execute(query, chunk))
+                query = f"SELECT key, score, origin, kind, spent FROM scores WHERE key IN ({marks})"
+                for key, score, origin, kind, spent in self._db.execute(query, chunk):
+                    found[key] = (NoScore(kind) if kind else score, origin, json.loads(spent) if spent else None)
         except sqlite3.OperationalError as err:
             raise RunError(
                 f"data.annotation_cache: cannot read {self.path} ({err}); another process may hold "
                 "it locked — wait, or set data.annotation_cache to another file"
             ) from err
-        return [found.get(k, (None, None)) for k in keys]
+        return [found.get(k, (None, None, None)) for k in keys]
 
     def put(
-        self, identity: str, prompts: list[str], responses: list[str], scores: list[float], origin: str | None = None
+        self,
+        identity: str,
+        prompts: list[str],
+        responses: list[str],
+        scores: list[float],
+        origin: str | None = None,
+        spent: dict[str, int] | None = None,
     ) -> None:
-        rows = [
-            (_key(identity, p, r), identity, float(s), origin)
-            for p, r, s in zip(prompts, responses, scores, strict=True)
-            if s is not None and not math.isnan(s)
-        ]
+        """Store scores (a :class:`NoScore` with its kind; a plain ``nan`` is left out) in one transaction; ``spent``
+        (the annotator's counters spent on them) is recorded with the first."""
+        rows = []
+        for p, r, s in zip(prompts, responses, scores, strict=True):
+            kind = s.kind if isinstance(s, NoScore) else None
+            if kind is None and (s is None or math.isnan(s)):
+                continue
+            value = None if kind else float(s)
+            rows.append((_key(identity, p, r), identity, value, origin, kind, json.dumps(spent) if spent else None))
+            spent = None
         with self._db:  # one transaction: committed to disk before the scores are used
             self._db.executemany(
-                "INSERT OR REPLACE INTO scores (key, identity, score, origin) VALUES (?, ?, ?, ?)", rows
+                "INSERT OR REPLACE INTO scores (key, identity, score, origin, kind, spent) VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
             )
 
     def __len__(self) -> int:
@@ -113,17 +164,29 @@ class AnnotationCache:
 
 
 def cached_score(
-    annotator, cache: AnnotationCache | None, prompts: list[str], responses: list[str], origin: str | None = None
+    annotator,
+    cache: AnnotationCache | None,
+    prompts: list[str],
+    responses: list[str],
+    origin: str | None = None,
+    *,
+    renew: Collection[int] = (),
+    credit: dict[str, int] | None = None,
 ):
     """Scores for all inputs, asking ``annotator`` only for those the cache lacks, and each identical
     (prompt, response) input once.
 
     The annotator's answers are stored in the cache group by group as they are paid for (``score_iter``), so an
-    exception or a kill inside the call loses nothing already paid: a rerun finds those scores cached.
+    exception or a kill inside the call loses nothing already paid: a rerun finds those scores cached. A cached
+    :class:`NoScore` is reused like a score unless its kind is one of the annotator's ``ask_again``.
 
     Args:
         origin: names the run asking (its folder); scores are stored with it, and cached scores that this run paid
             for in an earlier, interrupted attempt count as paid by it, not as cache hits.
+        renew: positions asked again although they are cached.
+        credit: where the annotator keeps counters (``totals()``: a judge's requests, retries, …), what each group
+            cost is stored with it, and the counters that earlier attempts of this run (``origin``) spent on the
+            answers it reuses are added to ``credit``: a resumed phase counts them once.
 
     Returns:
         (scores, positions of the inputs paid for by this run — now, or earlier with this ``origin``; the others
@@ -131,58 +194,107 @@ def cached_score(
         later call and was paid by this run counts as paid again: calls are blocks, which processes annotate
         independently, and the counts do not depend on the number of processes.)
     """
-    found = cache.get_with_origin(annotator.identity, prompts, responses) if cache is not None else []
-    scores = [score for score, _ in found] or [None] * len(prompts)
+    found = cache.get_rows(annotator.identity, prompts, responses) if cache is not None else []
+    again = set(getattr(annotator, "ask_again", None) or ())
+    scores = [None if isinstance(s, NoScore) and s.kind in again else s for s, _, _ in found] or [None] * len(prompts)
     first: dict[tuple, int] = {}  # (prompt, response) -> its first position in this call
     for i in range(len(prompts)):
         first.setdefault((prompts[i], responses[i]), i)
-    missing = [i for i in first.values() if scores[i] is None]
-    paid_before = [i for i in first.values() if scores[i] is not None and origin is not None and found[i][1] == origin]
+    renew = set(renew)
+    missing = [i for i in first.values() if scores[i] is None or i in renew]
+    paid_before = [i for i in first.values() if i not in missing and origin is not None and found[i][1] == origin]
+    for i in paid_before if credit is not None else ():
+        _add(credit, found[i][2] or {})
     if not missing:
         return scores, sorted(paid_before)
-    asked, answers = [prompts[i] for i in missing], [responses[i] for i in missing]
-    given = [False] * len(missing)
-    paid = stored = 0
-    try:
-        for group in annotator.score_iter(asked, answers):
-            group = [(k, _checked(annotator, value, asked[k])) for k, value in group]
-            stored += _store(
-                cache,
-                annotator,
-                [asked[k] for k, _ in group],
-                [answers[k] for k, _ in group],
-                [value for _, value in group],
-                origin,
-            )
-            for k, value in group:
-                if given[k]:
-                    raise RunError(f"data.annotator: {annotator.identity} gave two scores for one response")
-                given[k], scores[missing[k]] = True, value
-            paid += len(group)
-    except BPOError:
-        raise
-    except Exception as err:
-        kept = f"the {stored} scores given before are saved in {cache.path}, " if cache is not None and stored else ""
-        raise RunError(
-            f"data.annotator: {annotator.identity} failed after {paid} of {len(missing)} answers "
-            f"({type(err).__name__}: {err}); {kept}a resume asks only for the rest "
-            "(--debug shows the traceback)"
-        ) from err
-    if paid != len(missing):
-        raise RunError(f"data.annotator: {annotator.identity} returned {paid} scores for {len(missing)} responses")
+    answers = _ask(annotator, cache, [prompts[i] for i in missing], [responses[i] for i in missing], origin)
+    for i, value in zip(missing, answers, strict=True):
+        scores[i] = value
     for i, s in enumerate(scores):  # repeats of an input asked once
         if s is None:
             scores[i] = scores[first[(prompts[i], responses[i])]]
     return scores, sorted(missing + paid_before)
 
 
-def _store(cache, annotator, prompts: list[str], responses: list[str], scores: list[float], origin) -> int:
-    """Store scores in the cache (there is one); how many it now holds of them (NaN is not stored; a cache that
-    cannot take them gets a warning)."""
+def _ask(annotator, cache: AnnotationCache | None, asked: list[str], answers: list[str], origin) -> list[float]:
+    """The annotator's scores for every input, each group stored in the cache as it is paid for."""
+    scores: list = [None] * len(asked)
+    paid = stored = 0
+    spending = Spending(getattr(annotator, "totals", None))
+    unpaid: list[tuple[int, float]] = []  # failed requests: stored once the call ends without an error
+    try:
+        for group in annotator.score_iter(asked, answers):
+            group = [(k, _checked(annotator, value, asked[k])) for k, value in group]
+            for k, value in group:
+                if scores[k] is not None:
+                    raise RunError(f"data.annotator: {annotator.identity} gave two scores for one response")
+                scores[k] = value
+            paid += len(group)
+            unpaid += [(k, v) for k, v in group if isinstance(v, NoScore) and not v.paid]
+            group = [(k, v) for k, v in group if not (isinstance(v, NoScore) and not v.paid)]
+            if group:
+                stored += _store(
+                    cache,
+                    annotator,
+                    [asked[k] for k, _ in group],
+                    [answers[k] for k, _ in group],
+                    [value for _, value in group],
+                    origin,
+                    spending,
+                )
+    except BPOError:
+        raise
+    except Exception as err:
+        kept = f"the {stored} scores given before are saved in {cache.path}, " if cache is not None and stored else ""
+        raise RunError(
+            f"data.annotator: {annotator.identity} failed after {paid} of {len(asked)} answers "
+            f"({type(err).__name__}: {err}); {kept}a resume asks only for the rest "
+            "(--debug shows the traceback)"
+        ) from err
+    if paid != len(asked):
+        raise RunError(f"data.annotator: {annotator.identity} returned {paid} scores for {len(asked)} responses")
+    if unpaid:
+        _store(
+            cache,
+            annotator,
+            [asked[k] for k, _ in unpaid],
+            [answers[k] for k, _ in unpaid],
+            [value for _, value in unpaid],
+            origin,
+            spending,
+        )
+    return scores
+
+
+class Spending:
+    """What an annotator's counters (``totals``: a callable returning them, or ``None``) grew by since the previous
+    group was stored: recorded with the group, so that a resumed attempt of the run can count it."""
+
+    def __init__(self, totals) -> None:
+        self.totals = totals
+        self.last = totals() if totals is not None else {}
+
+    def take(self) -> dict[str, int] | None:
+        if self.totals is None:
+            return None
+        now = self.totals()
+        spent = {name: n - self.last.get(name, 0) for name, n in now.items() if n != self.last.get(name, 0)}
+        self.last = now
+        return spent or None
+
+
+def _add(total: dict[str, int], counts: dict[str, int]) -> None:
+    for name, n in counts.items():
+        total[name] = total.get(name, 0) + n
+
+
+def _store(cache, annotator, prompts: list[str], responses: list[str], scores: list[float], origin, spending) -> int:
+    """Store scores in the cache (there is one), with what they cost; how many scores (not no-scores) it now holds
+    of them (a plain NaN is not stored; a cache that cannot take them gets a warning)."""
     if cache is None:
         return 0
     try:
-        cache.put(annotator.identity, prompts, responses, scores, origin)
+        cache.put(annotator.identity, prompts, responses, scores, origin, spending.take())
     except sqlite3.OperationalError as err:  # the scores are paid for: use them, they are saved with the phase
         warnings.warn(
             f"data.annotation_cache: could not store {len(scores)} scores in {cache.path} ({err}); "
@@ -194,9 +306,12 @@ def _store(cache, annotator, prompts: list[str], responses: list[str], scores: l
 
 
 def _checked(annotator, value, prompt: str) -> float:
-    """A score as a float: NaN for none; ±inf becomes NaN with a warning (files hold strict JSON)."""
+    """A score as a float: NaN for none (a NoScore as it is); ±inf becomes NaN with a warning (files hold strict
+    JSON)."""
     if value is None:
         return math.nan
+    if isinstance(value, NoScore):
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
         raise RunError(
             f"annotator {annotator.identity} returned {value!r} for the prompt {prompt[:80]!r}: a score "

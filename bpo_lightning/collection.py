@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bpo_lightning.annotation import Annotator, JoinedPairs, PairwiseAnnotator
+from bpo_lightning.annotation import Annotator, PairwiseAnnotator, cached_verdicts
 from bpo_lightning.cache import AnnotationCache, cached_score
 from bpo_lightning.distributed import Ranks
 from bpo_lightning.errors import RunError, Stopped
@@ -98,13 +98,10 @@ def collect_phase(
     if ranks.rank == 0:
         get_plugins().hook.on_phase_start(phase=phase, behavior_version=version)
     counters = getattr(annotator, "take_counts", None)
-    if counters is not None:
-        counters()  # what the annotator counted before (as the evaluator, say) is not this phase's
-    rows = Collector(prompts, behavior, sampler, annotator, store, ranks, cache, pipeline, stop).run(done=saved)
     stats = PhaseStats(phase)
-    for part in ranks.gather(counters()) if counters is not None else []:  # a judge's requests, retries, … summed
-        for name, n in part.items():
-            stats.annotator[name] = stats.annotator.get(name, 0) + n
+    if counters is not None:  # what the annotator counted before (as the evaluator, say) is not this phase's
+        stats.annotator = dict.fromkeys(counters(), 0)
+    rows = Collector(prompts, behavior, sampler, annotator, store, ranks, cache, pipeline, stop).run(done=saved)
     for part in ranks.gather(sampler.take_counts()):  # an engine's seconds: the slowest process's
         for name, n in part.items():
             stats.sampler[name] = max(stats.sampler.get(name, n), n)
@@ -143,6 +140,8 @@ def tally(
     for index in positions:
         row = rows[index]
         stats.count(row.status, row.annotated, row.cached)
+        for name, n in (row.annotator_counts or {}).items():  # a judge's requests, retries, … of every attempt
+            stats.annotator[name] = stats.annotator.get(name, 0) + n
         stats.responses += len(row.responses)
         stats.truncated += sum(not f for f in row.finished)
         if row.status == "kept":
@@ -325,13 +324,12 @@ def annotate(
             row.status = None  # decided once scored
             queries.extend((row, i) for i in distinct)
     if isinstance(annotator, PairwiseAnnotator):
-        queries, annotator = _as_pair_queries(queries), JoinedPairs(annotator)
-    prompts = [row.prompt for row, _ in queries]
-    responses = [
-        row.responses[i] if isinstance(i, int) else JoinedPairs.join(row.responses[i[0]], row.responses[i[1]])
-        for row, i in queries
-    ]
-    scores, fresh = cached_score(annotator, cache, prompts, responses, origin) if queries else ([], [])
+        queries = _as_pair_queries(queries)
+    counters = getattr(annotator, "take_counts", None)
+    credit: dict[str, int] = {}  # what earlier attempts of this run spent on the answers it reuses
+    scores, fresh = _ask(annotator, cache, queries, origin, credit) if queries else ([], [])
+    if counters is not None and rows:  # what the block cost, saved with its rows: a resumed phase counts it too
+        rows[0].annotator_counts = {name: n + credit.get(name, 0) for name, n in counters().items()}
     fresh = set(fresh)
     for k, ((row, i), score) in enumerate(zip(queries, scores, strict=True)):
         paid = k in fresh
@@ -347,6 +345,15 @@ def annotate(
         if row.status is None:
             row.status = _choose(row)
     return rows
+
+
+def _ask(annotator: Annotator, cache, queries: list, origin: str | None, credit: dict) -> tuple[list, list[int]]:
+    """The scores of (row, response) queries, or the verdicts of (row, (first, second)) ones, through the cache."""
+    prompts = [row.prompt for row, _ in queries]
+    if isinstance(annotator, PairwiseAnnotator):
+        first, second = [row.responses[a] for row, (a, _) in queries], [row.responses[b] for row, (_, b) in queries]
+        return cached_verdicts(annotator, cache, prompts, first, second, origin, credit)
+    return cached_score(annotator, cache, prompts, [row.responses[i] for row, i in queries], origin, credit=credit)
 
 
 def _as_pair_queries(queries: list[tuple[SampleRow, int]]) -> list[tuple[SampleRow, tuple[int, int]]]:

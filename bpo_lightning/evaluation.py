@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from bpo_lightning.annotation import Annotator, JoinedPairs, PairwiseAnnotator
+from bpo_lightning.annotation import Annotator, PairwiseAnnotator, cached_verdicts
 from bpo_lightning.cache import AnnotationCache, cached_score
 from bpo_lightning.errors import InputError
 from bpo_lightning.files import atomic_write, strict_json
@@ -231,8 +231,7 @@ def evaluation_step(
     finished = [answers.finished[k][j] for k in real for j in range(n)]
     tokens = [len(answers.response_ids[k][j]) for k in real for j in range(n)]
     if isinstance(data.evaluator, PairwiseAnnotator):  # a verdict > 0 means the policy's answer wins
-        joined = [JoinedPairs.join(a, b) for a, b in zip(responses, references, strict=True)]
-        scores = _nan(cached_score(JoinedPairs(data.evaluator), data.cache, prompts, joined)[0])
+        scores = _nan(cached_verdicts(data.evaluator, data.cache, prompts, responses, references)[0])
         reference_scores = torch.zeros_like(scores)
     else:
         scores = _nan(cached_score(data.evaluator, data.cache, prompts, responses)[0])

@@ -65,9 +65,10 @@ class SampleRow:
     verdict: float | None = None  # a pairwise annotator's verdict on (first, second): +1, −1, 0; None: none
     logps: list[float] | None = None  # π_β's log-probs recorded by the sampler (sums over response_ids)
     eos_logps: list[float] | None = None  # and of EOS right after each response
+    annotator_counts: dict[str, int] | None = None  # on a block's first row: the annotator's counters it cost
 
     def to_json(self) -> dict:
-        """The line's fields, the optional ones (pair, counts, verdict, log-probs) left out while unset."""
+        """The line's fields, the optional ones (pair, counts, verdict, log-probs, counters) left out while unset."""
         return {k: v for k, v in asdict(self).items() if v is not None and not (k in ("annotated", "cached") and not v)}
 
     @classmethod

@@ -355,6 +355,90 @@ def test_judge_counters_reach_the_phase_stats_and_line(tmp_path, sft_dir):
     assert saved.annotator == data.stats[0].annotator
 
 
+class StoppingJudge(ScriptedJudge):
+    """ScriptedJudge one reply at a time, raising at its ``fail_at``-th request (an endpoint going away); ``asked``
+    holds every judge prompt it was sent."""
+
+    def __init__(self, fail_at: int | None = None):
+        super().__init__()
+        self.fail_at, self.asked = fail_at, []
+
+    def _complete_iter(self, texts):
+        for k, text in enumerate(texts):
+            if len(self.asked) + 1 == self.fail_at:
+                raise ConnectionError("endpoint went away")
+            self.asked.append(text)
+            yield k, self._complete([text])[0]
+
+
+@pytest.mark.slow
+def test_a_judge_phase_stopped_mid_block_counts_both_attempts_and_asks_nothing_twice(tmp_path, sft_dir):
+    """The reproduction: after a stop inside a block, the phase's judge counters covered the resumed attempt only,
+    and a pair with one order answered was asked again. The block's counters are now saved with its rows, and what
+    the stored answers of the first attempt cost is counted by the resumed one: the same counters as a run never
+    stopped, and each judge prompt sent once."""
+    full = StoppingJudge()
+    module, full_data, trainer = make_run(tmp_path / "full", sft_dir, budget=16, num_phases=1, annotator=full)
+    trainer.fit(module, datamodule=full_data)
+    broken = StoppingJudge(fail_at=20)  # inside the phase's one block of 16 prompts (up to 32 requests)
+    module, data, trainer = make_run(tmp_path / "split", sft_dir, budget=16, num_phases=1, annotator=broken)
+    with pytest.raises(RunError, match="endpoint went away"):
+        trainer.fit(module, datamodule=data)
+    resumed = StoppingJudge()
+    module, data, trainer = make_run(tmp_path / "split", sft_dir, budget=16, num_phases=1, annotator=resumed)
+    trainer.fit(module, datamodule=data)
+    assert not set(resumed.asked) & set(broken.asked)  # no order asked twice, a half-answered pair's included
+    assert sorted(broken.asked + resumed.asked) == sorted(full.asked)
+    assert data.stats[0].annotator == full_data.stats[0].annotator
+    assert data.stats[0].annotator["requests"] == len(full.asked) and data.stats[0].annotator["unparseable"] > 0
+
+
+@pytest.mark.slow
+def test_a_judge_run_stopped_by_a_dead_endpoint_resumes_against_another(tmp_path, sft_dir):
+    """End to end: an HTTP judge's server dies part-way through phase 2 (its port then refuses connections); the
+    run stops, and the same run resumed from its last checkpoint against a second server finishes with the weights
+    of a run never stopped. Counted on the servers: every judge prompt answered once, over both."""
+    from test_judge import start_stub
+
+    from bpo_lightning.checkpoints import PhaseCheckpoint
+    from bpo_lightning.judge import HTTPJudge
+
+    def run(root, stub, ckpt_path=None):
+        judge = HTTPJudge(base_url=stub.url, model="m", api_key_env=None, concurrency=1, max_retries=1, backoff=0.0)
+        checkpoint = PhaseCheckpoint(
+            dirpath=root / "ckpt",
+            filename="phase-{phase}",
+            save_last="link",
+            save_top_k=-1,
+            enable_version_counter=False,
+            auto_insert_metric_name=False,
+        )
+        module, data, trainer = make_run(
+            root, sft_dir, budget=32, num_phases=2, annotator=judge, callbacks=[checkpoint]
+        )
+        stub.mode = "longer"
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        finally:
+            stub.kill()
+        return module, data
+
+    full_stub, _ = start_stub()
+    full, full_data = run(tmp_path / "full", full_stub)
+    first, _ = start_stub()
+    first.alive_for = full_data.stats[0].annotator["requests"] + 5  # five answers into phase 2, then gone
+    with pytest.raises(RunError, match="could not reach"):
+        run(tmp_path / "split", first)
+    second, _ = start_stub()
+    resumed, data = run(tmp_path / "split", second, ckpt_path="last")
+    assert len(first.answered) == first.alive_for and second.answered
+    assert not set(first.answered) & set(second.answered)  # no answer paid twice
+    assert sorted(first.answered + second.answered) == sorted(full_stub.answered)
+    assert data.stats[1].annotator == full_data.stats[1].annotator  # the first attempt's 5 requests counted too
+    for name, value in full.policy.state_dict().items():
+        assert torch.equal(resumed.policy.state_dict()[name], value), name
+
+
 @pytest.mark.parametrize(("data", "kept"), [
     (b"", b""), (b"a\n", b"a\n"), (b"a\nbc", b"a\n"), (b"abc", b""), (b"x\n" + b"y" * 200_000, b"x\n"),
     (b"z" * 70_000 + b"\n" + b"q" * 70_000, b"z" * 70_000 + b"\n"),  # the newline in an earlier 64 KiB block

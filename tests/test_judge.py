@@ -52,6 +52,11 @@ class StubState:
         self.release = threading.Event()  # ends "hang" requests at teardown
         self.slow = threading.Event()  # prompts with SLOW wait for it (any mode but "hang")
         self.url = ""
+        self.replied = 0  # replies sent (whole or not)
+        self.answered: list[str] = []  # the judge prompts answered, whole replies sent
+        self.dripped = 0  # bytes of the "drip" reply written before the client went away
+        self.alive_for: int | None = None  # requests answered before the server dies (refusing connections)
+        self.kill = lambda: None  # stops the server: its port refuses connections from then on
 
 
 def good_answer(content: str) -> str:
@@ -71,20 +76,46 @@ def make_handler(state: StubState) -> type[BaseHTTPRequestHandler]:
         def send(self, status: int, payload: dict | str) -> None:
             self.done()  # the request stops counting as in flight before the client can see the answer
             data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+            with state.lock:
+                state.replied += 1
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+            if status == 200:
+                with state.lock:
+                    state.answered.append(self.content)
+
+        def drip(self, text: str) -> None:
+            """A whole reply's headers at once, then its body one byte every 0.05 s."""
+            data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for k in range(len(data)):
+                    self.wfile.write(data[k : k + 1])
+                    self.wfile.flush()
+                    state.dripped = k + 1
+                    time.sleep(0.05)
+            except OSError:  # the client gave up
+                return
 
         def reply(self, text: str) -> None:
             self.send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
 
         def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.content = body["messages"][0]["content"]
             with state.lock:
                 state.calls += 1
                 number = state.calls
+                if state.alive_for is not None and number > state.alive_for:  # dead: no reply, no more connections
+                    threading.Thread(target=state.kill, daemon=True).start()
+                    self.close_connection = True
+                    return
                 state.auth.append(self.headers.get("Authorization"))
                 state.bodies.append(body)
                 state.in_flight += 1
@@ -107,8 +138,16 @@ def make_handler(state: StubState) -> type[BaseHTTPRequestHandler]:
             if self.path != "/v1/chat/completions":
                 self.send(404, {"error": "no such route"})
             elif mode == "hang":
-                state.release.wait(1.0)
+                state.release.wait(60.0)  # until the test ends
                 self.reply("Preferred: A")
+            elif mode == "drip":
+                self.drip("Preferred: A")
+            elif mode == "longer":  # prefers the longer response (A on a tie, so a tie disagrees)
+                a = content.split("[Response A]\n", 1)[1].split("\n\n[Response B]", 1)[0]
+                b = content.split("[Response B]\n", 1)[1].split("\n\nAnswer with", 1)[0]
+                self.reply("Preferred: A" if len(a) >= len(b) else "Preferred: B")
+            elif mode == "flip":  # a verdict that flips with every request, whatever the responses
+                self.reply("Preferred: A" if number % 2 else "Preferred: B")
             elif "SLOW" in content:
                 state.slow.wait(5.0)
                 self.reply(good_answer(content))
@@ -122,7 +161,7 @@ def make_handler(state: StubState) -> type[BaseHTTPRequestHandler]:
                 self.send(429, {"error": "slow down"})
             elif mode == "malformed":
                 self.send(200, "this is not json")
-            elif mode == "biased":
+            elif mode == "biased" or "BIASED" in content:
                 self.reply("Preferred: A")
             else:
                 time.sleep(state.delay)
@@ -131,20 +170,34 @@ def make_handler(state: StubState) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def stub():
+def start_stub() -> tuple[StubState, callable]:
+    """A stub server on 127.0.0.1 (its state), and the function that stops it."""
     state = StubState()
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
+    server.daemon_threads = True
     server.handle_error = lambda request, address: None  # a client that gave up (timeout test) is not an error
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    stopped = threading.Lock()
+
+    def stop() -> None:
+        if stopped.acquire(blocking=False):
+            server.shutdown()
+            server.server_close()  # the port refuses connections from now on
+            thread.join(timeout=2)
+
+    state.kill = stop
+    return state, stop
+
+
+@pytest.fixture
+def stub():
+    state, stop = start_stub()
     yield state
     state.release.set()
     state.slow.set()
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=2)
+    stop()
 
 
 @pytest.fixture
@@ -289,10 +342,9 @@ def test_partial_failure_gives_nan(stub, make_judge):
 def test_timeout_is_not_retried_by_default(stub, make_judge):
     stub.mode = "hang"
     judge = make_judge(both_orders=False, timeout=0.2, max_retries=3)
-    start = time.monotonic()
     with pytest.raises(RuntimeError, match="timed out") as info:
         judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
-    assert time.monotonic() - start < 0.9
+    assert stub.replied == 0  # the judge gave up while the stub was still working on the answer
     assert stub.url in str(info.value) and "init_args.timeout" in str(info.value)
     assert judge.counts == counts(requests=1, timeouts=1, failures=1)
     assert stub.calls == 1  # the slow answer was not asked for (and paid) twice
@@ -301,10 +353,9 @@ def test_timeout_is_not_retried_by_default(stub, make_judge):
 def test_timeout_is_retried_when_configured(stub, make_judge):
     stub.mode = "hang"
     judge = make_judge(both_orders=False, timeout=0.2, max_retries=1, retry_timeouts=True)
-    start = time.monotonic()
     with pytest.raises(RuntimeError, match="timed out"):
         judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
-    assert time.monotonic() - start < 1.5
+    assert stub.replied == 0  # both attempts given up while the stub was still working on them
     assert judge.counts == counts(requests=2, retries=1, timeouts=2, failures=1)
     assert stub.calls == 2
 
@@ -365,7 +416,7 @@ def judge_threads() -> set[threading.Thread]:
     return {thread for thread in threading.enumerate() if thread.name.startswith("judge")}
 
 
-def wait_until(condition, seconds: float = 2.0) -> bool:
+def wait_until(condition, seconds: float = 10.0) -> bool:
     deadline = time.monotonic() + seconds
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -416,15 +467,23 @@ def test_closing_early_stops_the_requests(stub, make_judge):
     assert stub.calls <= 2  # the one running when the consumer left, no queued one
 
 
-def test_closing_early_ends_the_retries(stub, make_judge):
+def test_closing_early_ends_the_retries(stub, make_judge, monkeypatch):
+    pauses = []  # whether each wait before a retry was ended by the consumer leaving (True), not by its 30 s
+    real_pause = judge_module._pause
+
+    def pause(seconds, stop):
+        pauses.append(real_pause(seconds, stop))
+        return pauses[-1]
+
+    monkeypatch.setattr(judge_module, "_pause", pause)
     before = judge_threads()
     judge = make_judge(both_orders=False, max_retries=5, backoff=30.0, max_backoff=30.0)
     groups = judge.compare_iter(["Review it.", "FAIL one", "FAIL two"], ["GOOD a"] * 3, ["b"] * 3)
     assert next(groups) == [(0, 1.0)]
     assert wait_until(lambda: judge.counts["retries"] == 2)  # both failing requests are waiting to retry
-    start = time.monotonic()
     groups.close()
-    assert wait_until(lambda: not judge_threads() - before) and time.monotonic() - start < 2.0
+    assert wait_until(lambda: not judge_threads() - before, seconds=25.0)
+    assert pauses == [True, True]  # both waits were cut short when the consumer left
     assert judge.counts == counts(requests=3, retries=2)
 
 
@@ -543,6 +602,132 @@ def test_length_mismatch(make_judge):
 )
 def test_endpoint(base_url, url):
     assert _endpoint(base_url) == url
+
+
+def test_timeout_bounds_the_whole_request(stub, make_judge):
+    """The reproduction: ``timeout`` bounded each socket read, so a server dripping its reply (a byte every 0.05 s,
+    well inside the 0.3 s timeout) kept the request alive for as long as the reply lasted (80 bytes: 4 s), and the
+    judge waited for all of it. The timeout now bounds the whole request: the judge gives up part-way."""
+    stub.mode = "drip"
+    judge = make_judge(both_orders=False, timeout=0.3, max_retries=0)
+    with pytest.raises(RuntimeError, match="timed out") as info:
+        judge.compare(PROMPTS[:1], FIRST[:1], SECOND[:1])
+    dripped = stub.dripped
+    whole = len(json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "Preferred: A"}}]}))
+    assert 0 < dripped < whole, (dripped, whole)  # given up while the reply was still arriving
+    assert "init_args.timeout" in str(info.value)
+    assert judge.counts == counts(requests=1, timeouts=1, failures=1)
+
+
+def test_a_judge_whose_verdict_flips_with_every_request_shows_as_disagreements(stub, make_judge, tmp_path):
+    """The reproduction: a judge answering A, B, A, B… whatever the responses passed the both-orders check, since
+    the two orders of a pair were consecutive requests (A for (a, b), B for (b, a): "a wins", consistently). The two
+    orders of a pair are now two requests apart, so such a judge gives both the same letter: a counted
+    disagreement, through compare and through the cache alike."""
+    from bpo_lightning.annotation import cached_verdicts
+    from bpo_lightning.cache import AnnotationCache
+
+    stub.mode = "flip"
+    prompts = [f"Review item {i}." for i in range(4)]
+    judge = make_judge(concurrency=1)  # requests reach the stub in the order they are sent
+    assert same(judge.compare(prompts, ["GOOD"] * 4, ["meh"] * 4), [NAN] * 4)
+    assert judge.counts == counts(requests=8, disagreements=4)
+    cached = make_judge(concurrency=1)
+    verdicts, _ = cached_verdicts(cached, AnnotationCache(tmp_path / "c.sqlite"), prompts, ["x"] * 4, ["yy"] * 4)
+    assert same(verdicts, [NAN] * 4) and {v.kind for v in verdicts} == {"disagreement"}
+    assert cached.counts == counts(requests=8, disagreements=4)
+
+
+def test_no_verdicts_are_cached_with_their_kind_and_not_asked_again(stub, make_judge, tmp_path):
+    """The reproduction: verdicts without a result were never cached, so a resumed run or another run sharing the
+    cache paid for them again. Each is now stored with its kind (per order: unparseable, failed; a disagreement is
+    its two stored orders) and reused; ``ask_again`` asks the kinds it names again."""
+    from bpo_lightning.annotation import JoinedPairs, cached_verdicts
+    from bpo_lightning.cache import AnnotationCache
+
+    cache = AnnotationCache(tmp_path / "c.sqlite")
+    prompts = ["Review it.", "GARBAGE prompt", "BIASED prompt", "FAIL here"]
+    first, second = ["GOOD a", "GOOD b", "GOOD c", "GOOD d"], ["w", "x", "y", "z"]
+    judge = make_judge(max_retries=0)
+    verdicts, paid = cached_verdicts(judge, cache, prompts, first, second, origin="run")
+    assert verdicts[0] == 1.0 and [v.kind for v in verdicts[1:]] == ["unparseable", "disagreement", "failed"]
+    assert paid == [0, 1, 2, 3] and stub.calls == 8
+    stored = cache.get(judge.one_order().identity, prompts[1:2], [JoinedPairs.join(first[1], second[1])])
+    assert stored[0].kind == "unparseable"
+    again = make_judge(max_retries=0)  # a resumed run, or another run sharing the cache
+    verdicts, paid = cached_verdicts(again, cache, prompts, first, second, origin="another run")
+    assert stub.calls == 8 and again.counts == counts() and paid == []  # nothing asked again
+    assert verdicts[0] == 1.0 and [v.kind for v in verdicts[1:]] == ["unparseable", "disagreement", "failed"]
+    asker = make_judge(max_retries=0, ask_again=["failed", "disagreement"])
+    cached_verdicts(asker, cache, prompts, first, second)
+    assert stub.calls == 12  # both orders of the failed pair and of the disagreeing one, not the unparseable one
+    single = make_judge(max_retries=0, both_orders=False)  # one request per pair: its no-verdicts are kept too
+    cached_verdicts(single, cache, prompts, first, second)
+    cached_verdicts(make_judge(max_retries=0, both_orders=False), cache, prompts, first, second)
+    assert stub.calls == 16
+
+
+class Scripted(judge_module.LLMJudge):
+    """Prefers the longer response, one reply at a time; raises after ``fail_after`` replies (an endpoint going
+    away). ``asked`` holds every judge prompt sent."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        super().__init__("scripted", template="{prompt}|{response_a}|{response_b}")
+        self.fail_after, self.asked = fail_after, []
+
+    def _complete_iter(self, texts):
+        for k, text in enumerate(texts):
+            if len(self.asked) == self.fail_after:
+                raise ConnectionError("endpoint went away")
+            self.asked.append(text)
+            self._count("requests")
+            _, a, b = text.split("|")
+            yield k, "Preferred: A" if len(a) >= len(b) else "Preferred: B"
+
+
+def test_a_pair_with_one_order_answered_keeps_it_and_counts_carry_over(tmp_path):
+    """The reproduction: a pair's verdict was cached only once both orders were in, so a stop with one order of a
+    pair answered paid for that order again. Each order is now stored as it is answered: the rerun asks only the
+    orders not answered, and what the first attempt's stored answers cost is credited to the rerun's counters."""
+    from bpo_lightning.annotation import cached_verdicts
+    from bpo_lightning.cache import AnnotationCache
+    from bpo_lightning.errors import RunError
+
+    cache = AnnotationCache(tmp_path / "c.sqlite")
+    prompts, first, second = [f"p{i}" for i in range(4)], ["aa", "b", "ccc", "d"], ["a", "bbb", "c", "dd"]
+    broken = Scripted(fail_after=3)  # orders are asked as pair 0, pair 1, pair 0 swapped, …: pair 1 is half done
+    with pytest.raises(RunError, match="failed after 3 of 8 answers"):
+        cached_verdicts(broken, cache, prompts, first, second, origin="run")
+    resumed, credit = Scripted(), {}
+    verdicts, paid = cached_verdicts(resumed, cache, prompts, first, second, origin="run", credit=credit)
+    assert verdicts == [1.0, -1.0, 1.0, -1.0] and paid == [0, 1, 2, 3]
+    assert not set(resumed.asked) & set(broken.asked) and len(resumed.asked) == 5  # 3 + 5: each order once
+    assert credit == {"requests": 3} and resumed.counts["requests"] == 5
+
+
+def test_an_endpoint_dying_mid_call_stops_it_and_the_rest_goes_to_another(stub, make_judge, tmp_path):
+    """An endpoint that stops answering part-way through a call used to turn the call's remaining pairs into
+    failures, dropped for good, since only a call in which every request failed stopped the run. Requests that
+    cannot reach the endpoint now stop the call after the verdicts: the answered orders are stored, the failed ones
+    are not, and a second endpoint is asked only for the rest: no order is answered twice."""
+    from bpo_lightning.annotation import cached_verdicts
+    from bpo_lightning.cache import AnnotationCache
+    from bpo_lightning.errors import RunError
+
+    cache = AnnotationCache(tmp_path / "c.sqlite")
+    prompts, first, second = [f"Review {i}." for i in range(4)], ["GOOD a"] * 4, ["b", "c", "d", "e"]
+    stub.alive_for = 3  # three replies, then the server is gone
+    with pytest.raises(RunError, match="could not reach"):
+        cached_verdicts(make_judge(concurrency=1, max_retries=1), cache, prompts, first, second, origin="run")
+    assert len(stub.answered) == 3
+    other, stop = start_stub()
+    try:
+        judge = make_judge(base_url=other.url, concurrency=1)
+        verdicts, _ = cached_verdicts(judge, cache, prompts, first, second, origin="run")
+    finally:
+        stop()
+    assert verdicts == [1.0] * 4
+    assert len(other.answered) == 5 and not set(other.answered) & set(stub.answered)
 
 
 # --------------------------------------------------------------------------------------------------------------------
