@@ -227,16 +227,24 @@ def kill_runs(tmp_path_factory, sft_dir):
         return full.result(), results
 
 
-def snapshot(out: Path) -> dict:
-    """What a killed run left: the (prompt, response) pairs it paid for, and those kept in the cache or samples."""
+def snapshot(out: Path, judged: bool = False) -> dict:
+    """What a killed run left: the (prompt, response) pairs it paid for (with ``judged``, the evaluator judge's
+    (prompt, response A, response B) requests too), and those kept in the cache or samples."""
     log = out / "calls.rank0.json"
     paid = [tuple(c) for c in json.loads(log.read_text())] if log.exists() else []
+    judge_log = out / "judge.rank0.json"
+    asked = [tuple(c) for c in json.loads(judge_log.read_text())] if judged and judge_log.exists() else []
     run = out / "run"
     kept = set()
     if (run / "annotations.sqlite").exists():
         cache = AnnotationCache(run / "annotations.sqlite")
-        found = cache.get("CountingAnnotator:gold", [p for p, _ in paid], [r for _, r in paid])
-        kept |= {pr for pr, score in zip(paid, found, strict=True) if score is not None}
+        for (name,) in cache._db.execute("SELECT DISTINCT identity FROM scores").fetchall():
+            if name.endswith(":one_order"):  # the judge's orders: (prompt, response A + NUL + response B)
+                found = cache.get(name, [p for p, _, _ in asked], [a + "\x00" + b for _, a, b in asked])
+                kept |= {q for q, v in zip(asked, found, strict=True) if v is not None}
+            else:
+                found = cache.get(name, [p for p, _ in paid], [r for _, r in paid])
+                kept |= {pr for pr, score in zip(paid, found, strict=True) if score is not None}
         cache.close()
     data = run / "data"
     phases = sorted(p.name for p in data.glob("phase_*.pairs.jsonl")) if data.exists() else []
@@ -244,7 +252,7 @@ def snapshot(out: Path) -> dict:
         warnings.simplefilter("ignore")  # a torn last line is expected after some kills
         samples = sum(len(PhaseStore(data, p).load_samples()) for p in range(2)) if data.exists() else 0
     checkpoints = len(list((run / "ckpt").glob("phase-*.ckpt"))) if (run / "ckpt").exists() else 0
-    return {"paid": paid, "lost": [pr for pr in paid if pr not in kept], "complete_phases": len(phases),
+    return {"paid": paid + asked, "lost": [pr for pr in paid + asked if pr not in kept], "complete_phases": len(phases),
             "sample_rows": samples, "checkpoints": checkpoints}  # fmt: skip
 
 
@@ -312,6 +320,89 @@ def test_a_killed_run_resumes_to_the_uninterrupted_run(point, kill_runs):
     # on_pairs_ready fires once per phase that is trained: in the resumed run, for the phases after the checkpoint
     ready = [event[1] for event in resumed.hooks(0) if event[0] == "on_pairs_ready"]
     assert ready == list(range(state["checkpoints"], 2)), ready
+
+
+# The same with the default annotator, RuleAnnotator (blocks of 16 prompts: 32 function calls each), and with a judge
+# as data.evaluator (4 held-out prompts: 8 requests per evaluation, at the start and after each phase). Each setup
+# has its own uninterrupted run. A kill between the cache's INSERT and COMMIT loses the one answer of that
+# transaction, which is computed but not stored: the resume computes it again, and nothing else.
+KILL_SETUPS = {
+    "rule": ("--annotator", "rule", "--block", "16"),
+    "judge": ("--evaluator", "judge"),
+}
+MORE_KILL_POINTS = {  # point: (setup, what it is, answers asked again, paid-then-lost)
+    "rule:20": ("rule", "the rule function's 20th call (phase 1's first block of 16 prompts)", 0, 0),
+    "insert:20": ("rule", "the cache's 20th INSERT done, its COMMIT not (phase 1's first block)", 1, 1),
+    "judge:12": ("judge", "the evaluator judge's 12th request (phase 1's evaluation, a pair half asked)", 0, 0),
+}
+
+
+@pytest.fixture(scope="module")
+def more_kill_runs(tmp_path_factory, sft_dir):
+    """The uninterrupted run of each setup and every killed + resumed run of MORE_KILL_POINTS, two at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_distributed import fit
+
+    root = tmp_path_factory.mktemp("more-kills")
+
+    def run(name: str, setup: str, *args: str, killed: bool = False):
+        out = root / name.replace(":", "-")
+        tmp = out / "tmpdir"
+        tmp.mkdir(parents=True, exist_ok=True)
+        return fit(out, sft_dir, *KILL_ARGS, *KILL_SETUPS[setup], *args, killed=killed, env={"TMPDIR": str(tmp)})
+
+    def killed_then_resumed(point: str):
+        setup = MORE_KILL_POINTS[point][0]
+        killed = run(point, setup, "--kill", point, killed=True)
+        state = snapshot(killed.out, judged=setup == "judge")
+        return point, state, run(point, setup, "--resume")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        full = {setup: pool.submit(run, f"uninterrupted-{setup}", setup) for setup in KILL_SETUPS}
+        results = {point: rest for point, *rest in pool.map(killed_then_resumed, MORE_KILL_POINTS)}
+        return {setup: future.result() for setup, future in full.items()}, results
+
+
+def judge_calls(out: Path) -> list[tuple]:
+    """Every (prompt, response A, response B) the evaluator judge was asked, sorted."""
+    return sorted(tuple(c) for f in out.glob("judge.rank*.json") for c in json.loads(f.read_text()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(MORE_KILL_POINTS))
+def test_a_killed_run_with_the_rule_annotator_or_a_judge_evaluator_pays_nothing_twice(point, more_kill_runs):
+    """The reproductions: with the default annotator a kill at the 20th call of a block paid for the 19 before it
+    again, and one between INSERT and COMMIT for the whole block (32); a judge evaluator paid again for the orders
+    of an evaluation's pairs asked before a kill. Now the resume asks again at most the answer whose transaction was
+    open, and ends with the weights of the uninterrupted run."""
+    setup, what, again, lost = MORE_KILL_POINTS[point]
+    fulls, runs = more_kill_runs
+    full, (state, resumed) = fulls[setup], runs[point]
+    weights_equal = all(torch.equal(resumed.weights[k], v) for k, v in full.weights.items())
+    reannotated = len(resumed.calls()) - len(full.calls()) + len(judge_calls(resumed.out)) - len(judge_calls(full.out))
+    problems = files_problems(resumed.out)
+    want, got = metrics(full.out), metrics(resumed.out)
+    missing = [key for key, value in want.items() if got.get(key) != value]
+    KILL_TABLE.append(
+        {
+            "kill point": f"{point} ({what})",
+            "killed in": f"{state['complete_phases']} phases done, {state['sample_rows']} rows saved",
+            "weights equal": "yes" if weights_equal else "NO",
+            "re-annotations": reannotated,
+            "paid-then-lost": len(state["lost"]),
+            "files ok": "yes" if not problems else "; ".join(problems),
+            "metrics complete": "yes" if not missing else f"{len(missing)} differ",
+        }
+    )
+    assert state["paid"], "the kill came before anything was paid"
+    assert weights_equal
+    assert reannotated == again and len(state["lost"]) == lost, (reannotated, state["lost"])
+    assert sorted(set(resumed.calls())) == sorted(set(full.calls()))  # the same answers
+    assert sorted(set(judge_calls(resumed.out))) == sorted(set(judge_calls(full.out)))
+    assert problems == []
+    assert missing == [], missing[:5]
+    assert resumed.stats["phases"] == full.stats["phases"]
 
 
 class ScriptedJudge(LLMJudge):

@@ -4,6 +4,7 @@ Lightning's CPU launcher re-executes ``sys.argv`` for every extra process, so mu
 pytest itself. Each process writes what it observed into ``--out``:
 
 - ``calls.rank<r>.json``: every (prompt, response) the annotator scored on that process (appended by a resumed run);
+- ``judge.rank<r>.json``: with ``--evaluator judge``, every (prompt, response A, response B) the judge was asked;
 - ``initial.pt`` (process 0): the trainable weights before the first step;
 - ``weights.pt`` (process 0): the final policy weights (the trainable tensors; gathered under ZeRO-3);
 - ``stats.json`` (process 0): per-phase ``PhaseStats`` and the number of optimizer steps;
@@ -33,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_deepspeed import CPUDeepSpeedStrategy  # noqa: E402
 
 from bpo_lightning import EMA, Frozen, HardSync, hookimpl  # noqa: E402
-from bpo_lightning.annotation import Annotator  # noqa: E402
+from bpo_lightning.annotation import Annotator, RuleAnnotator  # noqa: E402
 from bpo_lightning.checkpoints import PhaseCheckpoint  # noqa: E402
 from bpo_lightning.data import OnlineDataModule  # noqa: E402
 from bpo_lightning.evaluation import Evaluation  # noqa: E402
+from bpo_lightning.judge import LLMJudge  # noqa: E402
 from bpo_lightning.logs import RunCSVLogger  # noqa: E402
 from bpo_lightning.lora import LoRA  # noqa: E402
 from bpo_lightning.module import BPOModule  # noqa: E402
@@ -48,13 +50,13 @@ from bpo_lightning.sampling import GenerateSampler  # noqa: E402
 from bpo_lightning.tasks import reviews  # noqa: E402
 
 
-def sampler(name: str):
+def sampler(name: str, batch_size: int = 8):
     """The data sampler: transformers' ``generate`` or a vLLM engine (same settings)."""
     if name == "vllm":
         from bpo_lightning.engine import VLLMSampler
 
-        return VLLMSampler(max_new_tokens=12, batch_size=8, progress=False, kv_cache_gib=0.25)
-    return GenerateSampler(max_new_tokens=12, batch_size=8, progress=False)
+        return VLLMSampler(max_new_tokens=12, batch_size=batch_size, progress=False, kv_cache_gib=0.25)
+    return GenerateSampler(max_new_tokens=12, batch_size=batch_size, progress=False)
 
 
 class CountingAnnotator(Annotator):
@@ -88,6 +90,30 @@ class CountingAnnotator(Annotator):
         return "CountingAnnotator:gold"
 
 
+class CountingJudge(LLMJudge):
+    """Prefers the longer response, one request at a time: each (prompt, response A, response B) it is asked is
+    recorded in ``log`` before its reply is handed over; with ``kill_at`` it kills the job right before its
+    ``kill_at``-th request."""
+
+    def __init__(self, log: Path, kill_at: int = 0) -> None:
+        super().__init__("longer", template="{prompt}\n[A]{response_a}\n[B]{response_b}")
+        self.log, self.kill_at, self.sent = log, kill_at, 0
+        self.asked: list[list[str]] = json.loads(log.read_text()) if log.exists() else []
+
+    def _complete_iter(self, texts):
+        for k, text in enumerate(texts):
+            self.sent += 1
+            if self.sent == self.kill_at:
+                die()
+            prompt, rest = text.split("\n[A]", 1)
+            a, b = rest.split("\n[B]", 1)
+            with PAYING:
+                self._count("requests")
+                self.asked.append([prompt, a, b])
+                self.log.write_text(json.dumps(self.asked))
+                yield k, "Preferred: A" if len(a) >= len(b) else "Preferred: B"
+
+
 # Held by the annotator from the moment an answer is paid for until the caller has stored it (it asks for the next
 # answer only then). A kill point elsewhere (e.g. sampling the next block while a worker thread annotates) waits for
 # it: the only answers a crash can lose are those inside this window of a few microseconds, between the annotator's
@@ -118,7 +144,9 @@ def install_kill(point: str, n: int, module: BPOModule, trainer_callbacks: list)
     ``sample`` (a block's sampling), ``append`` (half-way through appending rows to samples.jsonl), ``score`` (the
     behavior/reference log-probs of a phase's pairs), ``pairs`` (pairs.jsonl written, not yet renamed into place),
     ``step`` (a training step), ``evaluate`` (an evaluation batch), ``checkpoint`` (half-way through writing a
-    checkpoint), ``between`` (phases: phase ``n + 1`` about to start). ``annotate`` is the annotator's ``kill_item``.
+    checkpoint), ``between`` (phases: phase ``n + 1`` about to start), ``insert`` (the annotation cache's INSERT
+    done, its COMMIT not). ``annotate`` is the annotator's ``kill_item``, ``rule`` the rule function's ``n``-th call
+    (``--annotator rule``), ``judge`` the evaluator's ``n``-th request (``--evaluator judge``).
     """
     import bpo_lightning.sampling as sampling
     import bpo_lightning.store as store
@@ -179,8 +207,35 @@ def install_kill(point: str, n: int, module: BPOModule, trainer_callbacks: list)
     elif point == "between":
         start = type(module).start_phase
         type(module).start_phase = lambda self, phase: die() if phase == n else start(self, phase)
-    elif point != "annotate":
+    elif point == "insert":
+        import bpo_lightning.cache as cache
+
+        put = cache.AnnotationCache.put
+
+        def put_then_die(self, *args, **kwargs):
+            if hit():
+                self._db = InsertThenDie(self._db)
+            put(self, *args, **kwargs)
+
+        cache.AnnotationCache.put = put_then_die
+    elif point not in ("annotate", "rule", "judge"):
         raise SystemExit(f"unknown kill point {point!r}")
+
+
+class InsertThenDie:
+    """An SQLite connection whose next transaction runs its statements and kills the job instead of committing."""
+
+    def __init__(self, db) -> None:
+        self.db = db
+
+    def __enter__(self):
+        return self
+
+    def executemany(self, *args):
+        return self.db.executemany(*args)
+
+    def __exit__(self, *exc) -> None:
+        die()
 
 
 class HookLog:
@@ -238,6 +293,9 @@ def main() -> None:
     parser.add_argument("--gather-for-sampling", action="store_true", help="ZeRO-3: sample with whole weights")
     parser.add_argument("--sampler", default="generate", choices=["generate", "vllm"], help="vllm: VLLMSampler")
     parser.add_argument("--from-config", action="store_true", help="a randomly initialised policy (FromConfig)")
+    parser.add_argument("--annotator", default="counting", choices=["counting", "rule"], help="rule: RuleAnnotator")
+    parser.add_argument("--evaluator", default="annotator", choices=["annotator", "judge"], help="judge: CountingJudge")
+    parser.add_argument("--block", type=int, default=8, help="the sampler's batch_size (prompts per block)")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -261,11 +319,19 @@ def main() -> None:
         evaluation=Evaluation(kl_samples=1 if args.eval_prompts else 0),
         gather_for_sampling=args.gather_for_sampling,
     )
+    rank_name = os.environ.get("LOCAL_RANK", "0")
     annotator = CountingAnnotator(
-        out / f"calls.rank{os.environ.get('LOCAL_RANK', '0')}.json",
+        out / f"calls.rank{rank_name}.json",
         args.kill_at,
         kill_item=int(n) if point == "annotate" else 0,
     )
+    if args.annotator == "rule":  # the default annotator, with a rule function that records its calls
+        os.environ["BPO_TEST_CALL_LOG"] = str(out / f"calls.rank{rank_name}.json")
+        os.environ["BPO_TEST_KILL_CALL"] = n if point == "rule" else "0"
+        annotator = RuleAnnotator("counted_rule:gold")
+    judge = None
+    if args.evaluator == "judge":
+        judge = CountingJudge(out / f"judge.rank{rank_name}.json", kill_at=int(n) if point == "judge" else 0)
     checkpoint = PhaseCheckpoint(
         dirpath=out / "run" / "ckpt",
         filename="phase-{phase}",
@@ -281,8 +347,9 @@ def main() -> None:
     data = OnlineDataModule(
         prompts=ReviewPrompts("prompts"),
         annotator=annotator,
+        evaluator=judge,
         eval_prompts=ReviewPrompts("eval", limit=args.eval_prompts) if args.eval_prompts else None,
-        sampler=sampler(args.sampler),
+        sampler=sampler(args.sampler, args.block),
         budget=args.budget,
         num_phases=args.phases,
         batch_size=args.batch_size,
