@@ -222,6 +222,11 @@ def _ask(annotator, cache: AnnotationCache | None, asked: list[str], answers: li
     paid = stored = 0
     spending = Spending(getattr(annotator, "totals", None))
     unpaid: list[tuple[int, float]] = []  # failed requests: stored once the call ends without an error
+
+    def save(items: list[tuple[int, float]]) -> int:  # (position, score) pairs into the cache
+        prompts, responses = [asked[k] for k, _ in items], [answers[k] for k, _ in items]
+        return _store(cache, annotator, prompts, responses, [value for _, value in items], origin, spending)
+
     try:
         for group in annotator.score_iter(asked, answers):
             group = [(k, _checked(annotator, value, asked[k])) for k, value in group]
@@ -233,15 +238,7 @@ def _ask(annotator, cache: AnnotationCache | None, asked: list[str], answers: li
             unpaid += [(k, v) for k, v in group if isinstance(v, NoScore) and not v.paid]
             group = [(k, v) for k, v in group if not (isinstance(v, NoScore) and not v.paid)]
             if group:
-                stored += _store(
-                    cache,
-                    annotator,
-                    [asked[k] for k, _ in group],
-                    [answers[k] for k, _ in group],
-                    [value for _, value in group],
-                    origin,
-                    spending,
-                )
+                stored += save(group)
     except BPOError:
         raise
     except Exception as err:
@@ -254,15 +251,7 @@ def _ask(annotator, cache: AnnotationCache | None, asked: list[str], answers: li
     if paid != len(asked):
         raise RunError(f"data.annotator: {annotator.identity} returned {paid} scores for {len(asked)} responses")
     if unpaid:
-        _store(
-            cache,
-            annotator,
-            [asked[k] for k, _ in unpaid],
-            [answers[k] for k, _ in unpaid],
-            [value for _, value in unpaid],
-            origin,
-            spending,
-        )
+        save(unpaid)
     return scores
 
 

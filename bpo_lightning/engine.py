@@ -130,15 +130,15 @@ class Engine:
             kwargs.update(gpu_memory_utilization=s.gpu_memory_utilization, enable_sleep_mode=s.sleep)
         elif not s.kv_cache_gib:
             kwargs["kv_cache_memory_bytes"] = 2**30
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if grouped:
             kwargs["distributed_executor_backend"] = "external_launcher"  # the trainer's process group, TP 1 each
         if s.max_model_len is not None:
             kwargs["max_model_len"] = s.max_model_len
         kwargs.update(s.engine_args or {})
         eager = s.enforce_eager if s.enforce_eager is not None else device.type != "cuda"
         started = time.perf_counter()
-        alone = not torch.distributed.is_initialized()
-        with _in_process(device), _own_rng(device):
+        with _in_process(device), _own_rng():
             self.llm = vllm.LLM(
                 model=str(folder),
                 skip_tokenizer_init=True,
@@ -149,7 +149,7 @@ class Engine:
                 logprobs_mode="raw_logprobs",
                 **kwargs,
             )
-        if alone and torch.distributed.is_initialized():
+        if not grouped and torch.distributed.is_initialized():
             # vLLM made a process group of one for itself; Lightning then warns, at every logged epoch metric, that
             # metrics should be synced across processes (there is one)
             warnings.filterwarnings("ignore", message=SINGLE_GROUP_WARNING)
@@ -167,8 +167,8 @@ class Engine:
                 runner.reload_weights(weights_iterator=engine_weights(model))
             self.llm.reset_prefix_cache()  # cached prompts were computed with the old weights
             self.weights, self.source = name, weakref.ref(model)
-            self.counts["sync_s"] = self.counts.get("sync_s", 0.0) + time.perf_counter() - started
-            self.counts["syncs"] = self.counts.get("syncs", 0) + 1
+            self._add("sync_s", time.perf_counter() - started)
+            self._add("syncs", 1)
         self.wake()
 
     def holds(self, model: nn.Module) -> bool:
@@ -185,7 +185,7 @@ class Engine:
             return
         self.llm.wake_up()
         self.asleep = False
-        self.counts["wake_s"] = self.counts.get("wake_s", 0.0) + time.perf_counter() - started
+        self._add("wake_s", time.perf_counter() - started)
         self._memory("free_gib_awake")
 
     def sleep(self) -> None:
@@ -195,15 +195,18 @@ class Engine:
         started = time.perf_counter()
         self.llm.sleep(level=2)
         self.asleep = True
-        self.counts["sleep_s"] = self.counts.get("sleep_s", 0.0) + time.perf_counter() - started
+        self._add("sleep_s", time.perf_counter() - started)
         self._memory("free_gib_asleep")
+
+    def _add(self, key: str, value: float) -> None:
+        self.counts[key] = self.counts.get(key, 0) + value
 
     def _memory(self, key: str) -> None:
         if torch.cuda.is_available():
             self.counts[key] = torch.cuda.mem_get_info()[0] / 2**30
 
     def generate(self, requests: list, params: list) -> list:
-        with _own_rng(None):  # per-request seeds: the process's random streams are left as they were
+        with _own_rng():  # per-request seeds: the process's random streams are left as they were
             return self.llm.generate(requests, params, use_tqdm=False)
 
 
@@ -237,7 +240,7 @@ def _in_process(device: torch.device) -> Iterator[None]:
 
 
 @contextmanager
-def _own_rng(device: torch.device | None) -> Iterator[None]:
+def _own_rng() -> Iterator[None]:
     """The process's Python, NumPy and torch random states as they were before (an in-process engine seeds them)."""
     import numpy as np
 

@@ -292,25 +292,34 @@ def metrics(out: Path) -> dict[tuple[str, str], str]:
         return {(row["step"], k): v for row in csv.DictReader(f) for k, v in row.items() if v != "" and k != "step"}
 
 
+def kill_row(label: str, full, state: dict, resumed, reannotated: int) -> tuple[bool, list[str], list[str]]:
+    """A killed-then-resumed run against its uninterrupted one, as a row of the kill-point table (printed at the end
+    of the session): whether the weights are equal, the files' problems, the metrics that differ."""
+    weights_equal = all(torch.equal(resumed.weights[k], v) for k, v in full.weights.items())
+    problems = files_problems(resumed.out)
+    want, got = metrics(full.out), metrics(resumed.out)
+    missing = [key for key, value in want.items() if got.get(key) != value]
+    KILL_TABLE.append(
+        {
+            "kill point": label,
+            "killed in": f"{state['complete_phases']} phases done, {state['sample_rows']} rows saved",
+            "weights equal": "yes" if weights_equal else "NO",
+            "re-annotations": reannotated,
+            "paid-then-lost": len(state["lost"]),
+            "files ok": "yes" if not problems else "; ".join(problems),
+            "metrics complete": "yes" if not missing else f"{len(missing)} differ",
+        }
+    )
+    return weights_equal, problems, missing
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_a_killed_run_resumes_to_the_uninterrupted_run(point, kill_runs):
     full, runs = kill_runs
     state, resumed = runs[point]
-    weights_equal = all(torch.equal(resumed.weights[k], v) for k, v in full.weights.items())
     reannotated = len(resumed.calls()) - len(full.calls())
-    problems = files_problems(resumed.out)
-    want, got = metrics(full.out), metrics(resumed.out)
-    missing = [key for key, value in want.items() if got.get(key) != value]
-    KILL_TABLE.append({
-        "kill point": f"{point} ({KILL_POINTS[point]})",
-        "killed in": f"{state['complete_phases']} phases done, {state['sample_rows']} rows saved",
-        "weights equal": "yes" if weights_equal else "NO",
-        "re-annotations": reannotated,
-        "paid-then-lost": len(state["lost"]),
-        "files ok": "yes" if not problems else "; ".join(problems),
-        "metrics complete": "yes" if not missing else f"{len(missing)} differ",
-    })  # fmt: skip
+    weights_equal, problems, missing = kill_row(f"{point} ({KILL_POINTS[point]})", full, state, resumed, reannotated)
     assert weights_equal
     assert resumed.calls() == full.calls() and reannotated == 0  # the same answers, none paid twice
     assert state["lost"] == []
@@ -379,22 +388,8 @@ def test_a_killed_run_with_the_rule_annotator_or_a_judge_evaluator_pays_nothing_
     setup, what, again, lost = MORE_KILL_POINTS[point]
     fulls, runs = more_kill_runs
     full, (state, resumed) = fulls[setup], runs[point]
-    weights_equal = all(torch.equal(resumed.weights[k], v) for k, v in full.weights.items())
     reannotated = len(resumed.calls()) - len(full.calls()) + len(judge_calls(resumed.out)) - len(judge_calls(full.out))
-    problems = files_problems(resumed.out)
-    want, got = metrics(full.out), metrics(resumed.out)
-    missing = [key for key, value in want.items() if got.get(key) != value]
-    KILL_TABLE.append(
-        {
-            "kill point": f"{point} ({what})",
-            "killed in": f"{state['complete_phases']} phases done, {state['sample_rows']} rows saved",
-            "weights equal": "yes" if weights_equal else "NO",
-            "re-annotations": reannotated,
-            "paid-then-lost": len(state["lost"]),
-            "files ok": "yes" if not problems else "; ".join(problems),
-            "metrics complete": "yes" if not missing else f"{len(missing)} differ",
-        }
-    )
+    weights_equal, problems, missing = kill_row(f"{point} ({what})", full, state, resumed, reannotated)
     assert state["paid"], "the kill came before anything was paid"
     assert weights_equal
     assert reannotated == again and len(state["lost"]) == lost, (reannotated, state["lost"])
