@@ -195,6 +195,8 @@ def test_partial_phase_is_continued_not_resampled(tmp_path, sft_dir):
     the phase with the same answer) is taken from the cache and counted as paid by the run."""
 
     class RecordingAnnotator(CountingAnnotator):
+        scores_per_call = None  # one call per block: the second block's call fails
+
         def __init__(self, fail_after: int | None = None) -> None:
             super().__init__()
             self.fail_after, self.invocations, self.paid = fail_after, 0, []
