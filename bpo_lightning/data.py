@@ -140,6 +140,13 @@ class OnlineDataModule(L.LightningDataModule):
         if stage == "fit" and not self.eval_rows and self.trainer is not None:
             self.trainer.limit_val_batches = 0  # no held-out prompts: no evaluation during fit
 
+    def teardown(self, stage: str) -> None:
+        """Close the annotation cache when a fit, validation or test ends (it reopens on next use): its last
+        connection folds SQLite's write-ahead log into the file then, not whenever the object is collected."""
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
     def _load_pool(self) -> None:
         rows = self.prompts.load("data.prompts")
         budget = self.budget or len(rows)
