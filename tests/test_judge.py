@@ -6,9 +6,11 @@ import socket
 import threading
 import time
 import urllib.error
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 from bpo_lightning import judge as judge_module
 from bpo_lightning.annotation import PairwiseAnnotator
@@ -812,3 +814,79 @@ def test_local_judge_chat_template(local_judge):
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
     assert local_judge._render("x|y|z|") == "<user>x|y|z|<assistant>"
+
+
+@pytest.mark.slow
+def test_a_fit_stopped_by_a_dead_judge_resumes_against_another_endpoint_paying_nothing_twice(
+    tmp_path, sft_dir, monkeypatch, capsys
+):
+    """`bpo fit` with an HTTP judge as annotator (and so as evaluator), whose endpoint dies after 70 replies (phase 1's
+    collection asks 30, the start evaluation and phase 1's 16 each: it dies in phase 2's collection): the run stops in one line naming the endpoint, exit 1. The same
+    command with ``--ckpt_path last`` and another ``base_url`` (not part of the run's identity) finishes the run: the
+    two endpoints were asked exactly the questions an uninterrupted run asks, none twice, and the run ends with the
+    uninterrupted run's weights."""
+    from bpo_lightning.cli import main
+
+    monkeypatch.setattr("sys.argv", ["bpo"])
+
+    def fit(run: Path, url: str, *extra: str) -> None:
+        main(
+            [
+                "fit",
+                "--config",
+                str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"),
+                f"--trainer.default_root_dir={run}",
+                f"--model.policy.init_args.cache_dir={sft_dir.parent}",
+                "--model.policy.init_args.steps=40",
+                "--data.budget=32",
+                "--data.num_phases=2",
+                "--data.batch_size=8",
+                "--data.sampler.init_args.max_new_tokens=12",
+                "--data.sampler.init_args.batch_size=8",
+                "--data.sampler.init_args.progress=false",
+                "--data.eval_prompts.init_args.limit=4",
+                "--data.annotator=HTTPJudge",
+                f"--data.annotator.init_args.base_url={url}",
+                "--data.annotator.init_args.model=judge-model",
+                "--data.annotator.init_args.api_key_env=null",
+                "--data.annotator.init_args.backoff=0.0",
+                "--data.annotator.init_args.max_retries=1",
+                "--data.annotator.init_args.concurrency=2",
+                *extra,
+            ]
+        )
+
+    def served(mode: str, alive_for: int | None = None) -> tuple[StubState, callable]:
+        state, stop = start_stub()
+        state.mode, state.alive_for = mode, alive_for
+        return state, stop
+
+    full, stop = served("longer")
+    try:
+        fit(tmp_path / "full", full.url)
+    finally:
+        stop()
+    first, stop = served("longer", alive_for=70)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            fit(tmp_path / "run", first.url)
+    finally:
+        stop()
+    assert stopped.value.code == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("bpo: error: ") and first.url in error, error
+    assert len(first.answered) == 70 and (tmp_path / "run" / "checkpoints" / "phase-1.ckpt").exists()
+    second, stop = served("longer")
+    try:
+        fit(tmp_path / "run", second.url, "--ckpt_path", "last")
+    finally:
+        stop()
+    assert set(first.answered).isdisjoint(second.answered)  # nothing paid twice
+    asked = first.answered + second.answered
+    assert len(full.answered) > 70 and len(asked) == len(set(asked)) and sorted(asked) == sorted(full.answered)
+
+    def weights(run: Path) -> dict:
+        return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+
+    want, got = weights(tmp_path / "full"), weights(tmp_path / "run")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
