@@ -6,8 +6,8 @@ import socket
 import threading
 import time
 import urllib.error
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -820,11 +820,11 @@ def test_local_judge_chat_template(local_judge):
 def test_a_fit_stopped_by_a_dead_judge_resumes_against_another_endpoint_paying_nothing_twice(
     tmp_path, sft_dir, monkeypatch, capsys
 ):
-    """`bpo fit` with an HTTP judge as annotator (and so as evaluator), whose endpoint dies after 70 replies (phase 1's
-    collection asks 30, the start evaluation and phase 1's 16 each: it dies in phase 2's collection): the run stops in one line naming the endpoint, exit 1. The same
-    command with ``--ckpt_path last`` and another ``base_url`` (not part of the run's identity) finishes the run: the
-    two endpoints were asked exactly the questions an uninterrupted run asks, none twice, and the run ends with the
-    uninterrupted run's weights."""
+    """`bpo fit` with an HTTP judge as annotator (and so as evaluator), whose endpoint dies after 70 replies (phase
+    1's collection asks 30, the start evaluation and phase 1's 16 each: it dies in phase 2's collection): the run
+    stops in one line naming the endpoint, exit 1. The same command with ``--ckpt_path last`` and another
+    ``base_url`` (not part of the run's identity) finishes the run: the two endpoints were asked exactly the
+    questions an uninterrupted run asks, none twice, and the run ends with the uninterrupted run's weights."""
     from bpo_lightning.cli import main
 
     monkeypatch.setattr("sys.argv", ["bpo"])
