@@ -303,7 +303,7 @@ def test_behavior_log_probs_from_the_sampler_or_a_forward_pass(tmp_path, sft_dir
         if mode == "forward" and not share:
             assert torch.equal(first, torch.zeros_like(first))
         else:
-            assert 0 < first.abs().max() < 2e-4  # float rounding, not a different model
+            assert first.abs().max() < 2e-4  # float rounding (0 where it cancels), not a different model
         records = load_pairs(tmp_path, phase)
         chosen, rejected = fresh_logps(sft_dir, records, module.tokenizer, recorder.end_weights.get(phase - 1))
         assert_close(torch.tensor([r.behavior_chosen_logps for r in records]), chosen, atol=1e-4, rtol=0)
