@@ -9,6 +9,7 @@ includes ``torch.compile``, whose time is printed separately).
     python benchmarks/sampler_speed.py                                   # tiny task model, CPU
     python benchmarks/sampler_speed.py --model smollm2-shape --rows 64 256 --new-tokens 128   # GPU
     python benchmarks/sampler_speed.py --model ~/.cache/bpo-lightning/smollm2-135m-instruct
+    python benchmarks/sampler_speed.py --samplers generate block-draw --model smollm2-shape --rows 64 128
     python benchmarks/sampler_speed.py --samplers generate static vllm --model smollm2-shape --rows 512 \
         --blocks 1 --new-tokens 128                                      # GPU: 256 prompts × 2 samples
 """
@@ -32,6 +33,19 @@ SMOLLM2_SHAPE = {
     "vocab_size": 49152,
     "tie_word_embeddings": True,
 }
+
+
+def BlockDraw(**settings):  # noqa: N802 (a sampler class, built here so that importing torch waits for main)
+    """``GenerateSampler`` drawing as it did before each response had its own seed: one multinomial draw per step
+    over all of a block's rows, from the global random stream the block seeds (what the per-response streams cost
+    is the difference to ``generate``)."""
+    from bpo_lightning.sampling import GenerateSampler
+
+    class BlockSeeded(GenerateSampler):
+        def block_draw(self, seed, prompts, steps, device):
+            return self.token_draw
+
+    return BlockSeeded(**settings)
 
 
 def load(name: str, device: str, dtype: str):
@@ -63,7 +77,8 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument("--compile", choices=["auto", "true", "false"], default="auto")
-    parser.add_argument("--samplers", nargs="+", default=["generate", "static"], choices=["generate", "static", "vllm"])
+    kinds = ["generate", "static", "vllm", "block-draw"]
+    parser.add_argument("--samplers", nargs="+", default=["generate", "static"], choices=kinds)
     parser.add_argument("--kv-cache-gib", type=float, default=None, help="VLLMSampler's KV cache (CPU default 1)")
     args = parser.parse_args()
 
@@ -93,6 +108,8 @@ def main() -> None:
                 samplers[kind] = GenerateSampler(**common)
             elif kind == "static":
                 samplers[kind] = StaticCacheSampler(**common, compile=compile_)
+            elif kind == "block-draw":
+                samplers[kind] = BlockDraw(**common)
             else:
                 from bpo_lightning.engine import VLLMSampler
 

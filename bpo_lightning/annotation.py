@@ -175,11 +175,24 @@ class JoinedPairs:
         return self.judge.compare_iter(prompts, list(first), list(second))
 
 
-def resolve_device(device: str) -> str:
-    """``"auto"`` → ``"cuda"`` when CUDA is available, else ``"cpu"``; any other value as given."""
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` → this process's CUDA device when CUDA is available (``torch.cuda.current_device()``, which
+    Lightning sets for every training process before any sampling or annotation), else the CPU; any other value
+    as given."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+def on_process_device(model: torch.nn.Module, device: str) -> torch.device:
+    """``model`` moved to ``resolve_device(device)`` if it is not there yet; that device. Local annotators and judges
+    call it when they are used, not when they are built: a config builds them before Lightning has given each
+    process its device, so placing them then would put every process's copy on the first GPU."""
+    target = resolve_device(device)
+    current = next(model.parameters()).device
+    if current != target:
+        model.to(target)
+    return target
 
 
 def import_callable(path: str, key: str) -> Callable:
@@ -345,7 +358,8 @@ class RewardModelAnnotator(Annotator):
         max_length: truncation length of the encoded input.
         pair_encoding: encode as (prompt, response) text pair.
         label_index: which output logit is the reward (0 for single-output reward models).
-        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda:N"``.
+        device: ``"auto"`` (this process's CUDA device when CUDA is available, placed on first use), ``"cpu"`` or
+            ``"cuda:N"``.
         trust_remote_code: allow custom model code from the hub.
         revision: hub revision (branch, tag or commit) of the model and tokenizer.
 
@@ -374,7 +388,9 @@ class RewardModelAnnotator(Annotator):
         self.max_length = max_length
         self.pair_encoding = pair_encoding
         self.label_index = label_index
-        self.device = torch.device(resolve_device(device))
+        self.device_setting = device  # placed on first use (``on_process_device``)
+        if device != "auto":
+            resolve_device(device)  # a malformed device string fails here, not at the first score
         model_key, tokenizer_key = "data.annotator.init_args.name_or_path", "data.annotator.init_args.tokenizer"
         check_source(name_or_path, model_key, revision)
         if tokenizer:
@@ -391,7 +407,7 @@ class RewardModelAnnotator(Annotator):
             )
         except OSError as err:
             raise load_error(err, model_key, name_or_path) from err
-        self.model.requires_grad_(False).eval().to(self.device)
+        self.model.requires_grad_(False).eval()
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:
@@ -403,11 +419,12 @@ class RewardModelAnnotator(Annotator):
     @torch.no_grad()
     def score_iter(self, prompts: list[str], responses: list[str]) -> Iterator[list[tuple[int, float]]]:
         """One group per forward batch of ``batch_size`` responses."""
+        device = on_process_device(self.model, self.device_setting)
         for start in range(0, len(prompts), self.batch_size):
             p, r = prompts[start : start + self.batch_size], responses[start : start + self.batch_size]
             texts = (p, r) if self.pair_encoding else ([a + b for a, b in zip(p, r, strict=True)],)
             enc = self.tokenizer(*texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-            logits = self.model(**enc.to(self.device)).logits  # (b, num_labels)
+            logits = self.model(**enc.to(device)).logits  # (b, num_labels)
             yield list(enumerate(logits[:, self.label_index].float().tolist(), start))
 
     @cached_property

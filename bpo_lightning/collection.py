@@ -6,13 +6,16 @@
 (``BehaviorLLM``, which ``BPOModule.behavior_llm`` builds once the behavior update is done), the sampler, the
 annotator, the phase's files (``PhaseStore``) and the processes (``Ranks``). It reads nothing else.
 
-The phase's prompts are cut into *blocks* of ``sampler.batch_size`` consecutive positions. Block ``b`` is always
-sampled as a whole with the seed ``phase_seed + b · block_size``, so a block's responses depend neither on the
-number of processes nor on what a killed run had already saved: 1 or N processes, fresh or resumed, draw the same
-samples. Process ``r`` of ``N`` samples and annotates blocks ``r, r + N, …``; after every round of blocks the new
-rows are gathered and process 0 (the only writer) appends them to ``samples.jsonl``. Pairs are then split across
-processes for the behavior/reference forwards, gathered again, and process 0 writes ``pairs.jsonl``: every process
-ends with the same records and the same ``PhaseStats``, so what each logs is already the total.
+The phase's prompts are sampled in rounds, each process taking a share of a round (``shares``). A sampler with
+``seeds_per_prompt`` (``GenerateSampler``'s default draw, ``VLLMSampler``) draws each prompt from the phase seed plus
+its position, so a round's ``N · batch_size`` prompts are split evenly: every process gets within one prompt of the
+same number. Any other sampler is handed whole *blocks* of ``sampler.batch_size`` consecutive positions, block ``b``
+seeded with ``phase_seed + b · block_size``: process ``r`` of ``N`` takes blocks ``r, r + N, …``. Either way a
+prompt's responses depend neither on the number of processes nor on what a killed run had already saved: 1 or N
+processes, fresh or resumed, draw the same samples (up to float rounding between batch compositions). After every
+round the new rows are gathered and process 0 (the only writer) appends them to ``samples.jsonl``. Pairs are then
+split across processes for the behavior/reference forwards, gathered again, and process 0 writes ``pairs.jsonl``:
+every process ends with the same records and the same ``PhaseStats``, so what each logs is already the total.
 
 Observation hooks (``on_phase_start``) fire on process 0 only, once per phase.
 
@@ -181,8 +184,9 @@ class Collector:
         With ``pipeline`` a block is annotated in a worker thread while the next one is sampled (a judge's or a
         reward model's latency hides behind generation); rows are still appended in block order, and one block at
         most waits in memory."""
-        positions, ranks, size = list(self.prompts.positions), self.ranks, max(1, int(self.sampler.batch_size))
-        blocks = [positions[start : start + size] for start in range(0, len(positions), size)]
+        positions, ranks = list(self.prompts.positions), self.ranks
+        size = max(1, int(self.sampler.batch_size))
+        rounds = shares(len(positions), size, ranks.world, bool(getattr(self.sampler, "seeds_per_prompt", False)))
         phase_seed = self.prompts.phase_seed
         show = self.sampler.progress and ranks.rank == 0
         bar = tqdm(total=len(positions), initial=len(done), desc=f"phase {self.prompts.phase + 1}: sampling + "
@@ -190,7 +194,12 @@ class Collector:
         worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="annotate") if self.pipeline else None
         origin = str(self.store.root.parent.resolve())  # the run that pays for this phase's answers (cached_score)
 
+        rounds_done = 0
+
         def finish(rows: list[SampleRow]) -> None:  # one round's rows: gathered, appended by process 0, counted
+            nonlocal rounds_done
+            rounds_done += 1  # every process finishes the same rounds in the same order
+            ranks.arrive(f"collect/{self.prompts.phase}/{rounds_done}")  # waiting on a slow annotator: no timeout
             new = [row for part in ranks.gather(rows) for row in part]
             if ranks.rank == 0 and new:
                 self.store.append_samples(new)
@@ -208,12 +217,12 @@ class Collector:
         try:
             with self.behavior.computing(), quiet(self.sampler), bar:
                 self.sampler.prepare(self.behavior.model, f"behavior-{self.behavior.version}")
-                for first in range(0, len(blocks), ranks.world):  # one round: a block per process
+                for share in rounds:  # one round: a share of the phase's positions per process
                     if self.stop_agreed():  # the block in flight is saved first
                         flush()
                         raise self._stopped(len(done), len(positions))
-                    b = first + ranks.rank
-                    job = self.sample_block(blocks[b] if b < len(blocks) else [], phase_seed + b * size, done)
+                    start, stop = share[ranks.rank]
+                    job = self.sample_block(positions[start:stop], phase_seed + start, done)
                     if worker is None:
                         finish(annotate(*job, origin=origin) if job else [])
                         continue
@@ -283,6 +292,24 @@ def _done(value) -> Future:
 def _subset(samples: Samples, keep: list[int]) -> Samples:
     names = ("prompt_ids", "response_ids", "responses", "finished", "logps", "eos_logps")
     return Samples(*(None if getattr(samples, n) is None else [getattr(samples, n)[k] for k in keep] for n in names))
+
+
+def shares(n: int, size: int, world: int, per_prompt: bool) -> list[list[tuple[int, int]]]:
+    """The rounds of a phase's collection over ``n`` prompt positions: per round, each process's ``(start, stop)``
+    slice of them (empty: ``start == stop``), at most ``size`` (the sampler's block size) long.
+
+    A sampler with ``seeds_per_prompt`` gets each round's ``world · size`` positions split evenly: every process
+    within one prompt of the others. Otherwise process ``r`` gets the round's ``r``-th whole block, seeded as a
+    whole, and processes past the last block get nothing."""
+    rounds = []
+    for first in range(0, n, world * size):
+        if per_prompt:
+            count = min(world * size, n - first)
+            bounds = [first + r * count // world for r in range(world + 1)]
+            rounds.append([(bounds[r], bounds[r + 1]) for r in range(world)])
+        else:
+            rounds.append([(min(n, first + r * size), min(n, first + (r + 1) * size)) for r in range(world)])
+    return rounds
 
 
 def score_shared(

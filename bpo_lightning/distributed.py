@@ -7,6 +7,7 @@ on process 0 back into every partition); without ZeRO-3 it does nothing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -48,9 +49,37 @@ class Ranks:
         if self.world > 1:
             dist.barrier()
 
+    def arrive(self, tag: str, poll_s: float = 0.05) -> None:
+        """Wait, without a collective, until every process has arrived at ``tag`` (a name no earlier call used): each
+        sets a key in the process group's store and polls for the others' (``store.check`` returns at once). A
+        process waiting here for one that is still waiting on a slow annotator or judge is not subject to the
+        process group's timeout, which a collective would be (``trainer.strategy.init_args.timeout``); the
+        collective that follows then finds every process ready. A process that dies meanwhile is the launcher's to
+        report (Lightning's and torchrun's stop the job)."""
+        if self.world == 1:
+            return
+        store = _default_store()
+        if store is None:  # not a c10d process group with a store: a collective, with its timeout
+            dist.barrier()
+            return
+        store.set(f"bpo/{tag}/{self.rank}", "1")
+        keys = [f"bpo/{tag}/{r}" for r in range(self.world)]
+        while not store.check(keys):
+            time.sleep(poll_s)
+
     def most(self, n: int) -> int:
         """The largest ``n`` over processes."""
         return max(self.gather(n))
+
+
+def _default_store():
+    """The default process group's key-value store, or ``None`` where torch does not expose it."""
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except (ImportError, RuntimeError, ValueError):
+        return None
 
 
 def is_partitioned(param: torch.Tensor) -> bool:

@@ -278,6 +278,7 @@ class VLLMSampler(Sampler):
         engine_args: further keyword arguments for ``vllm.LLM`` (e.g. ``{"enable_prefix_caching": false}``).
     """
 
+    seeds_per_prompt = True  # each request is seeded from its prompt's position
     # how the samples are computed or where they are held, not what they are: per-prompt seeds make the block size
     # one of them
     not_provenance = ("batch_size", "gpu_memory_utilization", "kv_cache_gib", "max_model_len", "enforce_eager", "sleep")

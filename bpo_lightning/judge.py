@@ -58,7 +58,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import torch
 
-from bpo_lightning.annotation import JoinedPairs, PairwiseAnnotator, order_layout, resolve_device
+from bpo_lightning.annotation import JoinedPairs, PairwiseAnnotator, on_process_device, order_layout, resolve_device
 from bpo_lightning.cache import NoScore
 from bpo_lightning.errors import InputError
 from bpo_lightning.hookspecs import hookimpl
@@ -693,7 +693,8 @@ class LocalJudge(LLMJudge):
         both_orders: Judge each pair in both orders.
         max_new_tokens: Tokens generated per verdict.
         batch_size: Judge prompts per ``generate`` call.
-        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda:N"``.
+        device: ``"auto"`` (this process's CUDA device when CUDA is available, placed on first use), ``"cpu"`` or
+            ``"cuda:N"``.
         trust_remote_code: Allow custom model code from the hub.
         ask_again: Kinds of no-verdict stored in the annotation cache to ask again (see :class:`LLMJudge`).
     """
@@ -717,13 +718,15 @@ class LocalJudge(LLMJudge):
         self.name_or_path = name_or_path
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.device = torch.device(resolve_device(device))
+        self.device_setting = device  # placed on first use (``on_process_device``)
+        if device != "auto":
+            resolve_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.lm = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        self.lm.requires_grad_(False).eval().to(self.device)
+        self.lm.requires_grad_(False).eval()
         self.max_positions = getattr(self.lm.config, "max_position_embeddings", None) or getattr(
             self.lm.config, "n_positions", None
         )
@@ -754,13 +757,14 @@ class LocalJudge(LLMJudge):
     def _generate(self, texts: list[str], add_special_tokens: bool = True) -> list[str]:
         """Greedy replies to already rendered judge prompts, ``batch_size`` at a time."""
         replies: list[str] = []
+        device = on_process_device(self.lm, self.device_setting)
         for start in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(
                 texts[start : start + self.batch_size],
                 padding=True,
                 return_tensors="pt",
                 add_special_tokens=add_special_tokens,
-            ).to(self.device)
+            ).to(device)
             out = self.lm.generate(
                 **enc, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
             )

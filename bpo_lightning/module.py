@@ -502,6 +502,9 @@ class BPOModule(L.LightningModule):
 
     def _end_evaluation(self, stage: str, prefix: str | None) -> dict[str, float]:
         """Reduce the metrics (across processes), log them under ``prefix/`` and save the answers."""
+        self._evaluations = getattr(self, "_evaluations", 0) + 1  # every process ends the same evaluations in order
+        if self._trainer is not None:  # a process still waiting on a slow judge: the others wait without a timeout
+            Ranks.of(self._trainer).arrive(f"evaluate/{self._evaluations}")
         self.last_evaluation = self.eval_metrics.compute()
         if prefix is not None:
             for name, value in self.last_evaluation.items():

@@ -6,7 +6,7 @@ model is trained on exactly the context it sampled from) and returns the generat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -127,8 +127,9 @@ class TokenDraw:
             raise InputError(f"sampler: draw must be 'candidates' or 'vocabulary', got {draw!r}")
         self.temperature, self.top_k, self.top_p, self.draw = temperature, top_k, top_p, draw
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """(rows, V) next-token logits -> (rows,) token ids."""
+    def __call__(self, logits: torch.Tensor, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+        """(rows, V) next-token logits -> (rows,) token ids. ``uniforms``: one number in [0, 1) per row (``candidates``
+        only), from which each row's token is drawn by inversion instead of from the global random stream."""
         if self.temperature == 0:
             return logits.argmax(-1)
         scores = logits.float()
@@ -145,7 +146,13 @@ class TokenDraw:
             probs = scores.softmax(-1)
             before = probs.cumsum(-1) - probs  # the mass of the more likely tokens; the first always stays
             scores = scores.masked_fill(before >= self.top_p, float("-inf"))
-        pick = torch.multinomial(scores.softmax(-1), num_samples=1)  # (rows, 1)
+        probs = scores.softmax(-1)
+        if uniforms is None:
+            pick = torch.multinomial(probs, num_samples=1)  # (rows, 1)
+        else:  # the first candidate whose cumulative probability exceeds u (a masked one adds nothing: never it)
+            cdf = probs.double().cumsum(-1)
+            target = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1])[:, None]
+            pick = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1)
         return (pick if index is None else index.gather(-1, pick)).squeeze(1)
 
     def _vocabulary(self, scores: torch.Tensor) -> torch.Tensor:
@@ -158,7 +165,31 @@ class TokenDraw:
         return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
 
 
-def _drawn_token_processor(draw: TokenDraw):
+class PromptSeededDraw:
+    """``TokenDraw``'s ``candidates`` draw with a random stream of its own per row: the ``j``-th response to the
+    ``k``-th prompt of a block seeded ``seed`` draws its ``t``-th token with the ``t``-th number of
+    ``torch.Generator().manual_seed((seed + k) · n + j)`` (``n`` responses per prompt), so a prompt's samples depend on
+    its seed and position only, not on the other prompts of its block (VLLMSampler's per-request seeds, the same
+    formula). The numbers for a block's steps are drawn up front on the CPU: one generator call per row."""
+
+    def __init__(self, draw: TokenDraw, seed: int, prompts: int, samples: int, steps: int, device) -> None:
+        self.draw, self.step = draw, 0
+        table = torch.empty(prompts * samples, steps, dtype=torch.float64)
+        generator = torch.Generator()
+        for row in range(prompts * samples):
+            generator.manual_seed((seed + row // samples) * samples + row % samples)
+            table[row] = torch.rand(steps, generator=generator, dtype=torch.float64)
+        self.uniforms = table.to(device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        uniforms = self.uniforms[:, self.step]
+        self.step += 1
+        if logits.shape[0] > uniforms.shape[0]:  # a static cache's stand-in rows (discarded): any number will do
+            uniforms = torch.cat([uniforms, uniforms.new_full((logits.shape[0] - uniforms.shape[0],), 0.5)])
+        return self.draw(logits, uniforms)
+
+
+def _drawn_token_processor(draw: Callable[[torch.Tensor], torch.Tensor]):
     """A transformers logits processor that draws the next token with ``draw`` and leaves it the only finite
     score, so that ``generate``'s greedy step picks it."""
     from transformers import LogitsProcessor
@@ -203,7 +234,12 @@ class Sampler(RecordsArguments):
     batch_size: int = 128
     """Prompts per block. Collection hands the sampler one block at a time, seeded with the phase's seed plus the
     block's first position, so a block's samples depend on neither the number of processes nor a resume; another
-    block size draws other samples (it is part of ``settings()``)."""
+    block size draws other samples (it is part of ``settings()``), unless ``seeds_per_prompt``."""
+    seeds_per_prompt: bool = False
+    """Whether the ``k``-th prompt of a call seeded ``s`` is drawn from its own seed ``s + k``, whatever else its block
+    holds: its samples then depend on its position in the phase only, and collection splits each round's prompts
+    evenly over the processes (within one prompt), not in whole blocks. ``False`` (the default): a block is
+    sampled as a whole, and collection hands out whole blocks."""
     max_new_tokens: int | None = None
     """Longest response in tokens (without its EOS), or ``None`` when the sampler sets no limit. With
     ``max_prompt_tokens`` it lets collection refuse a prompt that would not fit the policy's context before any
@@ -294,13 +330,16 @@ class GenerateSampler(Sampler):
             grows to ``batch_size`` × ``num_samples`` × (longest prompt + ``max_new_tokens``) positions: 2 ×
             layers × key/value heads × head size × dtype bytes each (a 7B model with 32 full-attention heads in
             bfloat16: 0.5 MiB, so 128 prompts at 512 + 128 tokens take 80 GiB; with 8 key/value heads, 20 GiB).
-            Block sizes also set each block's seed: another size draws other samples.
+            With ``draw: candidates`` each prompt has its own seed (``PromptSeededDraw``), so the block size does
+            not change the samples and collection splits prompts evenly across processes; with ``vocabulary``
+            each block is seeded as a whole, and another size draws other samples.
         max_prompt_tokens: prompts longer than this keep their last tokens.
         add_bos: prepend the tokenizer's BOS token to every prompt.
         progress: show a progress bar while sampling.
-        draw: ``candidates`` draws each token among the top-k candidates (one random number each), ``vocabulary``
-            over the whole vocabulary as transformers' ``generate`` does (its samples for a seed); the same
-            distribution either way (``TokenDraw``).
+        draw: ``candidates`` draws each token among the top-k candidates from one random number per response and
+            token, each response from its own seeded stream (``PromptSeededDraw``); ``vocabulary`` over the whole
+            vocabulary from the block's stream, as transformers' ``generate`` does (its samples for a seed); the
+            same distribution either way (``TokenDraw``).
         share_prompts: run each prompt once for its ``num_samples`` responses: all but its last token go through the
             model's backbone once, and ``generate`` continues every response from that KV cache, expanded
             (``prompt_cache``). The same computation up to float rounding; ``false`` runs every response's prompt,
@@ -343,6 +382,17 @@ class GenerateSampler(Sampler):
         """How each token is drawn, from the sampler's settings."""
         return TokenDraw(self.temperature, self.top_k, self.top_p, self.draw)
 
+    @property
+    def seeds_per_prompt(self) -> bool:  # greedy decoding draws nothing
+        return self.draw == "candidates" or self.temperature == 0
+
+    def block_draw(self, seed: int, prompts: int, steps: int, device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The draw for one block of ``prompts`` prompts seeded ``seed``, over up to ``steps`` tokens: a stream per
+        response (``candidates``), or the global random stream, which the block seeds (``vocabulary``)."""
+        if self.draw == "candidates" and self.temperature > 0:
+            return PromptSeededDraw(self.token_draw, seed, prompts, self.num_samples, steps, device)
+        return self.token_draw
+
     def evaluation_sampler(
         self,
         *,
@@ -361,8 +411,9 @@ class GenerateSampler(Sampler):
     not_provenance = ("share_prompts",)  # how the samples are computed, not what they are
 
     def settings(self) -> dict:
-        # the block size seeds the blocks (another size draws other samples); sharing a prompt's prefill is how the
-        # samples are computed, not what they are
+        # the block size stays recorded: with ``draw: vocabulary`` it seeds the blocks (another size draws other
+        # samples), and run.json records what the class declares, whatever the draw; sharing a prompt's prefill is
+        # how the samples are computed, not what they are
         keys = ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "batch_size", "max_prompt_tokens",
                 "add_bos", "draw")  # fmt: skip
         extra = {k: v for k, v in self.arguments.items() if k not in keys}  # a subclass's own
@@ -406,7 +457,8 @@ class GenerateSampler(Sampler):
                         cache = self.prompt_cache(model, input_ids, attention_mask) if self.share_prompts else {}
                         recorder = LogpRecorder(tokenizer.eos_token_id)
                         with self.recording(model, recorder):  # (b·n, ≤ new + 1)
-                            generated = self.generate(model, input_ids, attention_mask, config, **cache)
+                            draw = self.block_draw(seed + start, len(batch), config.max_new_tokens, model.device)
+                            generated = self.generate(model, input_ids, attention_mask, config, draw, **cache)
                 generated = generated[:, : self.max_new_tokens]
                 yield start, self._collect(batch, generated.tolist(), tokenizer, recorder)
         finally:
@@ -429,18 +481,19 @@ class GenerateSampler(Sampler):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         config: GenerationConfig,
+        draw: Callable[[torch.Tensor], torch.Tensor],
         **cache,
     ) -> torch.Tensor:
         """The new tokens, ``num_samples`` consecutive rows per prompt: (b·n, ≤ max_new_tokens), padded after EOS.
 
         Each prompt is repeated ``num_samples`` times (as ``generate``'s ``num_return_sequences`` does) and every
-        token is drawn by ``TokenDraw``, through a logits processor that leaves ``generate``'s greedy step nothing
-        else to pick. ``cache``: what ``prompt_cache`` returned, which ``generate`` continues."""
+        token is drawn by ``draw`` (``block_draw``), through a logits processor that leaves ``generate``'s greedy
+        step nothing else to pick. ``cache``: what ``prompt_cache`` returned, which ``generate`` continues."""
         from transformers import LogitsProcessorList
 
         ids = input_ids.repeat_interleave(self.num_samples, dim=0)
         mask = attention_mask.repeat_interleave(self.num_samples, dim=0)
-        drawn = [] if self.temperature == 0 else [_drawn_token_processor(self.token_draw)]
+        drawn = [] if self.temperature == 0 else [_drawn_token_processor(draw)]
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                              logits_processor=LogitsProcessorList(drawn), **cache)  # fmt: skip
         return out[:, ids.shape[1] :]
@@ -596,7 +649,12 @@ class StaticCacheSampler(GenerateSampler):
         return cache
 
     def generate(
-        self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig
+        self,
+        model: PreTrainedModel,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        config: GenerationConfig,
+        draw: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         prompts, rows = input_ids.shape[0], input_ids.shape[0] * self.num_samples
         synced = _zero3_processes() > 1  # every process must run as many forwards: no early stop, no compiling
@@ -627,7 +685,6 @@ class StaticCacheSampler(GenerateSampler):
         position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         step = self._step(model, compiling)
         cache_key = cache_argument(model)
-        draw = self.token_draw
         last_only = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}  # no (rows, width, V)
         out = model(
             input_ids=ids,

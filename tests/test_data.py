@@ -398,3 +398,43 @@ def test_mostly_truncated_responses_are_counted_and_warned_about(tmp_path, sft_d
     assert any(not p.chosen_finished or not p.rejected_finished for p in pairs)
     rows = PhaseStore(tmp_path / "data", 0).load_samples()
     assert all(len(row.finished) == 2 for row in rows.values())
+
+
+def test_local_annotators_go_to_the_device_of_the_process_that_uses_them(tmp_path, sft_dir, monkeypatch):
+    """A config builds annotators before Lightning gives each process its device: a reward model (and a local
+    judge) built with ``device: auto`` stays put until it scores, and then goes to that process's CUDA device —
+    here a process whose current device is cuda:1 (simulated: the move is recorded, not made)."""
+    import transformers
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    from bpo_lightning import RewardModelAnnotator
+    from bpo_lightning.judge import LocalJudge
+
+    tok = AutoTokenizer.from_pretrained(sft_dir)
+    config = GPT2Config(
+        vocab_size=len(tok), n_layer=1, n_embd=32, n_head=2, num_labels=1, pad_token_id=tok.pad_token_id
+    )
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "lm")
+    for folder in ("rm", "lm"):
+        tok.save_pretrained(tmp_path / folder)
+    moves = []
+
+    def record(self, *args, **kwargs):  # nn.Module.to, recorded: this machine has no GPU
+        moves.append((type(self).__name__, torch.device(args[0] if args else kwargs["device"])))
+        return self
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    annotator = RewardModelAnnotator(str(tmp_path / "rm"), max_length=64)
+    judge = LocalJudge(str(tmp_path / "lm"), template="{prompt}|{response_a}|{response_b}|", max_new_tokens=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # Lightning has set this process's device: 1
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.nn.Module, "to", record)
+    monkeypatch.setattr(transformers.BatchEncoding, "to", lambda self, device: self)
+    assert moves == []  # nothing placed while the config was read
+    annotator.score(["hotel review :"], [" great ."])  # (computed on the CPU: the move was only recorded)
+    judge.compare(["hotel review :"], [" a"], [" b"])
+    assert moves == [
+        ("GPT2ForSequenceClassification", torch.device("cuda", 1)),
+        ("GPT2LMHeadModel", torch.device("cuda", 1)),
+    ]

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -149,8 +150,9 @@ def test_two_processes_equal_one_process(setup, tmp_path_factory, sft_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])
 def test_killed_job_resumes_to_the_uninterrupted_weights(strategy, tmp_path, sft_dir):
-    """24 prompts per phase in blocks of 8: 3 blocks, 2 rounds over 2 processes. SIGKILL to every process at
-    process 0's 4th annotator call (phase 2, second round: the first round's rows are saved), then resume."""
+    """24 prompts per phase in blocks of 8: 2 rounds over 2 processes (8 + 8 prompts, then 4 + 4). SIGKILL to every
+    process at process 0's 4th annotator call (phase 2, second round: the first round's rows are saved), then
+    resume."""
     args = ("--strategy", strategy, "--devices", "2", "--budget", "48")
     uninterrupted = fit(tmp_path / "full", sft_dir, *args)
     fit(tmp_path / "split", sft_dir, *args, "--kill-at", "4", killed=True)
@@ -160,7 +162,11 @@ def test_killed_job_resumes_to_the_uninterrupted_weights(strategy, tmp_path, sft
     resumed = fit(tmp_path / "split", sft_dir, *args, "--resume")
     for name, value in uninterrupted.weights.items():
         assert_close(resumed.weights[name], value, atol=1e-5, rtol=0, msg=name)
-    assert resumed.calls() == uninterrupted.calls()  # killed + resumed runs asked for no score twice
+    # killed + resumed runs asked for every score, and for none twice but at most the one answer process 1 may have
+    # had between paid and stored when process 0 killed the job (a SIGKILL from another process can land in that
+    # window of process 1's; process 0's own kill point waits for its window to close)
+    asked, once = Counter(resumed.calls()), Counter(uninterrupted.calls())
+    assert not once - asked and sum((asked - once).values()) <= 1, asked - once
     assert resumed.stats["phases"] == uninterrupted.stats["phases"]
 
 
@@ -202,7 +208,54 @@ def test_export_from_a_deepspeed_checkpoint_folder(setup, tmp_path, tmp_path_fac
     assert torch.load(file, weights_only=True)["state_dict"].keys() == checkpoint["state_dict"].keys()
 
 
+@pytest.mark.slow
+def test_three_processes_sample_within_one_prompt_of_each_other(tmp_path, tmp_path_factory, sft_dir):
+    """100 prompts a phase in blocks of 64 on 3 processes: each samples and annotates 33 or 34 prompts a phase (whole
+    blocks would give 64, 36 and 0), and they are the samples one process draws."""
+    args = ("--budget", "200", "--block", "64")
+    three = fit(tmp_path / "three", sft_dir, *args, "--strategy", "ddp", "--devices", "3")
+    one = single(tmp_path_factory, sft_dir, *args)
+    assert three.calls() == one.calls() and len(one.calls()) > 300  # (an identical pair is scored once)
+    assert three.stats["phases"] == one.stats["phases"]
+    # each process scored answers to the prompts of its own share only (33, 33 and 34 prompts a phase), and the
+    # union of what they scored is what one process scores
+    calls = [{tuple(c) for c in json.loads((three.out / f"calls.rank{r}.json").read_text())} for r in range(3)]
+    for phase in range(2):
+        lines = PhaseStore(three.out / "run" / "data", phase).samples_path.read_text().splitlines()
+        rows = sorted((json.loads(line) for line in lines), key=lambda row: row["index"])
+        assert len(rows) == 100
+        for rank, (start, stop) in enumerate([(0, 33), (33, 66), (66, 100)]):
+            share = {(row["prompt"], text) for row in rows[start:stop] for text in row["responses"]}
+            others = {(row["prompt"], text) for row in rows[:start] + rows[stop:] for text in row["responses"]}
+            assert len(calls[rank] & share) >= 0.9 * len(share) and not calls[rank] & (others - share), rank
+
+
+@pytest.mark.slow
+def test_an_annotator_slower_than_the_process_group_timeout_does_not_stop_the_job(tmp_path, tmp_path_factory, sft_dir):
+    """Process 1's annotator takes 12 s at its first call of each phase (a slow judge) under a 5 s process-group
+    timeout: process 0 waits for it outside any collective, and the run ends as one process's does."""
+    slow = fit(tmp_path / "slow", sft_dir, "--strategy", "ddp", "--devices", "2", "--pg-timeout", "5", "--slow", "12")
+    one = single(tmp_path_factory, sft_dir)
+    assert slow.calls() == one.calls() and slow.stats["phases"] == one.stats["phases"]
+    for name, value in one.weights.items():
+        assert_close(slow.weights[name], value, atol=1e-5, rtol=0, msg=name)
+
+
 # --- the pieces, in one process ---------------------------------------------------------------------------------------
+
+
+def test_collection_rounds_split_prompts_evenly_for_a_sampler_seeded_per_prompt():
+    from bpo_lightning.collection import shares
+
+    assert shares(100, 64, 3, per_prompt=True) == [[(0, 33), (33, 66), (66, 100)]]
+    assert shares(100, 64, 3, per_prompt=False) == [[(0, 64), (64, 100), (100, 100)]]  # whole blocks: one idle
+    for n, size, world in ((100, 64, 3), (7, 2, 2), (1, 4, 3), (513, 128, 8), (40, 8, 3)):
+        rounds = shares(n, size, world, per_prompt=True)
+        flat = [i for r in rounds for start, stop in r for i in range(start, stop)]
+        assert flat == list(range(n))  # every position once, in order
+        for r in rounds:
+            lengths = [stop - start for start, stop in r]
+            assert max(lengths) - min(lengths) <= 1 and max(lengths) <= size
 
 
 def test_global_batches_split_each_step_over_processes():
@@ -321,7 +374,7 @@ def test_bf16_mixed_behavior_log_probs_are_computed_as_training_computes(tmp_pat
                                      behavior_logps="forward", trainer_args={"precision": "bf16-mixed"})  # fmt: skip
     trainer.fit(module, datamodule=data)
     h = module.loss.margins[recorder.first_call[0]]
-    assert_close(h, torch.zeros_like(h), atol=1e-3, rtol=0)  # the same weights: 0 up to bf16 kernels' shapes
+    assert h.abs().max() < 0.05  # the same weights: 0 up to bf16 rounding of the kernels' shapes (sums of ~10 terms)
     records = load_pairs(tmp_path, 1)
     stored = torch.tensor([r.behavior_chosen_logps for r in records])
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the policy as phase 2 began, one chunk, under autocast

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bpo_lightning.batches import left_pad
 from bpo_lightning.prompts import ReviewPrompts, model_input
-from bpo_lightning.sampling import GenerateSampler, StaticCacheSampler, TokenDraw, encode_prompt
+from bpo_lightning.sampling import GenerateSampler, PromptSeededDraw, StaticCacheSampler, TokenDraw, encode_prompt
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ DRAWS = {"paper defaults": (1.0, 50, 1.0), "temperature, top-k, top-p": (0.7, 12
 
 
 @pytest.mark.parametrize("case", DRAWS)
-@pytest.mark.parametrize("draw", ["candidates", "vocabulary"])
+@pytest.mark.parametrize("draw", ["candidates", "vocabulary", "seeded"])
 def test_token_draw_samples_the_warped_distribution(case, draw):
     """40,000 draws from one row of logits: every token outside the support of transformers' warped distribution
     is never drawn, and each token's frequency is within 5 standard errors of its probability."""
@@ -69,7 +69,10 @@ def test_token_draw_samples_the_warped_distribution(case, draw):
     want = scores.softmax(-1)[0]
     n = 40_000
     torch.manual_seed(0)
-    tokens = TokenDraw(temperature, top_k, top_p, draw)(logits.expand(n, -1))
+    if draw == "seeded":  # a stream per row, as PromptSeededDraw gives every response
+        tokens = PromptSeededDraw(TokenDraw(temperature, top_k, top_p), 5, n, 1, 1, "cpu")(logits.expand(n, -1))
+    else:
+        tokens = TokenDraw(temperature, top_k, top_p, draw)(logits.expand(n, -1))
     freq = torch.bincount(tokens, minlength=64).double() / n
     assert freq[want == 0].sum() == 0
     assert 1 < int((want > 0).sum()) < 64  # the warpers cut something, and leave a choice
@@ -182,7 +185,27 @@ def test_static_cache_sampler_records_the_distribution_not_the_mechanics():
     settings = sampler.settings()
     assert settings["class"] == "StaticCacheSampler" and settings["max_new_tokens"] == 8
     assert not {"compile", "compile_mode", "prompt_bucket"} & set(settings)
-    assert settings["batch_size"] == 128  # the block size seeds the blocks: it is provenance
+    assert settings["batch_size"] == 128  # recorded: with draw: vocabulary it seeds the blocks
+    assert sampler.seeds_per_prompt and not StaticCacheSampler(draw="vocabulary").seeds_per_prompt
+
+
+@pytest.mark.parametrize("cls", [GenerateSampler, StaticCacheSampler])
+def test_a_prompts_samples_depend_on_its_seed_and_position_only(policy, prompts, cls):
+    """The candidates draw seeds every response's stream from the call's seed and the prompt's position: another
+    block size gives the same samples, and so does sampling a later slice of the prompts with the seed moved by its
+    offset (what a process handed that slice in collection does)."""
+    model, tokenizer = policy
+    settings = {"max_new_tokens": 12, "progress": False, **({"compile": False} if cls is StaticCacheSampler else {})}
+    whole = cls(batch_size=16, **settings).sample(model, tokenizer, prompts[:20], seed=11)
+    small = cls(batch_size=3, **settings).sample(model, tokenizer, prompts[:20], seed=11)
+    tail = cls(batch_size=16, **settings).sample(model, tokenizer, prompts[7:20], seed=11 + 7)
+    assert small.response_ids == whole.response_ids and tail.response_ids == whole.response_ids[7:]
+    # each response has its own stream: a prompt's two samples are not copies of each other
+    assert sum(a != b for a, b in whole.response_ids) >= 15
+    assert (
+        cls(batch_size=16, **settings).sample(model, tokenizer, prompts[:20], seed=12).response_ids
+        != whole.response_ids
+    )
 
 
 def test_static_cache_sampler_rejects_a_bad_bucket():

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -38,6 +39,7 @@ from bpo_lightning.annotation import Annotator, RuleAnnotator  # noqa: E402
 from bpo_lightning.checkpoints import PhaseCheckpoint  # noqa: E402
 from bpo_lightning.data import OnlineDataModule  # noqa: E402
 from bpo_lightning.evaluation import Evaluation  # noqa: E402
+from bpo_lightning.files import atomic_write  # noqa: E402
 from bpo_lightning.judge import LLMJudge  # noqa: E402
 from bpo_lightning.logs import RunCSVLogger  # noqa: E402
 from bpo_lightning.lora import LoRA  # noqa: E402
@@ -65,8 +67,9 @@ class CountingAnnotator(Annotator):
     whole job (every process, SIGKILL) at its ``kill_at``-th call; with ``kill_item`` right before paying for its
     ``kill_item``-th answer."""
 
-    def __init__(self, log: Path, kill_at: int = 0, kill_item: int = 0) -> None:
+    def __init__(self, log: Path, kill_at: int = 0, kill_item: int = 0, delay: float = 0) -> None:
         self.log, self.kill_at, self.kill_item, self.invocations, self.items = log, kill_at, kill_item, 0, 0
+        self.delay = delay
         self.calls: list[list[str]] = json.loads(log.read_text()) if log.exists() else []
 
     def score(self, prompts, responses):
@@ -76,13 +79,15 @@ class CountingAnnotator(Annotator):
         self.invocations += 1
         if self.invocations == self.kill_at:
             die()
+        if self.delay and self.invocations <= 2:  # a judge slower than the process group's timeout, twice
+            time.sleep(self.delay)
         for k, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
             self.items += 1
             if self.items == self.kill_item:
                 die()
             with PAYING:  # from "paid" to "stored": the caller stores the answer before it asks for the next one
                 self.calls.append([prompt, response])
-                self.log.write_text(json.dumps(self.calls))  # paid: recorded before anything else can happen
+                atomic_write(self.log, json.dumps(self.calls))  # paid: recorded (whole, whenever a kill comes) first
                 yield [(k, reviews.gold_reward(prompt, response))]
 
     @property
@@ -110,7 +115,7 @@ class CountingJudge(LLMJudge):
             with PAYING:
                 self._count("requests")
                 self.asked.append([prompt, a, b])
-                self.log.write_text(json.dumps(self.asked))
+                atomic_write(self.log, json.dumps(self.asked))
                 yield k, "Preferred: A" if len(a) >= len(b) else "Preferred: B"
 
 
@@ -263,8 +268,14 @@ class SaveInitial(L.Callback):
             torch.save(state, self.path)
 
 
-def strategy(name: str):
+def strategy(name: str, timeout_s: float = 0):
     if name == "ddp":
+        if timeout_s:
+            from datetime import timedelta
+
+            from lightning.pytorch.strategies import DDPStrategy
+
+            return DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=timeout_s))
         return "ddp"
     if name == "single":
         return "auto"
@@ -296,6 +307,10 @@ def main() -> None:
     parser.add_argument("--annotator", default="counting", choices=["counting", "rule"], help="rule: RuleAnnotator")
     parser.add_argument("--evaluator", default="annotator", choices=["annotator", "judge"], help="judge: CountingJudge")
     parser.add_argument("--block", type=int, default=8, help="the sampler's batch_size (prompts per block)")
+    parser.add_argument("--pg-timeout", type=float, default=0, help="DDP: the process group's timeout, seconds")
+    parser.add_argument(
+        "--slow", type=float, default=0, help="process 1's annotator waits this long at its first 2 calls"
+    )
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -324,6 +339,7 @@ def main() -> None:
         out / f"calls.rank{rank_name}.json",
         args.kill_at,
         kill_item=int(n) if point == "annotate" else 0,
+        delay=args.slow if rank_name == "1" else 0,
     )
     if args.annotator == "rule":  # the default annotator, with a rule function that records its calls
         os.environ["BPO_TEST_CALL_LOG"] = str(out / f"calls.rank{rank_name}.json")
@@ -359,7 +375,7 @@ def main() -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy=strategy(args.strategy),
+        strategy=strategy(args.strategy, args.pg_timeout),
         precision=args.precision,
         max_epochs=args.phases,
         reload_dataloaders_every_n_epochs=1,
