@@ -7,6 +7,13 @@ of 8 prompts, 32 new tokens, no held-out evaluation. Each case runs in a fresh p
 process's ``ru_maxrss``. "resume" restarts the same run from its phase-1 checkpoint and trains phase 2 again.
 
     python benchmarks/model_memory.py            # ~5 min on 2 CPU cores
+    python benchmarks/model_memory.py --tables ensemble   # the LoRA ensemble, K = 1, 3, 5 members: ~8 min
+
+The ensemble table trains K LoRA members (r=8) on 8 pairs a step (16 sequences of up to ~60 tokens, so that the
+activations of a step are larger than the adapters), with ``lora.recompute_members`` (the default: each member's
+forward runs again in the backward pass, one member at a time) and without it (all K members' activations held
+for one backward). "peak / K=1" divides by the K=1 fit's peak; "above the model" subtracts the peak of a fit with
+the same policy and no training steps (``trainer.limit_train_batches=0``: the model, π_β's log-probs, sampling).
 
 ``--policy FOLDER`` measures a real checkpoint instead, e.g. the offline SmolLM2-135M-Instruct (docs/real-world.md;
 134.5M parameters, 49,152-token vocabulary), with its own tokenizer and no BOS:
@@ -17,6 +24,7 @@ process's ``ru_maxrss``. "resume" restarts the same run from its phase-1 checkpo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -24,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +82,12 @@ def command(run: Path, tokenizer: Path, lora: bool, *extra: str, policy: str | N
     ]
 
 
+def digest_reward(prompt: str, response: str) -> float:
+    """A score in [0, 1) that differs between any two responses (a random model's answers all tie under the task's
+    gold reward): every prompt gives a pair, so every step has ``data.batch_size`` pairs."""
+    return int(hashlib.sha256(response.encode()).hexdigest()[:8], 16) / 2**32
+
+
 def case(argv: list[str]) -> None:
     from bpo_lightning.cli import main
 
@@ -91,11 +106,60 @@ def measure(argv: list[str]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", help="a model folder to measure instead of the SmolLM2-135M-shaped random Llama")
+    parser.add_argument("--tables", choices=["fit", "ensemble", "all"], default="fit")
+    parser.add_argument("--members", type=int, nargs="+", default=[1, 3, 5], help="ensemble sizes to measure")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         case(json.loads(args.case))
         return
+    if args.tables in ("fit", "all"):
+        fit_table(args)
+    if args.tables in ("ensemble", "all"):
+        ensemble_table(args)
+
+
+def ensemble_table(args) -> None:
+    from bpo_lightning.tasks.reviews import ensure_sft
+
+    step = [
+        "--data.batch_size=8",
+        "--data.sampler.init_args.max_new_tokens=48",
+        "--data.budget=32",
+        f"--data.annotator.init_args.function={Path(__file__).resolve()}:digest_reward",  # no ties: 8 pairs a step
+    ]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = ensure_sft(Path(tmp) / "sft", steps=1, seed=0)
+
+        def peak(name: str, *extra: str) -> tuple[int, float]:
+            start = time.perf_counter()
+            rss = measure(command(Path(tmp) / name, tokenizer, True, *step, *extra, policy=args.policy))
+            return rss, time.perf_counter() - start
+
+        floor, _ = peak("floor", "--trainer.limit_train_batches=0")
+        for k in args.members:
+            for recompute in (True, False) if k > 1 else (True,):
+                extra = [f"--model.lora.members={k}", f"--model.lora.recompute_members={str(recompute).lower()}"]
+                rows.append((k, recompute, *peak(f"k{k}-{recompute}", *extra)))
+    gib = 2**30
+    base = next(rss for k, recompute, rss, _ in rows if k == 1)
+    what = args.policy or "a SmolLM2-135M-shaped Llama (~106M parameters)"
+    print(f"\nLoRA r=8 ensembles on {what}, float32, CPU, 8 pairs a step: peak RSS per process")
+    print(f"(a fit without training steps peaks at {floor / gib:.2f} GiB)")
+    print(
+        f"{'K':>2} | {'recompute':>9} | {'peak':>9} | {'peak / K=1':>10} | {'above the model':>15} | "
+        f"{'ratio':>5} | {'wall':>6}"
+    )
+    for k, recompute, rss, wall in rows:
+        above = (rss - floor) / max(base - floor, 1)
+        print(
+            f"{k:>2} | {'yes' if recompute else 'no':>9} | {rss / gib:5.2f} GiB | {rss / base:10.2f} | "
+            f"{(rss - floor) / gib:11.2f} GiB | {above:5.2f} | {wall:5.0f} s"
+        )
+
+
+def fit_table(args) -> None:
     from bpo_lightning.tasks.reviews import ensure_sft
 
     with tempfile.TemporaryDirectory() as tmp:

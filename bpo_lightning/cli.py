@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if from_command_line:
+        _dump_stacks_on_sigusr1()
         return _command(argv, True)
     switches = {name: os.environ.get(name) for name in ("BPO_DEBUG", VERBOSE_ENV)}
     try:  # called from Python: --debug / --verbose last as long as this call
@@ -78,6 +79,16 @@ def main(argv: list[str] | None = None) -> None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 <pid>`` prints where every thread of this process is (Python's ``faulthandler``), and the run
+    goes on: how to see where a process of a stalled multi-process job waits."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
 
 
 def _command(argv: list[str], from_command_line: bool) -> None:

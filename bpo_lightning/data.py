@@ -24,7 +24,7 @@ from bpo_lightning.annotation import Annotator, PairwiseAnnotator
 from bpo_lightning.batches import pair_batch, weighted_pair_batch
 from bpo_lightning.cache import AnnotationCache
 from bpo_lightning.collection import PhasePrompts, annotate, collect_phase, global_batches  # noqa: F401 (annotate)
-from bpo_lightning.distributed import Ranks
+from bpo_lightning.distributed import Ranks, agree_on_run_dir
 from bpo_lightning.errors import InputError, RunError
 from bpo_lightning.evaluation import EvaluationInputs, HeldOut
 from bpo_lightning.files import lock_run_dir
@@ -132,11 +132,14 @@ class OnlineDataModule(L.LightningDataModule):
             self.test_rows = [] if source is None else source.load(key, require_reference=True)[: self.max_eval_prompts]
         if stage == "fit" and self.pool is None:
             self._load_pool()
+            key = "data.run_dir" if self._run_dir else "trainer.default_root_dir"
             if self.trainer is None or self.trainer.is_global_zero:  # files a killed run was writing (never read)
-                lock_run_dir(self.run_dir, "data.run_dir" if self._run_dir else "trainer.default_root_dir")
+                lock_run_dir(self.run_dir, key)
                 for folder in (self.run_dir, self.run_dir / "data", self.run_dir / "evaluations"):
                     for leftover in folder.glob("*.tmp"):
                         leftover.unlink(missing_ok=True)
+            if self.trainer is not None:  # before Lightning restores a checkpoint on each process from its own view
+                agree_on_run_dir(self.run_dir, Ranks.of(self.trainer), key, self.trainer.ckpt_path)
         if stage == "fit" and not self.eval_rows and self.trainer is not None:
             self.trainer.limit_val_batches = 0  # no held-out prompts: no evaluation during fit
 

@@ -7,10 +7,14 @@ on process 0 back into every partition); without ZeRO-3 it does nothing.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -70,6 +74,49 @@ class Ranks:
     def most(self, n: int) -> int:
         """The largest ``n`` over processes."""
         return max(self.gather(n))
+
+
+SHARED_CHECK = ".bpo-shared-check"
+
+
+def agree_on_run_dir(folder: Path, ranks: Ranks, key: str, ckpt_path: str | None) -> None:
+    """Stop the job, on every process at once, unless all its processes see one run folder and resume from one
+    checkpoint. Process 0 alone writes the run folder, and every process reads from it (the checkpoint Lightning
+    restores, the phase data of a resumed phase): a folder private to each node would leave the processes in
+    different states, waiting in different collectives forever. Process 0 writes a token there, the others read
+    it back, and every process learns what each saw: an ``InputError`` naming ``key`` (or ``ckpt_path``) where they
+    differ, raised by all of them, so no process is left waiting for another."""
+    if ranks.world == 1:
+        return
+    path = folder / SHARED_CHECK
+    token = None
+    if ranks.rank == 0:
+        from bpo_lightning.files import atomic_write
+
+        token = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex}"
+        atomic_write(path, token, key=key)
+    token = ranks.broadcast(token)  # process 0 has written it by now
+    try:
+        seen = path.read_text() == token
+    except OSError:
+        seen = False
+    views = ranks.gather((seen, socket.gethostname(), str(ckpt_path) if ckpt_path else None))
+    ranks.barrier()  # every process has read it
+    if ranks.rank == 0:
+        path.unlink(missing_ok=True)
+    from bpo_lightning.errors import InputError
+
+    blind = [f"process {r} on {host}" for r, (ok, host, _) in enumerate(views) if not ok]
+    if blind:
+        raise InputError(
+            f"{key}: {folder} is not one folder for every process: {', '.join(blind)} cannot see what process 0 "
+            f"(on {views[0][1]}) writes there; put the run folder on a filesystem that every node mounts at the "
+            "same path (docs/distributed.md, several nodes)"
+        )
+    resumes = {ckpt for _, _, ckpt in views}
+    if len(resumes) > 1:
+        each = ", ".join(f"process {r}: {ckpt or 'none (a fresh fit)'}" for r, (_, _, ckpt) in enumerate(views))
+        raise InputError(f"ckpt_path: the processes would start from different checkpoints ({each})")
 
 
 def _default_store():

@@ -27,6 +27,7 @@ IGNORED = (
     "model.logprob_keep_mib",
     "model.share_prompts",
     "model.scoring_batch_size",
+    "model.lora.init_args.recompute_members",
     "data.eval_prompts",
     "data.test_prompts",
     "data.evaluator",

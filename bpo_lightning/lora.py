@@ -35,6 +35,9 @@ class LoRA:
         merge: ``peft_linear`` (the official code's rule, cross terms included) or ``mean`` (exact mean of ΔW).
         seed: seed of member k is ``seed + k``.
         init_from: K adapter directories to start the members from (e.g. separately trained SFT adapters).
+        recompute_members: K > 1: run each member's forward again in the backward pass (activation checkpointing per
+            member) so that a training step holds one member's activations, not K; costs one more forward per
+            member and step. The gradients are the same either way.
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class LoRA:
         merge: MergeRule = "peft_linear",
         seed: int = 0,
         init_from: list[str] | None = None,
+        recompute_members: bool = True,
     ) -> None:
         problems = []
         if r < 1:
@@ -61,6 +65,7 @@ class LoRA:
             raise InputError("; ".join(problems))
         self.r, self.alpha, self.dropout, self.target_modules = r, alpha, dropout, target_modules
         self.members, self.merge, self.seed, self.init_from = members, merge, seed, init_from
+        self.recompute_members = recompute_members
 
     @property
     def scaling(self) -> float:

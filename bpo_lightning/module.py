@@ -27,6 +27,7 @@ from typing import Literal
 import lightning as L
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchmetrics import MeanMetric
 
 from bpo_lightning.behavior import BehaviorUpdate, Frozen, HardSync, Snapshot
@@ -47,8 +48,9 @@ from bpo_lightning.evaluation import (
     evaluation_step,
     save_records,
 )
+from bpo_lightning.logprobs import SequenceLogps
 from bpo_lightning.lora import LoRA
-from bpo_lightning.losses import DPOLoss, PreferenceLoss
+from bpo_lightning.losses import DPOLoss, LossOutput, PreferenceLoss
 from bpo_lightning.metrics import importance_kl_terms
 from bpo_lightning.plugins import get_plugins
 from bpo_lightning.policy import PolicySource
@@ -364,30 +366,42 @@ class BPOModule(L.LightningModule):
     # --- training ---------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # an ensemble's members train on the same pairs, each with its own loss against the merged reference; their
-        # parameters are disjoint, so the sum's gradient for member k is the gradient of its own loss
+        # parameters are disjoint, so the sum's gradient for member k is the gradient of its own loss. With
+        # ``lora.recompute_members`` a member's forward keeps no activations: the backward pass runs it again, one
+        # member at a time, so the step holds one member's activations instead of K.
+        members = self.weights.members()
+        recompute = len(members) > 1 and self.lora.recompute_members and torch.is_grad_enabled()
         losses = []
-        for k, member in enumerate(self.weights.members()):
-            with member:
-                losses.append(self._member_step(batch, log=k == 0))
+        for k, member in enumerate(members):
+            step = partial(self._member_loss, batch, member)
+            loss, out, logps = checkpoint(step, use_reentrant=False) if recompute else step()
+            if k == 0:
+                self._log_member(batch, out, logps)
+            losses.append(loss)
         return torch.stack(losses).sum()
 
-    def _member_step(self, batch: dict[str, torch.Tensor], log: bool) -> torch.Tensor:
-        logps = self.scorer.logps(batch)  # sums and counts, (2B,)
+    def _member_loss(self, batch: dict[str, torch.Tensor], member) -> tuple[torch.Tensor, LossOutput, SequenceLogps]:
+        with member():
+            logps = self.scorer.logps(batch)  # sums and counts, (2B,)
         n = logps.sums.shape[0] // 2  # rows [:n] are chosen, [n:] rejected
         policy, reference = logps.sums, batch["reference_logps"]
         if self.loss.average_log_prob:  # IPO: per-token means
             policy, reference = logps.means(), reference / logps.counts.clamp(min=1)
         out = self.loss(policy[:n], policy[n:], reference[:n], reference[n:])
         if "pair_weight" in batch:  # a share of a global step over several processes (batches.weighted_pair_batch)
-            real = batch["pair_weight"] > 0
             loss = (out.losses * batch["pair_weight"]).sum() * batch["loss_scale"]
         else:
-            real = slice(None)
             loss = out.losses.mean()
-        if not log or (isinstance(real, torch.Tensor) and not real.any()):  # a stand-in pair only: nothing to log
-            return loss
+        return loss, out, logps
+
+    def _log_member(self, batch: dict[str, torch.Tensor], out: LossOutput, logps: SequenceLogps) -> None:
+        real = batch["pair_weight"] > 0 if "pair_weight" in batch else slice(None)
+        if isinstance(real, torch.Tensor) and not real.any():  # a stand-in pair only: nothing to log
+            return
+        n = logps.sums.shape[0] // 2
+        sums = logps.sums.detach()
         chosen, rejected = out.chosen_rewards[real], out.rejected_rewards[real]
-        kl = importance_kl_terms(logps.sums.detach(), batch["behavior_logps"]).float()  # (2B,)
+        kl = importance_kl_terms(sums, batch["behavior_logps"]).float()  # (2B,)
         self._log_step(
             {
                 "loss": out.losses[real].detach().mean(),
@@ -395,13 +409,12 @@ class BPOModule(L.LightningModule):
                 "rewards/rejected": rejected,
                 "rewards/margin": chosen - rejected,
                 "rewards/accuracy": (chosen > rejected).float(),
-                "logps/chosen": logps.sums[:n][real].detach(),
-                "logps/rejected": logps.sums[n:][real].detach(),
+                "logps/chosen": sums[:n][real],
+                "logps/rejected": sums[n:][real],
                 # KL(π‖π_β) from π_β's samples: E_β[r·log r − r + 1], r = π/π_β; each term ≥ 0, exactly 0 when π = π_β
                 "behavior/kl": torch.cat([kl[:n][real], kl[n:][real]]),
             }
         )
-        return loss
 
     def _log_step(self, values: dict[str, torch.Tensor]) -> None:
         for name, value in values.items():

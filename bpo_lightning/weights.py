@@ -15,8 +15,9 @@ process's shard the first time it is used.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -107,9 +108,10 @@ class TrainableWeights:
         """Context in which the model computes as ``snapshot`` describes (``None``: the current policy)."""
         return swapped_weights(self.model, snapshot)
 
-    def members(self) -> Iterator:
-        """Contexts to train in, one per independently trained member (here: the policy itself)."""
-        yield nullcontext()
+    def members(self) -> list[Callable[[], AbstractContextManager]]:
+        """One factory per independently trained member (here: the policy itself) of the context to train it in; a
+        factory, so that a member's forward can be run again in the backward pass (``LoRA.recompute_members``)."""
+        return [nullcontext]
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
@@ -141,9 +143,8 @@ class EnsembleWeights(TrainableWeights):
         with active_adapter(self.model, MERGED):
             yield
 
-    def members(self) -> Iterator:
-        for name in self.lora.names:
-            yield active_adapter(self.model, name)
+    def members(self) -> list[Callable[[], AbstractContextManager]]:
+        return [partial(active_adapter, self.model, name) for name in self.lora.names]
 
     def param_groups(self) -> list[dict]:
         """One group per member (a single optimizer, as DeepSpeed requires; AdamW treats groups independently)."""

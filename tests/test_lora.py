@@ -1,5 +1,7 @@
 """LoRA and the LoRA ensemble in the loop: what trains, what samples, what is kept in memory."""
 
+import itertools
+
 import lightning as L
 import pytest
 import torch
@@ -185,3 +187,65 @@ def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path, sft_di
     resumed = run(tmp_path / "split", 2, ckpt_path=str(tmp_path / "split" / "ckpt" / "last.ckpt"))
     for (name, a), (_, b) in zip(full.trainable_state().items(), resumed.trainable_state().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def _ensemble_step(sft_dir, recompute: bool):
+    """One training step's loss and gradients of a 3-member ensemble, and the bytes its forward keeps for the
+    backward pass (autograd's saved tensors, counted as they are packed)."""
+    from bpo_lightning.batches import pair_batch
+    from bpo_lightning.module import BPOModule
+    from bpo_lightning.policy import Pretrained
+    from bpo_lightning.types import PreferenceRecord
+
+    torch.manual_seed(0)
+    module = BPOModule(policy=Pretrained(str(sft_dir)), lora=LoRA(r=4, alpha=8, members=3, recompute_members=recompute))
+    module.configure_model()
+    for name, p in module.policy.named_parameters():  # members that differ (B starts at 0)
+        if "lora_B" in name and p.requires_grad:
+            p.data.normal_(0, 0.05)
+    tok = module.tokenizer
+    records = []
+    for i, (prompt, chosen, rejected) in enumerate(
+        [
+            ("hotel review : the room was", " clean and quiet .", " dirty ."),
+            ("book review : this novel", " is great .", " was dull and long ."),
+        ]
+    ):
+        ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        records.append(PreferenceRecord(1, i, prompt, chosen, rejected, 1.0, 0.0, [tok.bos_token_id, *ids(prompt)],
+                                        ids(chosen), ids(rejected), 1, -9.0, -11.0, -9.0, -11.0))  # fmt: skip
+    batch = pair_batch(records, tok.pad_token_id, tok.eos_token_id)
+    saved, forwards = [], []
+    first = next(m for m in module.policy.modules() if hasattr(m, "lora_A"))  # the first adapted layer
+    first.register_forward_hook(lambda *args: forwards.append(tuple(first.active_adapters)))
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = module.training_step(batch, 0)
+    kept = sum(saved)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, kept, forwards
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a step outside a Trainer
+def test_ensemble_members_recomputed_in_the_backward_give_the_same_gradients_and_keep_one_members_activations(sft_dir):
+    """``recompute_members``: the loss and every member's gradient are those of the plain step, and what the
+    forward keeps for the backward pass is a small part of it (the plain step keeps K members' activations; the
+    recomputed one keeps only the members' outputs until each member's forward runs again)."""
+    loss, grads, kept, forwards = _ensemble_step(sft_dir, recompute=False)
+    loss_r, grads_r, kept_r, forwards_r = _ensemble_step(sft_dir, recompute=True)
+    members = [("member_0",), ("member_1",), ("member_2",)]
+    # the forward is the plain step's; then the backward runs each member's forward again, last member first
+    again = forwards_r[len(forwards) :]
+    assert forwards_r[: len(forwards)] == forwards and [name for name, _ in itertools.groupby(forwards)] == members
+    assert [name for name, _ in itertools.groupby(again)] == members[::-1]
+    assert_close(loss_r, loss, atol=0, rtol=0)
+    assert grads_r.keys() == grads.keys() and len(grads) > 0
+    for name in grads:
+        assert_close(grads_r[name], grads[name], atol=1e-7, rtol=1e-6, msg=name)
+    assert all(any(g.abs().sum() > 0 for n, g in grads.items() if f".member_{k}." in n) for k in range(3))
+    assert kept > 0 and kept_r < 0.1 * kept, (kept_r, kept)

@@ -14,6 +14,7 @@ pytest itself. Each process writes what it observed into ``--out``:
 """
 
 import argparse
+import faulthandler
 import io
 import json
 import os
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the hang guard asks every process where it waits
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
