@@ -28,7 +28,7 @@ PROMPTS = [row["prompt"] for row in reviews.load_split("prompts")]
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed")
-def test_without_vllm_the_sampler_names_the_extra(tmp_path):
+def test_without_vllm_the_sampler_names_the_extra(tmp_path, sft_dir):
     cmd = [
         sys.executable,
         "-m",
@@ -38,6 +38,8 @@ def test_without_vllm_the_sampler_names_the_extra(tmp_path):
         "configs/quickstart.yaml",
         "--data.sampler.class_path=VLLMSampler",
         f"--trainer.default_root_dir={tmp_path}",
+        "--model.policy=bpo_lightning.policy.Pretrained",  # a built policy: no SFT start built first (a fresh cache)
+        f"--model.policy.init_args.name_or_path={sft_dir}",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
