@@ -270,14 +270,24 @@ class SaveInitial(L.Callback):
             torch.save(state, self.path)
 
 
-def strategy(name: str, timeout_s: float = 0):
+class CollectiveTimeout(L.Callback):
+    """The process group's timeout for collectives, set once the group is up: a short one given to the strategy
+    would also bound the rendezvous, which a loaded machine can take longer than a few seconds to finish."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        from datetime import timedelta
+
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        if torch.distributed.is_initialized():
+            _set_pg_timeout(timedelta(seconds=self.seconds))
+
+
+def strategy(name: str):
     if name == "ddp":
-        if timeout_s:
-            from datetime import timedelta
-
-            from lightning.pytorch.strategies import DDPStrategy
-
-            return DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=timeout_s))
         return "ddp"
     if name == "single":
         return "auto"
@@ -309,7 +319,7 @@ def main() -> None:
     parser.add_argument("--annotator", default="counting", choices=["counting", "rule"], help="rule: RuleAnnotator")
     parser.add_argument("--evaluator", default="annotator", choices=["annotator", "judge"], help="judge: CountingJudge")
     parser.add_argument("--block", type=int, default=8, help="the sampler's batch_size (prompts per block)")
-    parser.add_argument("--pg-timeout", type=float, default=0, help="DDP: the process group's timeout, seconds")
+    parser.add_argument("--pg-timeout", type=float, default=0, help="collectives' timeout, seconds")
     parser.add_argument(
         "--slow", type=float, default=0, help="process 1's annotator waits this long at its first 2 calls"
     )
@@ -360,6 +370,8 @@ def main() -> None:
     )
     callbacks = [SaveInitial(out / "initial.pt"), *([PhaseReport(plots=False)] if args.eval_prompts else [])]
     callbacks.append(checkpoint)
+    if args.pg_timeout:
+        callbacks.append(CollectiveTimeout(args.pg_timeout))
     if point:
         install_kill(point, int(n), module, callbacks)
     data = OnlineDataModule(
@@ -377,7 +389,7 @@ def main() -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy=strategy(args.strategy, args.pg_timeout),
+        strategy=strategy(args.strategy),
         precision=args.precision,
         max_epochs=args.phases,
         reload_dataloaders_every_n_epochs=1,
