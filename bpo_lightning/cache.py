@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sqlite3
 import time
+import uuid
 import warnings
 from collections.abc import Collection
 from pathlib import Path
@@ -41,6 +43,9 @@ class NoScore(float):
 
     def __repr__(self) -> str:
         return f"NoScore({self.kind!r})"
+
+
+_COLUMNS = "(key, identity, score, origin, kind, spent)"
 
 
 def _key(identity: str, prompt: str, response: str) -> str:
@@ -82,11 +87,38 @@ class AnnotationCache:
                 except sqlite3.OperationalError as err:
                     if "duplicate column" not in str(err):  # another process added it first
                         raise
+            self._recover()
         except sqlite3.DatabaseError as err:
             raise RunError(
                 f"data.annotation_cache: cannot open {self.path} ({err}); another process may hold "
                 "it locked, or it is not an annotation cache"
             ) from err
+
+    @property
+    def pending(self) -> Path:
+        """The folder of scores written down before their transaction: one file per :meth:`put`, removed once it
+        commits. A process killed inside the transaction leaves its file, and the next opening of the cache stores
+        it, so a score paid for is not lost between SQLite's INSERT and COMMIT."""
+        return self.path.with_name(self.path.name + ".pending")
+
+    def _recover(self) -> None:
+        """Store the scores of transactions that a killed process left open (rows a live process is writing may be
+        stored here too: the same rows, so that is harmless)."""
+        files = sorted(self.pending.glob("*.json")) if self.pending.is_dir() else []
+        rows = []
+        for file in files:
+            try:
+                rows += [tuple(row) for row in json.loads(file.read_text())]
+            except (OSError, ValueError):  # torn by a kill while being written: its transaction never began
+                pass
+        if rows:
+            with self._db:
+                self._db.executemany(f"INSERT OR IGNORE INTO scores {_COLUMNS} VALUES (?, ?, ?, ?, ?, ?)", rows)
+        for file in files:
+            file.unlink(missing_ok=True)
+        for torn in self.pending.glob("*.tmp") if self.pending.is_dir() else ():  # a kill while one was written
+            if time.time() - torn.stat().st_mtime > 3600:  # (not one another process is writing now)
+                torn.unlink(missing_ok=True)
 
     @staticmethod
     def _wait_for(statement, timeout: float) -> None:
@@ -150,11 +182,21 @@ class AnnotationCache:
             value = None if kind else float(s)
             rows.append((_key(identity, p, r), identity, value, origin, kind, json.dumps(spent) if spent else None))
             spent = None
-        with self._db:  # one transaction: committed to disk before the scores are used
-            self._db.executemany(
-                "INSERT OR REPLACE INTO scores (key, identity, score, origin, kind, spent) VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+        if not rows:
+            return
+        # written down first: a kill between the INSERT and the COMMIT leaves the file for the next opening
+        self.pending.mkdir(exist_ok=True)
+        note = self.pending / f"{uuid.uuid4().hex}.json"
+        tmp = note.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows))
+        os.replace(tmp, note)
+        try:
+            self._db.executemany(f"INSERT OR REPLACE INTO scores {_COLUMNS} VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self._db.commit()  # committed to disk before the scores are used
+        except BaseException:
+            self._db.rollback()
+            raise
+        note.unlink(missing_ok=True)
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM scores").fetchone()[0]

@@ -84,3 +84,50 @@ def test_processes_opening_a_new_cache_together_all_succeed(tmp_path):
         with multiprocessing.get_context("fork").Pool(4) as pool:
             assert sorted(pool.map(_open_and_store, [(folder, i) for i in range(8)])) == list(range(8))
         assert len(AnnotationCache(folder / "shared.sqlite")) == 8
+
+
+KILLED_IN_THE_TRANSACTION = """
+import os, sys
+from bpo_lightning.cache import AnnotationCache
+
+class DieAtCommit:  # the statements run, then the process is killed instead of committing
+    def __init__(self, db):
+        self.db = db
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+    def commit(self):
+        os._exit(137)
+
+cache = AnnotationCache(sys.argv[1])
+cache.put("rm", ["p1"], ["x"], [1.5])
+cache._db = DieAtCommit(cache._db)
+cache.put("rm", ["p2", "p2"], ["x", "y"], [0.25, -3.0], origin="run")
+"""
+
+
+def test_a_score_killed_between_insert_and_commit_is_stored_by_the_next_opening(tmp_path):
+    """A process killed after its INSERT, before its COMMIT: SQLite rolls the transaction back, but the rows were
+    written down first, so the next opening of the cache stores them (the paid scores are not asked again)."""
+    import shutil
+    import subprocess
+    import sys
+
+    for name, keep_note in (("kept", True), ("control", False)):
+        path = tmp_path / name / "scores.sqlite"
+        path.parent.mkdir()
+        done = subprocess.run([sys.executable, "-c", KILLED_IN_THE_TRANSACTION, str(path)], capture_output=True)
+        assert done.returncode == 137, done.stderr.decode()
+        notes = list((tmp_path / name / "scores.sqlite.pending").glob("*.json"))
+        assert len(notes) == 1  # the first put's note was removed at its commit
+        if not keep_note:
+            shutil.rmtree(notes[0].parent)
+        cache = AnnotationCache(path)
+        if keep_note:
+            assert cache.get_with_origin("rm", ["p2", "p2", "p1"], ["x", "y", "x"]) == [
+                (0.25, "run"),
+                (-3.0, "run"),
+                (1.5, None),
+            ]
+            assert list(cache.pending.glob("*")) == []
+        else:  # without the note the transaction is lost: the kill did come before the COMMIT
+            assert cache.get("rm", ["p2", "p2", "p1"], ["x", "y", "x"]) == [None, None, 1.5]

@@ -333,15 +333,15 @@ def test_a_killed_run_resumes_to_the_uninterrupted_run(point, kill_runs):
 
 # The same with the default annotator, RuleAnnotator (blocks of 16 prompts: 32 function calls each), and with a judge
 # as data.evaluator (4 held-out prompts: 8 requests per evaluation, at the start and after each phase). Each setup
-# has its own uninterrupted run. A kill between the cache's INSERT and COMMIT loses the one answer of that
-# transaction, which is computed but not stored: the resume computes it again, and nothing else.
+# has its own uninterrupted run. A kill between the cache's INSERT and COMMIT leaves the answer of that transaction in
+# the cache's pending folder, and the resume stores it before it asks anything.
 KILL_SETUPS = {
     "rule": ("--annotator", "rule", "--block", "16"),
     "judge": ("--evaluator", "judge"),
 }
 MORE_KILL_POINTS = {  # point: (setup, what it is, answers asked again, paid-then-lost)
     "rule:20": ("rule", "the rule function's 20th call (phase 1's first block of 16 prompts)", 0, 0),
-    "insert:20": ("rule", "the cache's 20th INSERT done, its COMMIT not (phase 1's first block)", 1, 1),
+    "insert:20": ("rule", "the cache's 20th INSERT done, its COMMIT not (phase 1's first block)", 0, 0),
     "judge:12": ("judge", "the evaluator judge's 12th request (phase 1's evaluation, a pair half asked)", 0, 0),
 }
 
@@ -383,8 +383,8 @@ def judge_calls(out: Path) -> list[tuple]:
 def test_a_killed_run_with_the_rule_annotator_or_a_judge_evaluator_pays_nothing_twice(point, more_kill_runs):
     """The reproductions: with the default annotator a kill at the 20th call of a block paid for the 19 before it
     again, and one between INSERT and COMMIT for the whole block (32); a judge evaluator paid again for the orders
-    of an evaluation's pairs asked before a kill. Now the resume asks again at most the answer whose transaction was
-    open, and ends with the weights of the uninterrupted run."""
+    of an evaluation's pairs asked before a kill. Now the resume asks nothing again, and ends with the weights of the
+    uninterrupted run."""
     setup, what, again, lost = MORE_KILL_POINTS[point]
     fulls, runs = more_kill_runs
     full, (state, resumed) = fulls[setup], runs[point]

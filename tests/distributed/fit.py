@@ -230,18 +230,15 @@ def install_kill(point: str, n: int, module: BPOModule, trainer_callbacks: list)
 
 
 class InsertThenDie:
-    """An SQLite connection whose next transaction runs its statements and kills the job instead of committing."""
+    """An SQLite connection that runs the next transaction's statements and kills the job instead of committing."""
 
     def __init__(self, db) -> None:
         self.db = db
 
-    def __enter__(self):
-        return self
+    def __getattr__(self, name):
+        return getattr(self.db, name)
 
-    def executemany(self, *args):
-        return self.db.executemany(*args)
-
-    def __exit__(self, *exc) -> None:
+    def commit(self) -> None:
         die()
 
 
