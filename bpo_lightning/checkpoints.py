@@ -121,18 +121,27 @@ def load_error(f, key: str, err: Exception) -> InputError:
 
 def guard_loads(strategy) -> None:
     """Make ``strategy.load_checkpoint`` (Lightning's resume and ``--ckpt_path``; for DeepSpeed the engine's folder
-    reader) run inside ``weights_only_loads``. Idempotent."""
+    reader) run inside ``weights_only_loads``, and read checkpoints another world size or strategy wrote
+    (``reshard``). Idempotent."""
+    from bpo_lightning import reshard
+
     load = strategy.load_checkpoint
     if getattr(load, "_weights_only", False):
         return
 
     @functools.wraps(load)
-    def guarded(*args, **kwargs):
+    def guarded(checkpoint_path, *args, **kwargs):
         with weights_only_loads():
-            return load(*args, **kwargs)
+            checkpoint = reshard.load_moved(strategy, checkpoint_path)
+            if checkpoint is None:
+                checkpoint = load(checkpoint_path, *args, **kwargs)
+        if isinstance(checkpoint, dict) and "bpo_optimizer" in checkpoint:
+            checkpoint.setdefault("optimizer_states", [])  # restored by name (reshard.restore_optimizer)
+        return checkpoint
 
     guarded._weights_only = True
     strategy.load_checkpoint = guarded
+    strategy.load_optimizer_state_dict = reshard.restore_optimizer(strategy, strategy.load_optimizer_state_dict)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -158,6 +167,12 @@ def checked_load(path, map_location: Any = None, weights_only: bool | None = Non
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(
+            f"ckpt_path: {path} is a folder (a DeepSpeed checkpoint), read here as a file; give it as it is to "
+            "`bpo fit/validate/test --ckpt_path` (any strategy and number of processes reads it) or to "
+            "`bpo export --ckpt`, which makes a single-file model"
+        )
     if not path.is_file():
         raise InputError(f"ckpt_path: no checkpoint file {path}")
     try:

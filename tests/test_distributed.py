@@ -181,6 +181,54 @@ def test_killed_job_resumes_to_the_uninterrupted_weights(strategy, tmp_path, sft
     assert resumed.stats["phases"] == uninterrupted.stats["phases"]
 
 
+# a run saved after its first phase by one world size and strategy, resumed by another: (saved by, resumed by, args)
+MOVES = {
+    "zero3x2-to-1": (("zero3", 2), ("single", 1), ()),
+    "zero3x2-to-zero3x3": (("zero3", 2), ("zero3", 3), ()),
+    "1-to-zero3x2": (("single", 1), ("zero3", 2), ()),
+    "zero2x2-ensemble-to-1": (("zero2", 2), ("single", 1), ("--members", "3")),
+    "ddpx2-ensemble-to-zero3x3": (("ddp", 2), ("zero3", 3), ("--members", "3")),
+}
+_SAVED: dict[tuple, tuple[Run, Path]] = {}
+
+
+def saved_after_phase_1(tmp_path_factory, sft_dir, strategy: str, devices: int, args: tuple) -> tuple[Run, Path]:
+    """The uninterrupted 2-phase run of a setup, and the output folder of the same run killed as phase 2 starts
+    (its phase-1 checkpoint written); computed once per session."""
+    key = (strategy, devices, args)
+    if key not in _SAVED:
+        where = ("--strategy", strategy, "--devices", str(devices), *args)
+        full = fit(tmp_path_factory.mktemp("uninterrupted"), sft_dir, *where)
+        cut = tmp_path_factory.mktemp("cut")
+        fit(cut, sft_dir, *where, "--kill", "between:1", killed=True)
+        _SAVED[key] = full, cut
+    return _SAVED[key]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("move", list(MOVES))
+def test_a_checkpoint_moves_to_another_world_size_with_its_optimizer_state(move, tmp_path, tmp_path_factory, sft_dir):
+    """Saved by N processes (DDP: one file; ZeRO-2/3: DeepSpeed's folder of N partitions), resumed by M with another
+    strategy: weights, float32 master weights and AdamW's moments are cut for M, so phase 2 ends where the
+    uninterrupted run of N ends (within float rounding). Without the moments the weights differ by ~5e-4 (a fresh
+    AdamW's first steps), 5000 times the tolerance."""
+    import shutil
+
+    (strategy, devices), (to_strategy, to_devices), args = MOVES[move]
+    full, cut = saved_after_phase_1(tmp_path_factory, sft_dir, strategy, devices, args)
+    out = tmp_path / "moved"
+    shutil.copytree(cut, out, symlinks=True)
+    checkpoint = out / "run" / "ckpt" / "phase-1.ckpt"
+    assert checkpoint.is_dir() == strategy.startswith("zero")
+    resumed = fit(out, sft_dir, "--strategy", to_strategy, "--devices", str(to_devices), *args, "--resume")
+    assert "Restored all states from the checkpoint" in resumed.output
+    for name, value in full.weights.items():
+        assert_close(resumed.weights[name], value, atol=1e-6, rtol=0, msg=name)
+    assert resumed.stats["phases"] == full.stats["phases"]
+    assert Counter(resumed.calls()) == Counter(full.calls())  # phase 1's answers are not asked again
+    assert not list((out / "run" / "ckpt").glob("*universal*"))  # the conversion is removed once read
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("setup", ["zero3-ema", "zero3-bpo-lora-ensemble"])
 def test_export_from_a_deepspeed_checkpoint_folder(setup, tmp_path, tmp_path_factory, sft_dir):
