@@ -134,6 +134,11 @@ def _user_error(err: Exception) -> tuple[str, int] | None:
     found = reported(err)
     if found is not None:
         return one_line(found), found.exit_code
+    from bpo_lightning.distributed import peer_failure
+
+    lost = peer_failure(err)
+    if lost is not None:
+        return lost, 1
     # jsonargparse collects the errors of a nested class's __init__ into one text: "… Errors:\n  - <message>"
     for line in str(err).splitlines():
         line = line.strip().removeprefix("- ")

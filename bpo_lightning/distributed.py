@@ -8,6 +8,7 @@ on process 0 back into every partition); without ZeRO-3 it does nothing.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 import uuid
@@ -58,8 +59,9 @@ class Ranks:
         sets a key in the process group's store and polls for the others' (``store.check`` returns at once). A
         process waiting here for one that is still waiting on a slow annotator or judge is not subject to the
         process group's timeout, which a collective would be (``trainer.strategy.init_args.timeout``); the
-        collective that follows then finds every process ready. A process that dies meanwhile is the launcher's to
-        report (Lightning's and torchrun's stop the job)."""
+        collective that follows then finds every process ready. A process of this host that dies meanwhile stops
+        the wait with a ``RunError`` naming it (one on another host is the launchers' to report: Lightning's and
+        torchrun's stop the job)."""
         if self.world == 1:
             return
         store = _default_store()
@@ -68,8 +70,15 @@ class Ranks:
             return
         store.set(f"bpo/{tag}/{self.rank}", "1")
         keys = [f"bpo/{tag}/{r}" for r in range(self.world)]
+        checked = time.monotonic()
         while not store.check(keys):
             time.sleep(poll_s)
+            if time.monotonic() - checked > 1.0:
+                checked = time.monotonic()
+                if gone():
+                    from bpo_lightning.errors import RunError
+
+                    raise RunError(lost_message(self.rank))
 
     def most(self, n: int) -> int:
         """The largest ``n`` over processes."""
@@ -77,6 +86,70 @@ class Ranks:
 
 
 SHARED_CHECK = ".bpo-shared-check"
+# (host, pid) of every process of the job, by rank: learnt at start (``agree_on_run_dir``), to name one that dies
+PROCESSES: list[tuple[str, int]] = []
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie, dead but not yet reaped by its launcher, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def gone() -> list[int]:
+    """Ranks of the job's processes on this host that no longer run."""
+    here = socket.gethostname()
+    return [r for r, (host, pid) in enumerate(PROCESSES) if host == here and pid != os.getpid() and not _alive(pid)]
+
+
+def lost_message(rank: int, detail: str = "") -> str:
+    """One line naming the processes of the job that stopped (killed or crashed), as process ``rank`` sees it."""
+    dead = gone()
+    world = len(PROCESSES)
+    if dead:
+        who = ", ".join(f"process {r} of {world} (pid {PROCESSES[r][1]} on {PROCESSES[r][0]})" for r in dead)
+        what = f"{who} stopped (killed or crashed) while process {rank} waited for it"
+    else:
+        others = sorted({host for host, _ in PROCESSES} - {socket.gethostname()})
+        where = f" on {', '.join(others)}" if others else ""
+        what = f"another process of the job{where} stopped answering while process {rank} waited for it"
+    detail = f" ({detail})" if detail else ""
+    return (
+        f"{what}{detail}; what the run saved (its collected rows and phases, its checkpoints) is kept: the same "
+        "command with --ckpt_path last continues (the stopped process's own log says why it stopped)"
+    )
+
+
+# what gloo and NCCL say when the process at the other end of a collective is gone
+_PEER_LOST = re.compile(
+    r"Connection (?:reset|closed) by peer|Broken pipe|remote worker|NCCL communicator was aborted|"
+    r"ProcessGroupNCCL.*(?:timeout|Timeout|abort)|Socket Timeout|recvBytes|sendBytes"
+)
+
+
+def peer_failure(err: BaseException) -> str | None:
+    """The one-line message for a collective that failed because another process of the job is gone (``err`` or
+    an exception it came from), ``None`` for any other error or outside a multi-process job."""
+    if len(PROCESSES) < 2:
+        return None
+    seen, visited = err, set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
+        text = str(seen)
+        if isinstance(seen, RuntimeError) and _PEER_LOST.search(text):
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            reason = _PEER_LOST.search(text).group(0)
+            return lost_message(rank, f"a collective failed: {reason}")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def agree_on_run_dir(folder: Path, ranks: Ranks, key: str, ckpt_path: str | None) -> None:
@@ -100,22 +173,23 @@ def agree_on_run_dir(folder: Path, ranks: Ranks, key: str, ckpt_path: str | None
         seen = path.read_text() == token
     except OSError:
         seen = False
-    views = ranks.gather((seen, socket.gethostname(), str(ckpt_path) if ckpt_path else None))
+    views = ranks.gather((seen, socket.gethostname(), str(ckpt_path) if ckpt_path else None, os.getpid()))
+    PROCESSES[:] = [(host, pid) for _, host, _, pid in views]
     ranks.barrier()  # every process has read it
     if ranks.rank == 0:
         path.unlink(missing_ok=True)
     from bpo_lightning.errors import InputError
 
-    blind = [f"process {r} on {host}" for r, (ok, host, _) in enumerate(views) if not ok]
+    blind = [f"process {r} on {host}" for r, (ok, host, _, _) in enumerate(views) if not ok]
     if blind:
         raise InputError(
             f"{key}: {folder} is not one folder for every process: {', '.join(blind)} cannot see what process 0 "
             f"(on {views[0][1]}) writes there; put the run folder on a filesystem that every node mounts at the "
             "same path (docs/distributed.md, several nodes)"
         )
-    resumes = {ckpt for _, _, ckpt in views}
+    resumes = {ckpt for _, _, ckpt, _ in views}
     if len(resumes) > 1:
-        each = ", ".join(f"process {r}: {ckpt or 'none (a fresh fit)'}" for r, (_, _, ckpt) in enumerate(views))
+        each = ", ".join(f"process {r}: {ckpt or 'none (a fresh fit)'}" for r, (_, _, ckpt, _) in enumerate(views))
         raise InputError(f"ckpt_path: the processes would start from different checkpoints ({each})")
 
 

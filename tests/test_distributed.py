@@ -477,3 +477,84 @@ def test_bf16_mixed_sampler_log_probs_are_the_sampling_autocasts(tmp_path, sft_d
     float32, _ = fresh_logps(sft_dir, records, module.tokenizer, recorder.end_weights[0])
     assert_close(stored, autocast, atol=0.05, rtol=0)
     assert (stored - autocast).abs().max() < (stored - float32).abs().max()  # bf16 values, not float32 ones
+
+
+def test_a_process_of_this_host_that_dies_stops_the_others_wait_naming_it(monkeypatch):
+    """Processes waiting for each other at the end of a collection round poll the process group's store (no
+    collective, no timeout): one that died would be waited for forever. The wait checks the job's processes on this
+    host and stops with one line naming the dead one (here a child that exited: a zombie until reaped)."""
+    import socket
+    from datetime import timedelta
+
+    import bpo_lightning.distributed as distributed
+    from bpo_lightning.errors import RunError
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    while not Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+        pass  # exited, not reaped: what a launcher's dead child looks like until it polls
+    store = torch.distributed.HashStore()
+    store.set_timeout(timedelta(seconds=5))
+    monkeypatch.setattr(distributed, "_default_store", lambda: store)
+    host = socket.gethostname()
+    monkeypatch.setattr(distributed, "PROCESSES", [(host, os.getpid()), (host, child.pid)])
+    with pytest.raises(RunError, match=rf"process 1 of 2 \(pid {child.pid} on {host}\) stopped \(killed or crashed\)"):
+        Ranks(0, 2).arrive("round-1")
+    child.wait()
+    monkeypatch.setattr(distributed, "PROCESSES", [(host, os.getpid()), (host, os.getpid())])
+    store.set("bpo/round-2/1", "1")  # the other process arrived: no error
+    Ranks(0, 2).arrive("round-2")
+
+
+def test_a_collective_that_lost_its_peer_is_one_line_naming_the_dead_process(monkeypatch):
+    import socket
+
+    import bpo_lightning.distributed as distributed
+    from bpo_lightning.cli import _user_error
+
+    host = socket.gethostname()
+    monkeypatch.setattr(distributed, "PROCESSES", [(host, os.getpid()), (host, 2**22 + 7)])  # no such pid
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:8103: Connection reset by peer.")
+    try:
+        try:
+            raise gloo
+        except RuntimeError as err:
+            raise ValueError("while training") from err
+    except ValueError as err:
+        message, code = _user_error(err)
+    assert code == 1 and "\n" not in message
+    assert message.startswith(f"process 1 of 2 (pid {2**22 + 7} on {host}) stopped (killed or crashed)"), message
+    assert "Connection reset by peer" in message and "--ckpt_path last" in message
+    assert _user_error(RuntimeError("CUDA out of memory")) is None  # not a lost peer: the traceback as it is
+    monkeypatch.setattr(distributed, "PROCESSES", [])
+    assert _user_error(gloo) is None  # one process: not a job's collective
+
+
+@pytest.mark.slow
+def test_bpo_fit_names_the_process_that_died_in_one_line_and_resumes(tmp_path, sft_dir):
+    """`bpo fit` on 2 DDP processes, process 1 SIGKILLed as its second training step starts: process 0's all-reduce
+    fails, and it says so in one line naming process 1 and its pid, no traceback; the same command with
+    `--ckpt_path last` then finishes the run."""
+    run = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "bpo_lightning", "fit", "--config", str(SCRIPT.parents[2] / "configs/quickstart.yaml"),
+        "--model.policy=bpo_lightning.policy.Pretrained", f"--model.policy.init_args.name_or_path={sft_dir}",
+        f"--trainer.default_root_dir={run}", "--trainer.accelerator=cpu", "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--data.budget=32", "--data.num_phases=2", "--data.batch_size=8", "--data.sampler.init_args.max_new_tokens=12",
+        "--data.sampler.init_args.batch_size=8", "--data.sampler.init_args.progress=false",
+        "--data.eval_prompts.init_args.limit=8",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parent), "BPO_TEST_DIES": "1"}
+    env.pop("BPO_DEBUG", None)
+    dying = [*args, "--trainer.callbacks+=dying.DieAlone"]
+    done = subprocess.run(
+        dying, capture_output=True, text=True, timeout=HANG_GUARD_S, env={**env, "BPO_TEST_DIES_AT": "step:2"}
+    )
+    errors = [line for line in done.stderr.splitlines() if line.startswith("bpo: error:")]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert len(errors) == 1 and "bpo: error: process 1 of 2 (pid " in errors[0], done.stderr[-3000:]
+    assert "stopped (killed or crashed) while process 0 waited for it" in errors[0]
+    assert "Traceback" not in done.stderr
+    resumed = subprocess.run([*args, "--ckpt_path=last"], capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (run / "data" / "phase_0001.pairs.jsonl").exists()

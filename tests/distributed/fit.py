@@ -77,10 +77,14 @@ class CountingAnnotator(Annotator):
     def score(self, prompts, responses):
         return [score for group in self.score_iter(prompts, responses) for _, score in group]
 
+    kill_self = 0  # SIGKILL to this process alone at its ``kill_self``-th call
+
     def score_iter(self, prompts, responses):
         self.invocations += 1
         if self.invocations == self.kill_at:
             die()
+        if self.invocations == self.kill_self:
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.delay and self.invocations <= 2:  # a judge slower than the process group's timeout, twice
             time.sleep(self.delay)
         for k, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
@@ -267,6 +271,18 @@ class SaveInitial(L.Callback):
             torch.save(state, self.path)
 
 
+class DieAtStep(L.Callback):
+    """SIGKILL to this process alone as its ``step``-th training step starts (the others wait for it in the step's
+    gradient all-reduce)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class CollectiveTimeout(L.Callback):
     """The process group's timeout for collectives, set once the group is up: a short one given to the strategy
     would also bound the rendezvous, which a loaded machine can take longer than a few seconds to finish."""
@@ -320,6 +336,9 @@ def main() -> None:
     parser.add_argument(
         "--slow", type=float, default=0, help="process 1's annotator waits this long at its first 2 calls"
     )
+    parser.add_argument(
+        "--one-dies", default="", help="annotate:N or step:N: process 1 alone is SIGKILLed at its N-th call or step"
+    )
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -369,6 +388,12 @@ def main() -> None:
     callbacks.append(checkpoint)
     if args.pg_timeout:
         callbacks.append(CollectiveTimeout(args.pg_timeout))
+    if args.one_dies and rank_name == "1":
+        where, _, at = args.one_dies.partition(":")
+        if where == "step":
+            callbacks.append(DieAtStep(int(at)))
+        else:
+            annotator.kill_self = int(at)
     if point:
         install_kill(point, int(n), module, callbacks)
     data = OnlineDataModule(
