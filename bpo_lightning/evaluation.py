@@ -197,7 +197,17 @@ def evaluation_step(
     module: EvaluatedPolicy, inputs: EvaluationInputs, batch: list[tuple[int, dict]], metrics: EvaluationMetrics
 ) -> list[dict]:
     """Evaluate ``module``'s policy on one batch of ``(index, row)`` held-out prompts; update ``metrics`` and
-    return one record per answer (what ``save_responses`` writes).
+    return one record per answer (what ``save_responses`` writes): :func:`answer_batch`, then :func:`judge_batch`.
+    """
+    return judge_batch(answer_batch(module, inputs, batch, metrics), inputs, metrics)
+
+
+def answer_batch(
+    module: EvaluatedPolicy, inputs: EvaluationInputs, batch: list[tuple[int, dict]], metrics: EvaluationMetrics
+) -> tuple:
+    """The policy's part of :func:`evaluation_step`: its answers (and the KL draws, into ``metrics``). Under ZeRO-3
+    every forward here is collective; judging the answers is not, and can wait (the module judges them once every
+    batch is answered, so a process waiting on a slow judge holds no other inside a collective).
 
     ``inputs`` gives the evaluator, the training annotator (for the proxy reward), the annotation cache and the
     data sampler. A batch's seed is ``evaluation.seed`` plus its first prompt's index, so the same batches give the
@@ -222,9 +232,17 @@ def evaluation_step(
         answers = answer_sampler.sample(module.policy, module.tokenizer, inputs, seed=settings.seed + indices[0])
     if kl_sampler is not None:  # before anything is dropped: under ZeRO-3 every process answers as many prompts
         _update_kl(module, kl_sampler, inputs, settings.seed + 1_000_003 + indices[0], metrics, indices)
+    return batch, answers, settings.samples_per_prompt
+
+
+def judge_batch(answered: tuple, inputs: EvaluationInputs, metrics: EvaluationMetrics) -> list[dict]:
+    """The evaluator's part of :func:`evaluation_step`: score the answers of :func:`answer_batch`, update
+    ``metrics``, return the records."""
+    data = inputs
+    batch, answers, n = answered
+    indices, rows = [i for i, _ in batch], [r for _, r in batch]
     real = [k for k, i in enumerate(indices) if i >= 0]  # index -1: a stand-in that kept the processes in step
     indices, rows = [indices[k] for k in real], [rows[k] for k in real]  # may be none: metrics get empty updates
-    n = settings.samples_per_prompt
     prompts = [r["prompt"] for r in rows for _ in range(n)]
     references = [r["reference"] for r in rows for _ in range(n)]
     responses = [answers.responses[k][j] for k in real for j in range(n)]

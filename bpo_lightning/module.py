@@ -45,7 +45,8 @@ from bpo_lightning.evaluation import (
     EvaluationInputs,
     EvaluationMetrics,
     HeldOut,
-    evaluation_step,
+    answer_batch,
+    judge_batch,
     save_records,
 )
 from bpo_lightning.logprobs import SequenceLogps
@@ -495,7 +496,10 @@ class BPOModule(L.LightningModule):
         return self._end_evaluation(stage, None)
 
     def _evaluate_batch(self, batch: list[tuple[int, dict]]) -> None:
-        self._eval_records += evaluation_step(self, self._eval_inputs, batch, self.eval_metrics)
+        """A batch's answers now; their judging once every batch is answered (``_end_evaluation``): under ZeRO-3 the
+        answers' forwards are collective, and a process waiting on a slow judge between two of them would hold the
+        others inside one, subject to the process group's timeout."""
+        self._eval_answered.append(answer_batch(self, self._eval_inputs, batch, self.eval_metrics))
 
     def _start_evaluation(self, inputs: EvaluationInputs | None = None) -> None:
         """Reset the metrics; the inputs come from the held-out loader Lightning holds (``HeldOut``)."""
@@ -512,10 +516,14 @@ class BPOModule(L.LightningModule):
         self._eval_inputs = inputs
         self.eval_metrics.reset()
         self._eval_records = []
+        self._eval_answered = []
 
     def _end_evaluation(self, stage: str, prefix: str | None) -> dict[str, float]:
         """Reduce the metrics (across processes), log them under ``prefix/`` and save the answers."""
         self._evaluations = getattr(self, "_evaluations", 0) + 1  # every process ends the same evaluations in order
+        answered, self._eval_answered = self._eval_answered, []
+        for batch in answered:  # no collective here: a slow judge delays this process only
+            self._eval_records += judge_batch(batch, self._eval_inputs, self.eval_metrics)
         if self._trainer is not None:  # a process still waiting on a slow judge: the others wait without a timeout
             Ranks.of(self._trainer).arrive(f"evaluate/{self._evaluations}")
         self.last_evaluation = self.eval_metrics.compute()

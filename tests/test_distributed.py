@@ -304,6 +304,22 @@ def test_an_annotator_slower_than_the_process_group_timeout_does_not_stop_the_jo
         assert_close(slow.weights[name], value, atol=1e-5, rtol=0, msg=name)
 
 
+@pytest.mark.slow
+def test_a_slow_evaluator_under_zero3_does_not_meet_the_process_group_timeout(tmp_path, tmp_path_factory, sft_dir):
+    """Under ZeRO-3 every forward is collective. Process 1's evaluator takes 12 s at its first two calls (the start
+    evaluation: 20 held-out prompts, two batches per process) under a 5 s timeout: each process answers all its
+    batches, then judges them, so nobody waits for process 1 inside a collective (judging each batch before the
+    next one's answers stopped this job at the timeout)."""
+    args = ("--eval-prompts", "20")
+    slow = fit(tmp_path / "slow", sft_dir, *args, "--strategy", "zero3", "--devices", "2", "--pg-timeout", "5",
+               "--slow", "12")  # fmt: skip
+    one = single(tmp_path_factory, sft_dir, *args)
+    assert slow.stats["phases"] == one.stats["phases"]
+    assert slow.stats["evaluation"]["win_rate"] == one.stats["evaluation"]["win_rate"]
+    for name, value in one.weights.items():
+        assert_close(slow.weights[name], value, atol=1e-5, rtol=0, msg=name)
+
+
 # --- the pieces, in one process ---------------------------------------------------------------------------------------
 
 
