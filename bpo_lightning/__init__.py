@@ -7,7 +7,7 @@ Layers, lowest first. A module imports from its own layer or lower ones, never f
 aside); ``tests/test_meta.py`` checks every import against this map, and a new module must be placed in it:
 
     0 base        errors arguments hookspecs types console logs
-    1 records     files identity cache store checkpoints distributed logprobs metrics merge plots batches
+    1 records     files identity cache store checkpoints reshard distributed logprobs metrics merge plots batches
     2 components  plugins behavior lora weights losses prompts tasks tasks.reviews tasks.reviews_data tasks.smollm2
                   policy presets sampling engine annotation judge scoring
     3 phase       collection evaluation

@@ -13,9 +13,7 @@ folder loads with ``AutoModelForCausalLM.from_pretrained`` and needs neither PEF
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import os
 import tempfile
 from pathlib import Path
@@ -87,20 +85,14 @@ def load_checkpoint(path: str | Path) -> dict:
     """A Lightning checkpoint as one dict: a ``.ckpt`` file, or the folder DeepSpeed writes (its ZeRO partitions are
     consolidated into whole float32 weights; the Lightning and bpo state of process 0 come along). Either is read as
     weights only: a file holding other Python objects is refused and none of it runs."""
-    from bpo_lightning.checkpoints import checked_load, weights_only_loads
+    from bpo_lightning.checkpoints import checked_load
 
     path = Path(path)
     if not path.is_dir():
         return checked_load(path, weights_only=True)
-    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+    from bpo_lightning.reshard import whole_weights
 
-    # beside the folder, not in $TMPDIR (a killed export leaves no checkpoint-sized file there); it prints a line
-    with (
-        tempfile.TemporaryDirectory(dir=path.parent) as tmp,
-        contextlib.redirect_stdout(io.StringIO()),
-        weights_only_loads(),  # DeepSpeed's readers unpickle with weights_only=False
-    ):
-        return convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "checkpoint.pt")
+    return whole_weights(path)
 
 
 def consolidated(path: str | Path) -> Path:

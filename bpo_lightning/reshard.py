@@ -87,15 +87,32 @@ def _converted_name(folder: str | Path) -> Path:
     return folder.with_name(f".{folder.name}.universal")
 
 
+def whole_weights(folder: str | Path) -> dict[str, Any]:
+    """A DeepSpeed checkpoint folder as one Lightning checkpoint with whole float32 weights (its ZeRO partitions
+    consolidated by Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``; the Lightning and bpo state of
+    process 0 come along), read as weights only."""
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    from bpo_lightning.checkpoints import weights_only_loads
+
+    folder = Path(folder)
+    # beside the folder, not in $TMPDIR (a killed export leaves no checkpoint-sized file there); it prints a line
+    with (
+        tempfile.TemporaryDirectory(dir=folder.parent) as tmp,
+        contextlib.redirect_stdout(io.StringIO()),
+        weights_only_loads(),  # DeepSpeed's readers unpickle with weights_only=False
+    ):
+        return convert_zero_checkpoint_to_fp32_state_dict(folder, Path(tmp) / "checkpoint.pt")
+
+
 def folder_state(folder: str | Path, optimizer: bool = True, converted: str | Path | None = None) -> dict[str, Any]:
     """A DeepSpeed folder as one Lightning checkpoint: whole float32 weights (DeepSpeed's ``zero_to_fp32``), the
     Lightning and bpo state of process 0, and with ``optimizer`` the AdamW state by parameter name under
     ``"bpo_optimizer"`` (``{"step", "groups", "state": {name: {"exp_avg", "exp_avg_sq"}}}``), read from
     ``converted`` (the folder made by :func:`universal`; made and removed here when not given)."""
     from bpo_lightning.checkpoints import weights_only_loads
-    from bpo_lightning.export import load_checkpoint
 
-    checkpoint = load_checkpoint(folder)
+    checkpoint = whole_weights(folder)
     if not optimizer:
         return checkpoint
     if converted is None:
