@@ -7,13 +7,16 @@ of 8 prompts, 32 new tokens, no held-out evaluation. Each case runs in a fresh p
 process's ``ru_maxrss``. "resume" restarts the same run from its phase-1 checkpoint and trains phase 2 again.
 
     python benchmarks/model_memory.py            # ~5 min on 2 CPU cores
-    python benchmarks/model_memory.py --tables ensemble   # the LoRA ensemble, K = 1, 3, 5 members: ~8 min
+    python benchmarks/model_memory.py --tables ensemble   # the LoRA ensemble, K = 1, 3, 5 members: ~40 min
+    python benchmarks/model_memory.py --tables ensemble --members 1 3   # K = 1 and 3: ~20 min
 
 The ensemble table trains K LoRA members (r=8) on 8 pairs a step (16 sequences of up to ~60 tokens, so that the
 activations of a step are larger than the adapters), with ``lora.recompute_members`` (the default: each member's
 forward runs again in the backward pass, one member at a time) and without it (all K members' activations held
 for one backward). "peak / K=1" divides by the K=1 fit's peak; "above the model" subtracts the peak of a fit with
 the same policy and no training steps (``trainer.limit_train_batches=0``: the model, π_β's log-probs, sampling).
+Each row runs under glibc's malloc as it is and with ``MALLOC_MMAP_THRESHOLD_=65536`` ("returning": blocks over 64
+KiB are given back to the OS when freed, so RSS follows what the tensors hold; see ``ALLOCATORS``).
 
 ``--policy FOLDER`` measures a real checkpoint instead, e.g. the offline SmolLM2-135M-Instruct (docs/real-world.md;
 134.5M parameters, 49,152-token vocabulary), with its own tokenizer and no BOS:
@@ -95,8 +98,15 @@ def case(argv: list[str]) -> None:
     print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
-def measure(argv: list[str]) -> int:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+# glibc's malloc settings for each allocator of the ensemble table: "glibc" as it is (its mmap threshold grows with
+# the blocks freed, so large activation blocks end up in the heap, where a freed block stays resident), "returning"
+# with a fixed 64 KiB threshold (every larger block is mapped on its own and given back to the OS when freed: the
+# process's RSS then follows the memory its tensors hold)
+ALLOCATORS = {"glibc": {}, "returning": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+
+
+def measure(argv: list[str], allocator: str = "glibc") -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **ALLOCATORS[allocator]}
     out = subprocess.run(
         [sys.executable, __file__, "--case", json.dumps(argv)], env=env, check=True, capture_output=True, text=True
     ).stdout
@@ -108,6 +118,9 @@ def main() -> None:
     parser.add_argument("--policy", help="a model folder to measure instead of the SmolLM2-135M-shaped random Llama")
     parser.add_argument("--tables", choices=["fit", "ensemble", "all"], default="fit")
     parser.add_argument("--members", type=int, nargs="+", default=[1, 3, 5], help="ensemble sizes to measure")
+    parser.add_argument(
+        "--allocators", nargs="+", choices=list(ALLOCATORS), default=list(ALLOCATORS), help="ensemble table: malloc"
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -128,34 +141,37 @@ def ensemble_table(args) -> None:
         "--data.budget=32",
         f"--data.annotator.init_args.function={Path(__file__).resolve()}:digest_reward",  # no ties: 8 pairs a step
     ]
-    rows = []
+    rows, floors = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = ensure_sft(Path(tmp) / "sft", steps=1, seed=0)
 
-        def peak(name: str, *extra: str) -> tuple[int, float]:
+        def peak(name: str, allocator: str, *extra: str) -> tuple[int, float]:
             start = time.perf_counter()
-            rss = measure(command(Path(tmp) / name, tokenizer, True, *step, *extra, policy=args.policy))
+            run = Path(tmp) / f"{allocator}-{name}"
+            rss = measure(command(run, tokenizer, True, *step, *extra, policy=args.policy), allocator)
             return rss, time.perf_counter() - start
 
-        floor, _ = peak("floor", "--trainer.limit_train_batches=0")
-        for k in args.members:
-            for recompute in (True, False) if k > 1 else (True,):
-                extra = [f"--model.lora.members={k}", f"--model.lora.recompute_members={str(recompute).lower()}"]
-                rows.append((k, recompute, *peak(f"k{k}-{recompute}", *extra)))
+        for allocator in args.allocators:
+            floors[allocator], _ = peak("floor", allocator, "--trainer.limit_train_batches=0")
+            for k in args.members:
+                for recompute in (True, False) if k > 1 else (True,):
+                    extra = [f"--model.lora.members={k}", f"--model.lora.recompute_members={str(recompute).lower()}"]
+                    rows.append((allocator, k, recompute, *peak(f"k{k}-{recompute}", allocator, *extra)))
     gib = 2**30
-    base = next(rss for k, recompute, rss, _ in rows if k == 1)
     what = args.policy or "a SmolLM2-135M-shaped Llama (~106M parameters)"
     print(f"\nLoRA r=8 ensembles on {what}, float32, CPU, 8 pairs a step: peak RSS per process")
-    print(f"(a fit without training steps peaks at {floor / gib:.2f} GiB)")
+    print(", ".join(f"a fit without training steps peaks at {rss / gib:.2f} GiB ({a})" for a, rss in floors.items()))
     print(
-        f"{'K':>2} | {'recompute':>9} | {'peak':>9} | {'peak / K=1':>10} | {'above the model':>15} | "
+        f"{'malloc':>9} | {'K':>2} | {'recompute':>9} | {'peak':>9} | {'peak / K=1':>10} | {'above the model':>15} | "
         f"{'ratio':>5} | {'wall':>6}"
     )
-    for k, recompute, rss, wall in rows:
+    for allocator, k, recompute, rss, wall in rows:
+        base = next(r for a, kk, _, r, _ in rows if a == allocator and kk == 1)
+        floor = floors[allocator]
         above = (rss - floor) / max(base - floor, 1)
         print(
-            f"{k:>2} | {'yes' if recompute else 'no':>9} | {rss / gib:5.2f} GiB | {rss / base:10.2f} | "
-            f"{(rss - floor) / gib:11.2f} GiB | {above:5.2f} | {wall:5.0f} s"
+            f"{allocator:>9} | {k:>2} | {'yes' if recompute else 'no':>9} | {rss / gib:5.2f} GiB | "
+            f"{rss / base:10.2f} | {(rss - floor) / gib:11.2f} GiB | {above:5.2f} | {wall:5.0f} s"
         )
 
 

@@ -19,6 +19,7 @@ training loader (``PhaseSteps``): the counts it logs, the steps of the learning-
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
@@ -191,6 +192,11 @@ class BPOModule(L.LightningModule):
         from bpo_lightning.checkpoints import guard_loads
 
         guard_loads(self.trainer.strategy)  # no checkpoint (a DeepSpeed folder included) runs code when it is read
+        # a phase's data/* counts and behavior/version are already the same total on every process (collection
+        # gathers them): Lightning's advice to reduce them across processes (one warning per value) does not apply
+        warnings.filterwarnings(
+            "ignore", message=r"It is recommended to use `self\.log\('(data|behavior)/", category=UserWarning
+        )
 
     def configure_model(self) -> None:
         if self.policy is not None:

@@ -151,6 +151,7 @@ def test_two_processes_equal_one_process(setup, tmp_path_factory, sft_dir):
     # observation hooks fire once per phase, on process 0
     assert two.hooks(0) == one.hooks(0) and [e[0] for e in two.hooks(0)] == ["on_phase_start", "on_pairs_ready"] * 2
     assert two.hooks(1) == []
+    assert "It is recommended to use `self.log('data/" not in two.output  # totals already, not per-process values
     if "--eval-prompts" in args:  # 5 held-out prompts over 2 processes: no hang, each prompt counted once
         e1, e2 = one.stats["evaluation"], two.stats["evaluation"]
         assert e2["count"] == e1["count"] == 5
