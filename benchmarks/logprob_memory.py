@@ -126,13 +126,22 @@ def main() -> None:
     )
     parser.add_argument("--trl-python", help="a Python with trl installed: adds TRL's column")
     parser.add_argument("--model", choices=["gpt2", "llama"], default="gpt2", help="llama: an untied output head")
+    parser.add_argument(
+        "--malloc",
+        choices=["returning", "glibc"],
+        default="returning",
+        help="returning: MALLOC_MMAP_THRESHOLD_=65536 (freed blocks leave the RSS); glibc: its default, whose "
+        "retained heap makes the first step at a shape look larger than the memory it holds",
+    )
     parser.add_argument("--cell", nargs=2, metavar=("VARIANT", "VOCAB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
         print(json.dumps(cell(args.cell[0], int(args.cell[1]), args.chunk, args.keep_mib, args.model)))
         return
     # large blocks straight from mmap, so that freed memory leaves the RSS and its peak is the live memory's peak
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if args.malloc == "returning":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     results = {}
     variants = VARIANTS + (("trl",) if args.trl_python else ())
     for vocab in args.vocab:

@@ -55,3 +55,25 @@ def test_compiled_static_cache_sampler_on_gpu(sft_dir):
         for rs, ds in zip(first.response_ids, first.finished, strict=True)
         for r, done in zip(rs, ds, strict=True)
     )
+
+
+def test_kl_snapshots_stay_in_cpu_memory_on_gpu(tmp_path, sft_dir):
+    """With KL evaluation on (held-out prompts, ``kl_samples``) the initial and behavior weights it compares with are
+    kept, in CPU memory by default (``model.offload_snapshots``): the GPU holds the policy alone; the KL numbers are
+    those computed by swapping each snapshot in."""
+    import lightning as L
+    from conftest import make_run
+
+    from bpo_lightning.evaluation import Evaluation
+
+    module, data, _ = make_run(tmp_path, sft_dir, budget=16, num_phases=1, eval_prompts=4,
+                               evaluation=Evaluation(kl_samples=2))  # fmt: skip
+    trainer = L.Trainer(accelerator="cuda", devices=1, max_epochs=1, reload_dataloaders_every_n_epochs=1,
+                        default_root_dir=str(tmp_path), logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    assert module.policy.device.type == "cuda"
+    snapshots = [module.initial, module.behavior_copy, module.behavior_snapshot]
+    kept = [s for s in snapshots if s]
+    assert kept and all(t.device.type == "cpu" for s in kept for t in s.values())
+    assert module.last_evaluation["kl_initial"] >= 0  # measured against the CPU copies
