@@ -6,8 +6,9 @@ A run saved by N processes resumes on M (DDP or DeepSpeed ZeRO-2/3, any N and M,
   cuts its own partitions of the weights, of AdamW's moments and of the float32 master weights from it;
 - a DeepSpeed *folder* written by as many processes with the same ZeRO stage is read by DeepSpeed itself, as
   before; one written by another number of processes or another stage is first converted by DeepSpeed's own
-  converter (``ds_to_universal``, into ``<folder>.universal`` beside it, once) into whole tensors per parameter,
-  then loaded as a file is. Without DeepSpeed (one process, DDP) a folder loads the same way.
+  converter (``ds_to_universal``, by process 0, into a hidden folder beside it that is removed once every process
+  has read it) into whole tensors per parameter, then loaded as a file is. Without DeepSpeed (one process, DDP) a
+  folder loads the same way.
 
 Every read goes through ``checkpoints.weights_only_loads``: nothing in a checkpoint runs code.
 """
@@ -178,11 +179,12 @@ def torch_optimizer_state(saved: dict, optimizer, module) -> dict:
     live = optimizer.state_dict()
     state, k = {}, 0
     groups = []
-    for names, group, saved_group in zip(order, live["param_groups"], _groups_for(saved, len(order)), strict=True):
+    groups_now = zip(order, live["param_groups"], optimizer.param_groups, _groups_for(saved, len(order)), strict=True)
+    for names, group, params, saved_group in groups_now:
         ids = []
-        for name in names:
+        for name, param in zip(names, params["params"], strict=True):
             if name in saved["state"]:
-                moments = saved["state"][name]
+                moments = {key: value.reshape(param.shape) for key, value in saved["state"][name].items()}
                 state[k] = {"step": torch.as_tensor(saved["step"], dtype=torch.float32).clone(), **moments}
             ids.append(k)
             k += 1
