@@ -117,7 +117,11 @@ class AnnotationCache:
         for file in files:
             file.unlink(missing_ok=True)
         for torn in self.pending.glob("*.tmp") if self.pending.is_dir() else ():  # a kill while one was written
-            if time.time() - torn.stat().st_mtime > 3600:  # (not one another process is writing now)
+            try:
+                old = time.time() - torn.stat().st_mtime > 3600  # (not one another process is writing now)
+            except FileNotFoundError:  # another process has just renamed it into place
+                continue
+            if old:
                 torn.unlink(missing_ok=True)
 
     @staticmethod

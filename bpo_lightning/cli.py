@@ -125,8 +125,22 @@ def _command(argv: list[str], from_command_line: bool) -> None:
         if problem is None:
             raise
         message, code = problem
-        print(f"bpo: error: {message}", file=sys.stderr)
+        if not getattr(err, "_bpo_reported", False):  # the datamodule said it already (OnlineDataModule.on_exception)
+            print(f"bpo: error: {message}", file=sys.stderr)
+        if _lost_peer(err):  # the job is broken: no interpreter teardown that waits on it, nor on the launcher
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         raise SystemExit(code) from None
+
+
+def _lost_peer(err: Exception) -> bool:
+    """Whether ``err`` is a collective that lost another process of the job (``distributed.peer_failure``)."""
+    if "bpo_lightning.distributed" not in sys.modules:  # no job's collectives without it
+        return False
+    from bpo_lightning.distributed import peer_failure
+
+    return peer_failure(err) is not None
 
 
 def _user_error(err: Exception) -> tuple[str, int] | None:

@@ -14,6 +14,7 @@ number of pairs per optimizer step: with N processes each takes every N-th pair 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -142,6 +143,16 @@ class OnlineDataModule(L.LightningDataModule):
                 agree_on_run_dir(self.run_dir, Ranks.of(self.trainer), key, self.trainer.ckpt_path)
         if stage == "fit" and not self.eval_rows and self.trainer is not None:
             self.trainer.limit_val_batches = 0  # no held-out prompts: no evaluation during fit
+
+    def on_exception(self, exception: BaseException) -> None:
+        """A collective that lost another process of the job: say so in one line now, before Lightning's teardown
+        (which may wait on the dead process, or be cut short by the launcher killing this one)."""
+        from bpo_lightning.distributed import peer_failure
+
+        message = peer_failure(exception)
+        if message is not None and not getattr(exception, "_bpo_reported", False):
+            print(f"bpo: error: {message}", file=sys.stderr, flush=True)
+            exception._bpo_reported = True
 
     def teardown(self, stage: str) -> None:
         """Close the annotation cache when a fit, validation or test ends (it reopens on next use): its last

@@ -113,6 +113,10 @@ def gone() -> list[int]:
 def lost_message(rank: int, detail: str = "") -> str:
     """One line naming the processes of the job that stopped (killed or crashed), as process ``rank`` sees it."""
     dead = gone()
+    deadline = time.monotonic() + 2.0
+    while not dead and time.monotonic() < deadline:  # a peer's sockets close while it is still being killed
+        time.sleep(0.05)
+        dead = gone()
     world = len(PROCESSES)
     if dead:
         who = ", ".join(f"process {r} of {world} (pid {PROCESSES[r][1]} on {PROCESSES[r][0]})" for r in dead)
