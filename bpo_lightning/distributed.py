@@ -13,7 +13,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +144,9 @@ def peer_failure(err: BaseException) -> str | None:
     an exception it came from), ``None`` for any other error or outside a multi-process job."""
     if len(PROCESSES) < 2:
         return None
+    known = getattr(err, "_bpo_lost", None)  # composed once per error (it may wait for the dead process to go)
+    if known is not None:
+        return known
     seen, visited = err, set()
     while seen is not None and id(seen) not in visited:
         visited.add(id(seen))
@@ -151,7 +154,10 @@ def peer_failure(err: BaseException) -> str | None:
         if isinstance(seen, RuntimeError) and _PEER_LOST.search(text):
             rank = dist.get_rank() if dist.is_initialized() else 0
             reason = _PEER_LOST.search(text).group(0)
-            return lost_message(rank, f"a collective failed: {reason}")
+            message = lost_message(rank, f"a collective failed: {reason}")
+            with suppress(AttributeError, TypeError):  # an exception type that takes no attributes: composed again
+                err._bpo_lost = message
+            return message
         seen = seen.__cause__ or seen.__context__
     return None
 
